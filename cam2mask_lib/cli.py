@@ -1,0 +1,111 @@
+"""Command line: ``cam2mask`` (or ``python -m cam2mask_lib``).
+
+    cam2mask synth --out DIR --n N [--seed S] [--height H] [--width W] [--force]
+    cam2mask check DIR
+    cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+from . import __version__
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="cam2mask", formatter_class=fmt,
+        description="Image-level labels -> Grad-CAM -> segmentation masks: a reproducible "
+                    "companion to Sydorskyi (2022).")
+    p.add_argument("--version", action="version", version=f"cam2mask {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", formatter_class=fmt,
+                       help="write a synthetic steel-defect dataset in the Kaggle Severstal format",
+                       description="Write a synthetic steel-defect dataset (train_images/*.jpg + "
+                                   "train.csv with RLE masks, current Kaggle layout). Same seed, "
+                                   "same bytes; an interrupted run resumes.")
+    s.add_argument("--out", required=True, help="output folder (must be new or empty, or --force)")
+    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--height", type=int, default=256, help="image height in pixels")
+    s.add_argument("--width", type=int, default=1600, help="image width in pixels")
+    s.add_argument("--force", action="store_true", help="replace an existing different --out")
+
+    c = sub.add_parser("check", formatter_class=fmt,
+                       help="validate a dataset folder (Severstal or generic format) and summarise it",
+                       description="Read a dataset folder, decode every image and mask, and print "
+                                   "a summary; any problem is reported with its file and line.")
+    c.add_argument("data", help="dataset folder")
+
+    r = sub.add_parser("reproduce", formatter_class=fmt,
+                       help="execute the notebooks in order with papermill",
+                       description="Execute notebooks/NN_*.ipynb in order with papermill in a "
+                                   "profile, writing figures and tables to figures/<profile>/. "
+                                   "Stops at the first failure, naming the notebook and cell.")
+    r.add_argument("--profile", default="cpu", help="smoke, cpu or paper")
+    r.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (e.g. 00)")
+    r.add_argument("--data-dir", help="dataset folder; default: the profile's synthetic set")
+    r.add_argument("--output-dir", help="where executed notebooks go (default: notebooks/ for "
+                                        "the cpu profile, artifacts/<profile>/notebooks otherwise)")
+    r.add_argument("--figures-dir", help="default: figures/<profile>")
+    r.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
+    r.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="extra notebook parameters")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .runner import ReproduceError
+
+    try:
+        if args.command == "synth":
+            from .synth import generate
+
+            out = generate(args.out, n=args.n, seed=args.seed, height=args.height,
+                           width=args.width, force=args.force)
+            print(f"wrote {args.n} synthetic images and train.csv to {out}")
+        elif args.command == "check":
+            import numpy as np
+
+            from .data import load_dataset
+
+            idx = load_dataset(args.data, check="full")
+            for i in range(len(idx)):
+                idx.mask(i)
+            print(idx.describe())
+            print(f"images per class: {dict(zip(idx.class_names, idx.labels.sum(0).tolist()))}; "
+                  f"defect-free: {int((idx.labels.sum(1) == 0).sum())}; sizes: "
+                  f"{sorted({tuple(s) for s in np.asarray(idx.shapes).tolist()})[:5]}")
+        elif args.command == "reproduce":
+            from .runner import reproduce
+
+            runs = reproduce(args.profile, only=args.only, data_dir=args.data_dir,
+                             output_dir=args.output_dir, figures=args.figures_dir,
+                             artifacts=args.artifacts_dir, extra=_parse_set(args.set),
+                             progress=not args.no_progress)
+            total = sum(r.seconds for r in runs)
+            print(f"reproduced {len(runs)} notebook(s) in {total:.0f} s")
+    except (DataError, ReproduceError, FileExistsError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"cam2mask {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,611 @@
+"""Data layer: read, validate, RLE <-> mask, dataset object, multi-label stratified folds.
+
+Two on-disk formats are read into one :class:`DatasetIndex`:
+
+* **Severstal** (Kaggle "Severstal: Steel Defect Detection"): ``train_images/*.jpg`` and
+  ``train.csv``, either the current ``ImageId,ClassId,EncodedPixels`` (only non-empty masks listed;
+  images in the folder but absent from the file are defect-free) or the original competition file
+  ``ImageId_ClassId,EncodedPixels`` (four rows per image, empty = no mask). The synthetic set that
+  ``cam2mask synth`` writes uses the current format.
+* **Generic**, for anyone's data: ``images/<name>.<png|jpg|jpeg|bmp>``, ``labels.csv`` (column
+  ``image`` then one 0/1 column per class, header = class names) and optionally
+  ``masks/<class>/<name>.png`` (nonzero = defect).
+
+Nothing downstream assumes four classes or Severstal's image size: the index carries the class
+names and each image's own shape, and :class:`ImageDataset` resizes to the profile's input size.
+
+Bad input raises :class:`DataError` naming the file, the line (CSV lines count from 1 = header)
+and what was expected. Nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import csv as _csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from .utils import atomic_write_text
+
+SEVERSTAL_SHAPE = (256, 1600)
+SEVERSTAL_CLASSES = ("1", "2", "3", "4")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+# ImageNet statistics, as timm.data.IMAGENET_DEFAULT_MEAN / _STD (a test checks they agree).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CURRENT_COLUMNS = ["ImageId", "ClassId", "EncodedPixels"]
+ORIGINAL_COLUMNS = ["ImageId_ClassId", "EncodedPixels"]
+
+
+class DataError(ValueError):
+    """Input data that does not have the expected form. The message names the file, the line or
+    item, and what was expected."""
+
+
+# --------------------------------------------------------------------------------------------
+# Run-length encoding (Kaggle semantics)
+# --------------------------------------------------------------------------------------------
+
+def parse_rle(rle: str | float | None, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a Kaggle RLE string and return 0-based ``starts`` and ``lengths`` (int64).
+
+    The string is "start length start length ...", starts 1-based, pixels numbered top-to-bottom
+    then left-to-right (column-major). An empty string, ``None`` or NaN is the empty mask.
+    Raises :class:`DataError` for an odd number of values, a non-integer, a start below 1, a
+    length below 1, runs that are unsorted or overlap, or a run past pixel ``n_pixels``.
+    """
+    if rle is None or (isinstance(rle, float) and math.isnan(rle)):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if not isinstance(rle, str):
+        raise DataError(f"RLE must be a string of integers, got {type(rle).__name__} {rle!r}")
+    tokens = rle.split()
+    if not tokens:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(tokens) % 2:
+        raise DataError(
+            f"RLE has {len(tokens)} values; expected an even count of 'start length' pairs")
+    try:
+        values = np.array([int(t) for t in tokens], dtype=np.int64)
+    except ValueError:
+        bad = next(t for t in tokens if not re.fullmatch(r"[+-]?\d+", t))
+        raise DataError(f"RLE value {bad!r} is not an integer") from None
+    starts, lengths = values[0::2] - 1, values[1::2]
+    if (starts < 0).any():
+        i = int(np.argmax(starts < 0))
+        raise DataError(f"RLE run {i + 1} starts at {starts[i] + 1}; starts are 1-based (>= 1)")
+    if (lengths < 1).any():
+        i = int(np.argmax(lengths < 1))
+        raise DataError(f"RLE run {i + 1} has length {lengths[i]}; lengths must be >= 1")
+    ends = starts + lengths  # exclusive
+    if len(starts) > 1:
+        bad = starts[1:] < ends[:-1]
+        if bad.any():
+            i = int(np.argmax(bad)) + 1
+            kind = "is not after" if starts[i] < starts[i - 1] else "overlaps"
+            raise DataError(
+                f"RLE run {i + 1} (start {starts[i] + 1}) {kind} run {i} "
+                f"(pixels {starts[i - 1] + 1}-{ends[i - 1]}); runs must be sorted and disjoint")
+    if len(ends) and ends[-1] > n_pixels:
+        raise DataError(
+            f"RLE run {len(ends)} ends at pixel {ends[-1]}, past the image end "
+            f"({n_pixels} pixels)")
+    return starts, lengths
+
+
+def rle_decode(rle: str | float | None, shape: tuple[int, int] = SEVERSTAL_SHAPE) -> np.ndarray:
+    """Decode a Kaggle RLE string into a uint8 0/1 mask of ``shape`` (height, width)."""
+    h, w = int(shape[0]), int(shape[1])
+    starts, lengths = parse_rle(rle, h * w)
+    flat = np.zeros(h * w + 1, dtype=np.int32)
+    np.add.at(flat, starts, 1)
+    np.add.at(flat, starts + lengths, -1)
+    flat = np.cumsum(flat[:-1]).astype(np.uint8)
+    return flat.reshape((w, h)).T.copy()  # column-major pixel order
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Encode a 2-D mask (nonzero = foreground) as a Kaggle RLE string; the empty mask gives ""."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode expects a 2-D mask, got shape {mask.shape}")
+    flat = (mask.T.reshape(-1) != 0).astype(np.int8)  # column-major
+    padded = np.concatenate([[0], flat, [0]])
+    changes = np.flatnonzero(padded[1:] != padded[:-1])
+    starts, ends = changes[0::2], changes[1::2]
+    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts, ends))
+
+
+# --------------------------------------------------------------------------------------------
+# The index: what a dataset folder holds, validated
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DatasetIndex:
+    """A validated dataset: image ids, paths, labels and the source of each mask.
+
+    ``labels[i, c]`` is 1 when image ``i`` shows class ``class_names[c]``. ``shapes[i]`` is the
+    image's own (height, width). Masks come from ``rles[i][c]`` (Severstal) or
+    ``mask_paths[i][c]`` (generic); an absent entry is the empty mask.
+    """
+
+    root: Path
+    format: str  # "severstal" or "generic"
+    class_names: list[str]
+    image_ids: list[str]
+    image_paths: list[Path]
+    labels: np.ndarray
+    shapes: np.ndarray
+    has_masks: bool
+    rles: list[dict[int, str]] | None = None
+    mask_paths: list[dict[int, Path]] | None = None
+    csv_path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def is_synthetic(self) -> bool:
+        return bool(self.info.get("synthetic"))
+
+    def describe(self) -> str:
+        """One line for notebooks and tables: what data this is."""
+        what = (f"synthetic steel-defect set (cam2mask synth, seed {self.info.get('seed')}, "
+                f"generator v{self.info.get('generator_version')})" if self.is_synthetic
+                else f"{self.format}-format folder")
+        return f"{what} at {self.root}: {len(self)} images, classes {self.class_names}"
+
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 RGB ``[H, W, 3]`` at its own size."""
+        return read_image(self.image_paths[i])
+
+    def mask(self, i: int) -> np.ndarray:
+        """All class masks of image ``i`` as uint8 0/1 ``[C, H, W]`` at the image's own size."""
+        h, w = (int(v) for v in self.shapes[i])
+        out = np.zeros((self.num_classes, h, w), dtype=np.uint8)
+        if self.rles is not None:
+            for c, rle in self.rles[i].items():
+                out[c] = rle_decode(rle, (h, w))
+        elif self.mask_paths is not None:
+            for c, p in self.mask_paths[i].items():
+                out[c] = read_mask_png(p, (h, w))
+                if out[c].any() and not self.labels[i, c]:
+                    raise DataError(
+                        f"{p}: mask has defect pixels but labels.csv gives class "
+                        f"{self.class_names[c]!r} = 0 for image {self.image_ids[i]!r}")
+        return out
+
+    def mask_area(self, i: int, c: int) -> int:
+        """Pixel count of the mask of image ``i``, class ``c`` at the image's own size."""
+        if self.rles is not None:
+            rle = self.rles[i].get(c)
+            if not rle:
+                return 0
+            return int(np.asarray(rle.split()[1::2], dtype=np.int64).sum())
+        return int(self.mask(i)[c].sum())
+
+    def subset(self, rows: Sequence[int]) -> "DatasetIndex":
+        rows = list(rows)
+        pick = lambda xs: None if xs is None else [xs[r] for r in rows]  # noqa: E731
+        return DatasetIndex(
+            root=self.root, format=self.format, class_names=list(self.class_names),
+            image_ids=pick(self.image_ids), image_paths=pick(self.image_paths),
+            labels=self.labels[rows], shapes=self.shapes[rows], has_masks=self.has_masks,
+            rles=pick(self.rles), mask_paths=pick(self.mask_paths), csv_path=self.csv_path,
+            info=dict(self.info))
+
+    def table(self) -> pd.DataFrame:
+        """One row per image: id, height, width and a 0/1 column per class."""
+        df = pd.DataFrame({"image_id": self.image_ids,
+                           "height": self.shapes[:, 0], "width": self.shapes[:, 1]})
+        for c, name in enumerate(self.class_names):
+            df[name] = self.labels[:, c]
+        return df
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as uint8 RGB ``[H, W, 3]``; a corrupt or unreadable file raises DataError."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e}); expected a readable "
+                        f"PNG/JPEG/BMP file") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return h, w
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def read_mask_png(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask PNG (any mode; nonzero = defect) as uint8 0/1 ``[H, W]``."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read mask image ({e})") from None
+    if shape is not None and arr.shape != tuple(shape):
+        raise DataError(f"{path}: mask is {arr.shape[0]}x{arr.shape[1]} (HxW) but its image is "
+                        f"{shape[0]}x{shape[1]}; a mask must have its image's size")
+    return (arr != 0).astype(np.uint8)
+
+
+def _check_images(paths: Sequence[Path], check: str) -> np.ndarray:
+    if check not in ("header", "full", "none"):
+        raise ValueError(f"check must be 'header', 'full' or 'none', got {check!r}")
+    shapes = np.zeros((len(paths), 2), dtype=np.int64)
+    for k, p in enumerate(paths):
+        if check == "full":
+            shapes[k] = read_image(p).shape[:2]
+        elif check == "header":
+            shapes[k] = image_size(p)
+        else:
+            if not p.is_file():
+                raise DataError(f"{p}: image file is missing")
+            shapes[k] = SEVERSTAL_SHAPE
+    return shapes
+
+
+def _line(row: int) -> int:
+    """CSV line number of data row ``row`` (0-based): line 1 is the header."""
+    return row + 2
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+
+
+def load_severstal(root: str | Path, csv: str = "train.csv", images: str = "train_images",
+                   class_names: Sequence[str] = SEVERSTAL_CLASSES,
+                   check: str = "header") -> DatasetIndex:
+    """Read a Severstal-format folder (either CSV layout) and validate it.
+
+    ``check``: "header" reads each image's header (size, readable type), "full" decodes every
+    image, "none" only checks existence and assumes 256x1600.
+    """
+    root = Path(root)
+    csv_path, img_dir = root / csv, root / images
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found; a Severstal-format folder holds "
+                        f"{csv} and {images}/")
+    if not img_dir.is_dir():
+        raise DataError(f"{img_dir}: folder not found; expected the images next to {csv}")
+    class_names = [str(c) for c in class_names]
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{csv_path}: not a readable CSV file ({e})") from None
+    cols = list(df.columns)
+    if cols == CURRENT_COLUMNS:
+        image_col = df["ImageId"].str.strip()
+        class_col = df["ClassId"].str.strip()
+    elif cols == ORIGINAL_COLUMNS:
+        both = df["ImageId_ClassId"].str.strip()
+        bad = ~both.str.contains("_", regex=False)
+        if bad.any():
+            r = int(np.argmax(bad.to_numpy()))
+            raise DataError(f"{csv_path}, line {_line(r)}: ImageId_ClassId {both.iloc[r]!r} "
+                            f"has no '_'; expected '<image>_<class id>'")
+        split = both.str.rsplit("_", n=1, expand=True)
+        image_col, class_col = split[0], split[1]
+    else:
+        raise DataError(f"{csv_path}: header is {cols}; expected {CURRENT_COLUMNS} (current "
+                        f"Kaggle file) or {ORIGINAL_COLUMNS} (original competition file)")
+    rle_col = df["EncodedPixels"].str.strip()
+
+    on_disk = _list_images(img_dir)
+    ids = sorted(set(on_disk) | set(image_col))
+    pos = {name: k for k, name in enumerate(ids)}
+    cls_pos = {name: c for c, name in enumerate(class_names)}
+    rles: list[dict[int, str]] = [{} for _ in ids]
+    seen: dict[tuple[str, int], int] = {}
+    for r, (img, cid, rle) in enumerate(zip(image_col, class_col, rle_col)):
+        if not img:
+            raise DataError(f"{csv_path}, line {_line(r)}: empty image id")
+        if cid not in cls_pos:
+            raise DataError(f"{csv_path}, line {_line(r)}: class id {cid!r} for image {img!r} "
+                            f"is not in the class list {class_names}")
+        c = cls_pos[cid]
+        if (img, c) in seen:
+            raise DataError(f"{csv_path}, line {_line(r)}: duplicated row for image {img!r}, "
+                            f"class {cid!r} (first at line {_line(seen[(img, c)])}); "
+                            f"expected one row per (image, class)")
+        seen[(img, c)] = r
+        if img not in on_disk:
+            raise DataError(f"{csv_path}, line {_line(r)}: image {img!r} is listed but "
+                            f"{img_dir / img} does not exist")
+        if rle:
+            rles[pos[img]][c] = rle
+    if not ids:
+        raise DataError(f"{root}: empty dataset: no images in {img_dir} and no rows in "
+                        f"{csv_path}")
+    paths = [on_disk[i] for i in ids]
+    shapes = _check_images(paths, check)
+    # validate every RLE against its image's size now, so a bad row fails at load, named
+    labels = np.zeros((len(ids), len(class_names)), dtype=np.uint8)
+    for k, d in enumerate(rles):
+        h, w = (int(v) for v in shapes[k])
+        for c, rle in d.items():
+            try:
+                parse_rle(rle, h * w)
+            except DataError as e:
+                r = seen[(ids[k], c)]
+                raise DataError(f"{csv_path}, line {_line(r)} (image {ids[k]!r}, class "
+                                f"{class_names[c]!r}, image {h}x{w}): {e}") from None
+            labels[k, c] = 1
+    info = _read_info(root)
+    return DatasetIndex(root=root, format="severstal", class_names=list(class_names),
+                        image_ids=ids, image_paths=paths, labels=labels, shapes=shapes,
+                        has_masks=True, rles=rles, csv_path=csv_path, info=info)
+
+
+def load_generic(root: str | Path, check: str = "header") -> DatasetIndex:
+    """Read a generic-format folder: ``images/``, ``labels.csv``, optional ``masks/<class>/``."""
+    root = Path(root)
+    csv_path, img_dir, mask_dir = root / "labels.csv", root / "images", root / "masks"
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found; a generic-format folder holds labels.csv "
+                        f"and images/ (and optionally masks/<class>/)")
+    if not img_dir.is_dir():
+        raise DataError(f"{img_dir}: folder not found; expected the images next to labels.csv")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{csv_path}: not a readable CSV file ({e})") from None
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        header = next(_csv.reader(f), [])  # pandas would rename a repeated column silently
+    cols = [c.strip() for c in header]
+    if not cols or cols[0] != "image":
+        raise DataError(f"{csv_path}: first column is {cols[0] if cols else None!r}; expected "
+                        f"'image', then one 0/1 column per class")
+    class_names = cols[1:]
+    if not class_names:
+        raise DataError(f"{csv_path}: no class columns; expected 'image' then one 0/1 column "
+                        f"per class (header = class names)")
+    dup = [c for c in set(class_names) if class_names.count(c) > 1]
+    if dup:
+        raise DataError(f"{csv_path}: class column {dup[0]!r} appears more than once")
+    if len(df) == 0:
+        raise DataError(f"{csv_path}: empty dataset: no rows under the header")
+    on_disk = _list_images(img_dir)
+    stem_map: dict[str, list[str]] = {}
+    for name in on_disk:
+        stem_map.setdefault(Path(name).stem, []).append(name)
+    ids, paths, seen = [], [], {}
+    labels = np.zeros((len(df), len(class_names)), dtype=np.uint8)
+    for r in range(len(df)):
+        name = str(df.iat[r, 0]).strip()
+        if not name:
+            raise DataError(f"{csv_path}, line {_line(r)}: empty 'image' value")
+        if name in on_disk:
+            fname = name
+        else:
+            cands = stem_map.get(name, [])
+            if not cands:
+                raise DataError(f"{csv_path}, line {_line(r)}: image {name!r} is listed but no "
+                                f"file {name} or {name}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}> "
+                                f"exists in {img_dir}")
+            if len(cands) > 1:
+                raise DataError(f"{csv_path}, line {_line(r)}: image {name!r} is ambiguous: "
+                                f"{cands} all exist in {img_dir}; name it with its extension")
+            fname = cands[0]
+        stem = Path(fname).stem
+        if stem in seen:
+            raise DataError(f"{csv_path}, line {_line(r)}: image {name!r} is listed again "
+                            f"(first at line {_line(seen[stem])}); expected one row per image")
+        seen[stem] = r
+        for c, cname in enumerate(class_names):
+            v = str(df.iat[r, c + 1]).strip()
+            if v not in ("0", "1"):
+                raise DataError(f"{csv_path}, line {_line(r)}, column {cname!r}: value {v!r}; "
+                                f"expected 0 or 1")
+            labels[r, c] = int(v)
+        ids.append(stem)
+        paths.append(on_disk[fname])
+    unlisted = sorted(set(on_disk) - {p.name for p in paths})
+    if unlisted:
+        raise DataError(f"{img_dir / unlisted[0]} is not listed in {csv_path} "
+                        f"({len(unlisted)} such images); add a row for each (all zeros for a "
+                        f"defect-free image) or move them out of {img_dir}")
+    shapes = _check_images(paths, check)
+    has_masks = mask_dir.is_dir()
+    mask_paths: list[dict[int, Path]] | None = None
+    if has_masks:
+        mask_paths = [{} for _ in ids]
+        pos = {s: k for k, s in enumerate(ids)}
+        cls_pos = {n: c for c, n in enumerate(class_names)}
+        for sub in sorted(mask_dir.iterdir()):
+            if not sub.is_dir():
+                raise DataError(f"{sub}: unexpected file in {mask_dir}; expected one folder per "
+                                f"class, named as in labels.csv: {class_names}")
+            if sub.name not in cls_pos:
+                raise DataError(f"{sub}: class folder {sub.name!r} is not a class of "
+                                f"{csv_path}: {class_names}")
+            c = cls_pos[sub.name]
+            for mp in sorted(sub.iterdir()):
+                if mp.suffix.lower() != ".png":
+                    raise DataError(f"{mp}: expected only <image name>.png mask files in {sub}")
+                if mp.stem not in pos:
+                    raise DataError(f"{mp}: no image {mp.stem!r} is listed in {csv_path}")
+                k = pos[mp.stem]
+                mh, mw = image_size(mp)
+                if (mh, mw) != tuple(int(v) for v in shapes[k]):
+                    raise DataError(f"{mp}: mask is {mh}x{mw} (HxW) but image {paths[k]} is "
+                                    f"{shapes[k][0]}x{shapes[k][1]}; a mask must have its "
+                                    f"image's size")
+                mask_paths[k][c] = mp
+        for k, sid in enumerate(ids):
+            for c in np.flatnonzero(labels[k]):
+                if c not in mask_paths[k]:
+                    raise DataError(
+                        f"{csv_path}, line {_line(seen[sid])}: image {sid!r} has class "
+                        f"{class_names[c]!r} = 1 but {mask_dir / class_names[c] / (sid + '.png')} "
+                        f"is missing; with a masks/ folder every positive label needs its mask")
+    return DatasetIndex(root=root, format="generic", class_names=class_names, image_ids=ids,
+                        image_paths=paths, labels=labels, shapes=shapes, has_masks=has_masks,
+                        mask_paths=mask_paths, csv_path=csv_path, info=_read_info(root))
+
+
+def load_dataset(root: str | Path, check: str = "header") -> DatasetIndex:
+    """Read a dataset folder in either format, told apart by ``train.csv`` / ``labels.csv``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    if (root / "train.csv").is_file():
+        return load_severstal(root, check=check)
+    if (root / "labels.csv").is_file():
+        return load_generic(root, check=check)
+    raise DataError(f"{root}: neither train.csv + train_images/ (Severstal format) nor "
+                    f"labels.csv + images/ (generic format) found")
+
+
+INFO_FILE = "cam2mask_dataset.json"
+
+
+def _read_info(root: Path) -> dict:
+    p = root / INFO_FILE
+    if not p.is_file():
+        return {}
+    import json
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset object at the profile's input size
+# --------------------------------------------------------------------------------------------
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 ``[H, W, 3]`` to ``size`` = (height, width), antialiased bilinear."""
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    return np.array(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 0/1 masks ``[..., H, W]`` to ``size`` with nearest neighbour."""
+    h, w = size
+    if mask.shape[-2:] == (h, w):
+        return mask
+    flat = mask.reshape(-1, *mask.shape[-2:])
+    out = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in flat])
+    return out.reshape(*mask.shape[:-2], h, w)
+
+
+class ImageDataset:
+    """A torch-style dataset over a :class:`DatasetIndex` at a fixed input size.
+
+    ``ds[i]`` is a dict: ``image`` float32 tensor ``[3, H, W]`` (ImageNet-normalised unless
+    ``normalize=False``), ``labels`` float32 ``[C]``, ``masks`` uint8 ``[C, H, W]`` when the data
+    has masks and ``with_masks``, ``index`` and ``image_id``. ``cache=True`` keeps the resized
+    uint8 arrays in memory after the first read (worth it for small profiles: no JPEG decoding
+    per epoch). ``rows`` restricts it to a subset (e.g. one fold).
+    """
+
+    def __init__(self, index: DatasetIndex, size: tuple[int, int], rows: Iterable[int] | None = None,
+                 with_masks: bool = True, normalize: bool = True, cache: bool = False):
+        self.index = index
+        self.size = (int(size[0]), int(size[1]))
+        self.rows = np.arange(len(index)) if rows is None else np.asarray(list(rows), dtype=int)
+        self.with_masks = with_masks and index.has_masks
+        self.normalize = normalize
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
+        self.class_names = list(index.class_names)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def arrays(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Resized uint8 image ``[H, W, 3]`` and masks ``[C, H, W]`` (or None) of item ``k``."""
+        i = int(self.rows[k])
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        img = resize_image(self.index.image(i), self.size)
+        masks = resize_mask(self.index.mask(i), self.size) if self.with_masks else None
+        if self._cache is not None:
+            self._cache[i] = (img, masks)
+        return img, masks
+
+    def __getitem__(self, k: int) -> dict:
+        import torch
+        img, masks = self.arrays(k)
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        if self.normalize:
+            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+            x = (x - mean) / std
+        i = int(self.rows[k])
+        item = {"image": x, "labels": torch.from_numpy(self.index.labels[i].astype(np.float32)),
+                "index": i, "image_id": self.index.image_ids[i]}
+        if masks is not None:
+            item["masks"] = torch.from_numpy(masks)
+        return item
+
+
+# --------------------------------------------------------------------------------------------
+# Folds
+# --------------------------------------------------------------------------------------------
+
+def make_folds(labels: np.ndarray, n_folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Multi-label stratified K-fold: fold number (0..n_folds-1) for each row of ``labels``.
+
+    Stratifies on every class and on "no defect", so each fold gets its share of every class and
+    of clean images (iterative stratification, Sechidis et al. 2011, via the
+    ``iterative-stratification`` package). Deterministic for a given seed.
+    """
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    if n < n_folds:
+        raise DataError(f"cannot split {n} images into {n_folds} folds; need at least "
+                        f"{n_folds} images")
+    y = np.concatenate([labels, (labels.sum(1) == 0)[:, None]], axis=1).astype(int)
+    folds = np.full(n, -1, dtype=np.int64)
+    splitter = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for f, (_, test) in enumerate(splitter.split(np.zeros(n), y)):
+        folds[test] = f
+    return folds
+
+
+def folds_for(index: DatasetIndex, folder: str | Path, n_folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The dataset's folds, computed once and stored as ``folder/folds_k{n}_seed{s}.csv`` so that
+    every stage uses the same split. A stored file for other images raises DataError rather than
+    being overwritten."""
+    path = Path(folder) / f"folds_k{n_folds}_seed{seed}.csv"
+    if path.is_file():
+        df = pd.read_csv(path, dtype={"image_id": str, "fold": int})
+        if list(df["image_id"]) != list(index.image_ids):
+            raise DataError(f"{path}: stored folds are for other images than {index.root}; "
+                            f"delete the file (or the artifacts folder) to split again")
+        return df["fold"].to_numpy()
+    folds = make_folds(index.labels, n_folds, seed)
+    df = pd.DataFrame({"image_id": index.image_ids, "fold": folds})
+    atomic_write_text(path, df.to_csv(index=False))
+    return folds

@@ -1,0 +1,131 @@
+"""Profiles: one named, frozen set of parameters per scale of run.
+
+``smoke``  tests and CI: a few dozen small synthetic images; every notebook runs in seconds.
+``cpu``    the default main job on a laptop or this project's 2-core build machines, no GPU, no
+           internet: synthetic data at Severstal's native 256x1600 size, read at a reduced input
+           size (see the profile's ``notes`` for the budget).
+``paper``  the real Kaggle Severstal data at full size on a GPU with the paper's settings.
+
+Anything can be overridden: ``get_profile("cpu", epochs=3)``; an unknown name or field is an error
+that lists the valid ones. Later stages read their settings from here, so a notebook's parameters
+cell only names the profile and the few values a reader is likely to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from .utils import repo_root
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    notes: str
+    # data: None = the synthetic set below, generated into the artifacts folder on first use
+    data_dir: str | None = None
+    synthetic_n: int = 800
+    synthetic_size: tuple[int, int] = (256, 1600)
+    # what the networks see
+    image_size: tuple[int, int] = (128, 800)
+    n_folds: int = 5
+    seed: int = 0
+    # classifier (section IV of the paper)
+    encoder: str = "efficientnet_b0"
+    pretrained: bool = False
+    allow_random_init: bool = True
+    epochs: int = 8
+    batch_size: int = 16
+    device: str = "auto"
+    num_workers: int = 0
+
+    def describe(self) -> str:
+        data = self.data_dir or (f"synthetic n={self.synthetic_n} "
+                                 f"{self.synthetic_size[0]}x{self.synthetic_size[1]}")
+        return (f"profile {self.name!r}: data {data}, input {self.image_size[0]}x"
+                f"{self.image_size[1]}, {self.n_folds} folds, seed {self.seed}")
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        notes="Tests and CI. 40 synthetic images made at 128x800 and read at 64x400, 3 folds, so "
+              "that every notebook finishes in seconds. Its numbers show that the code runs, not "
+              "what the method is worth.",
+        synthetic_n=40, synthetic_size=(128, 800), image_size=(64, 400), n_folds=3,
+        epochs=1, batch_size=8),
+    "cpu": Profile(
+        name="cpu",
+        notes="Default: 2 CPU cores, no GPU, no internet, about 15 minutes for the whole run. "
+              "800 synthetic images at Severstal's 256x1600 (generated in ~30 s at ~35 ms each), "
+              "read at 128x800: EfficientNet-b0 forward+backward costs ~1 s per 8 such images on "
+              "this CPU (16 s at 256x1600), and 128x800 still gives 4x25 CAM maps, where 64x400 "
+              "gives 2x12 maps that cannot localise a defect. Encoders start from random "
+              "weights (no model hub is reachable).",
+        synthetic_n=800, synthetic_size=(256, 1600), image_size=(128, 800), n_folds=5,
+        epochs=8, batch_size=16),
+    "paper": Profile(
+        name="paper",
+        notes="The paper: Kaggle Severstal (12,568 images, put train.csv and train_images/ in "
+              "data_dir), full 256x1600 input, EfficientNet-b0 from ImageNet weights, 5 folds, "
+              "batch 64. Needs a GPU (about 16 s per batch of 8 on a CPU).",
+        data_dir=None, synthetic_n=0, image_size=(256, 1600), n_folds=5, encoder="efficientnet_b0",
+        pretrained=True, allow_random_init=False, epochs=30, batch_size=64, num_workers=8),
+}
+
+
+def get_profile(name: str | Profile = "cpu", **overrides) -> Profile:
+    """The named profile with ``overrides`` applied (``None`` values are ignored)."""
+    if isinstance(name, Profile):
+        prof = name
+    else:
+        if name not in PROFILES:
+            raise KeyError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+        prof = PROFILES[name]
+    fields = {f.name for f in dataclasses.fields(Profile)} - {"name", "notes"}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise KeyError(f"unknown profile field(s) {unknown}; valid fields: {sorted(fields)}")
+    for key in ("image_size", "synthetic_size"):
+        if key in overrides:
+            overrides[key] = tuple(int(v) for v in overrides[key])
+    return dataclasses.replace(prof, **overrides)
+
+
+def artifacts_dir(profile: Profile | str, root: str | Path | None = None) -> Path:
+    """``<repo>/artifacts/<profile>``: datasets, folds, checkpoints and caches of one profile."""
+    name = profile.name if isinstance(profile, Profile) else profile
+    return Path(root) if root is not None else repo_root() / "artifacts" / name
+
+
+def figures_dir(profile: Profile | str, root: str | Path | None = None) -> Path:
+    """``<repo>/figures/<profile>``: every figure and table a profile's notebooks write."""
+    name = profile.name if isinstance(profile, Profile) else profile
+    return Path(root) if root is not None else repo_root() / "figures" / name
+
+
+def load_data(profile: Profile, data_dir: str | Path | None = None,
+              artifacts: str | Path | None = None, progress: bool = True):
+    """The profile's dataset as a :class:`~cam2mask_lib.data.DatasetIndex`.
+
+    ``data_dir`` (or the profile's) names a Severstal- or generic-format folder; without one the
+    synthetic set is generated under ``artifacts/data`` on first use and reused afterwards. The
+    ``paper`` profile refuses to run on synthetic data.
+    """
+    from .data import load_dataset
+    from .synth import ensure_synthetic
+
+    data_dir = data_dir or profile.data_dir
+    if data_dir is not None:
+        return load_dataset(data_dir)
+    if profile.synthetic_n <= 0:
+        raise ValueError(
+            f"profile {profile.name!r} needs real data: pass data_dir= (or --data-dir) pointing at "
+            f"the Kaggle Severstal folder (train.csv + train_images/) or a generic-format folder")
+    folder = artifacts_dir(profile, artifacts) / "data"
+    h, w = profile.synthetic_size
+    path = ensure_synthetic(folder, n=profile.synthetic_n, seed=profile.seed, height=h, width=w,
+                            progress=progress)
+    return load_dataset(path)

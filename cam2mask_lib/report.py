@@ -1,0 +1,74 @@
+"""Writing figures and tables so that a reader can tell what produced each number.
+
+Every table is written twice: ``<name>.csv`` (plain data, for code) and ``<name>.md`` (for people
+and GitHub), the Markdown headed by a provenance line naming the profile, the data (synthetic or
+real), the seed and the cam2mask version. No timestamps: the same run twice gives the same files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__
+from .utils import atomic_write_bytes, atomic_write_text
+
+
+@dataclass
+class Provenance:
+    profile: str
+    data: str
+    seed: int
+
+    def line(self) -> str:
+        return (f"_Profile `{self.profile}`, data: {self.data}, seed {self.seed}, "
+                f"cam2mask {__version__}._")
+
+
+def provenance(profile, index) -> Provenance:
+    """Provenance of results computed on ``index`` (a DatasetIndex) under ``profile``."""
+    if index.is_synthetic:
+        p = index.info.get("params", {})
+        data = (f"SYNTHETIC steel-defect set (cam2mask synth, {len(index)} images "
+                f"{p.get('height')}x{p.get('width')}, seed {index.info.get('seed')}, generator "
+                f"v{index.info.get('generator_version')}), not Kaggle Severstal")
+    else:
+        data = f"{index.format}-format data at {index.root.name}/ ({len(index)} images)"
+    return Provenance(profile=profile.name, data=data, seed=profile.seed)
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub Markdown table (no extra dependency such as tabulate)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if v != v else format(v, floatfmt)
+        return str(v).replace("|", "\\|")
+    cols = [str(c).replace("|", "\\|") for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def save_table(df: pd.DataFrame, folder: str | Path, name: str, title: str,
+               prov: Provenance | None = None, note: str | None = None) -> Path:
+    """Write ``name.csv`` and ``name.md`` under ``folder``; returns the Markdown path."""
+    folder = Path(folder)
+    atomic_write_text(folder / f"{name}.csv", df.to_csv(index=False))
+    parts = [f"### {title}", ""]
+    if prov is not None:
+        parts += [prov.line(), ""]
+    parts.append(markdown_table(df))
+    if note:
+        parts += ["", note]
+    return atomic_write_text(folder / f"{name}.md", "\n".join(parts) + "\n")
+
+
+def save_figure(fig, folder: str | Path, name: str, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as ``name.png`` (deterministic: no date metadata)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return atomic_write_bytes(Path(folder) / f"{name}.png", buf.getvalue())

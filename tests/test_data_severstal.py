@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from cam2mask_lib.data import DataError, ImageDataset, load_dataset, load_severstal
+
+IMAGES = {"a.jpg": (16, 40), "b.jpg": (16, 40), "c.jpg": (16, 40)}
+
+
+def test_current_and_original_formats_agree(severstal_dir, tmp_path):
+    cur = severstal_dir("ImageId,ClassId,EncodedPixels\na.jpg,1,1 5\na.jpg,3,20 4\nb.jpg,4,100 16\n",
+                        IMAGES)
+    orig_rows = ["ImageId_ClassId,EncodedPixels"]
+    rles = {("a.jpg", 1): "1 5", ("a.jpg", 3): "20 4", ("b.jpg", 4): "100 16"}
+    for img in IMAGES:
+        for c in range(1, 5):
+            orig_rows.append(f"{img}_{c},{rles.get((img, c), '')}")
+    (cur / "train.csv").write_text("\n".join(orig_rows) + "\n")
+    orig = load_severstal(cur)
+    cur_idx = load_dataset(cur)
+    for idx in (orig, cur_idx):
+        assert idx.image_ids == ["a.jpg", "b.jpg", "c.jpg"]
+        assert idx.labels.tolist() == [[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+        assert idx.mask(0)[0].sum() == 5 and idx.mask(1)[3].sum() == 16
+        assert idx.mask(2).sum() == 0
+        assert idx.mask_area(1, 3) == 16
+
+
+def test_image_not_in_csv_is_defect_free(severstal_dir):
+    idx = load_severstal(severstal_dir("ImageId,ClassId,EncodedPixels\na.jpg,2,1 3\n", IMAGES))
+    assert len(idx) == 3 and idx.labels.sum() == 1
+
+
+@pytest.mark.parametrize("csv, message", [
+    ("ImageId,ClassId,EncodedPixels\na.jpg,5,1 3\n", r"line 2: class id '5' .* not in the class list"),
+    ("ImageId,ClassId,EncodedPixels\na.jpg,1,1 3\nb.jpg,1,1 2\na.jpg,1,9 3\n",
+     r"line 4: duplicated row for image 'a.jpg', class '1' \(first at line 2\)"),
+    ("ImageId,ClassId,EncodedPixels\nzz.jpg,1,1 3\n", r"line 2: image 'zz.jpg' is listed but .*zz.jpg does not exist"),
+    ("ImageId,ClassId,EncodedPixels\na.jpg,1,1 3\nb.jpg,2,1 2 3\n", r"line 3 \(image 'b.jpg', class '2'.*even count"),
+    ("ImageId,ClassId,EncodedPixels\nb.jpg,2,5 a\n", r"line 2 .*not an integer"),
+    ("ImageId,ClassId,EncodedPixels\nb.jpg,2,5 0\n", r"line 2 .*length 0"),
+    ("ImageId,ClassId,EncodedPixels\nb.jpg,2,9 3 2 2\n", r"line 2 .*sorted and disjoint"),
+    ("ImageId,ClassId,EncodedPixels\nc.jpg,3,630 20\n", r"line 2 \(image 'c.jpg', class '3', image 16x40\).*past the image end \(640 pixels\)"),
+    ("Image,Class,RLE\na.jpg,1,1 3\n", r"header is \['Image', 'Class', 'RLE'\]; expected"),
+    ("ImageId_ClassId,EncodedPixels\na.jpg1,1 3\n", r"line 2: ImageId_ClassId 'a.jpg1' has no '_'"),
+])
+def test_bad_rows_name_file_line_and_problem(severstal_dir, csv, message):
+    root = severstal_dir(csv, IMAGES)
+    with pytest.raises(DataError, match=message) as e:
+        load_severstal(root)
+    assert "train.csv" in str(e.value)
+
+
+def test_mask_that_does_not_fit_a_smaller_image(severstal_dir):
+    # a Severstal-size mask on an image that is not 256x1600: the image size contradicts the mask
+    root = severstal_dir("ImageId,ClassId,EncodedPixels\na.jpg,1,409000 500\n", {"a.jpg": (256, 800)})
+    with pytest.raises(DataError, match="image 256x800.*past the image end"):
+        load_severstal(root)
+
+
+def test_corrupt_and_truncated_images(severstal_dir):
+    root = severstal_dir("ImageId,ClassId,EncodedPixels\na.jpg,1,1 3\n", IMAGES)
+    (root / "train_images" / "b.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match=r"b.jpg: not a readable image"):
+        load_severstal(root)
+    # a file whose header is fine but whose data is cut: found when decoded, named
+    good = root / "train_images" / "a.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        root / "train_images" / "b.jpg", quality=95)
+    data = (root / "train_images" / "b.jpg").read_bytes()
+    (root / "train_images" / "b.jpg").write_bytes(data[: len(data) // 3])
+    idx = load_severstal(root)  # header check passes
+    with pytest.raises(DataError, match=r"b.jpg: cannot read image"):
+        ImageDataset(idx, (16, 40))[1]
+    with pytest.raises(DataError, match=r"b.jpg: cannot read image"):
+        load_severstal(root, check="full")
+    assert good.is_file()
+
+
+def test_empty_dataset_and_missing_parts(tmp_path, severstal_dir):
+    root = severstal_dir("ImageId,ClassId,EncodedPixels\n", {})
+    with pytest.raises(DataError, match="empty dataset"):
+        load_severstal(root)
+    with pytest.raises(DataError, match="train.csv: file not found"):
+        load_severstal(tmp_path)
+    with pytest.raises(DataError, match="neither train.csv"):
+        load_dataset(tmp_path)
+
+
+def test_dataset_object_at_profile_size(synth_dir):
+    import timm.data
+    import torch
+
+    from cam2mask_lib.data import IMAGENET_MEAN, IMAGENET_STD
+
+    assert IMAGENET_MEAN == tuple(timm.data.IMAGENET_DEFAULT_MEAN)
+    assert IMAGENET_STD == tuple(timm.data.IMAGENET_DEFAULT_STD)
+    idx = load_dataset(synth_dir)
+    ds = ImageDataset(idx, (32, 200), cache=True)
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 200) and item["image"].dtype == torch.float32
+    assert item["masks"].shape == (4, 32, 200) and item["labels"].shape == (4,)
+    assert set(torch.unique(item["masks"]).tolist()) <= {0, 1}
+    raw = ImageDataset(idx, (32, 200), normalize=False)[0]["image"]
+    assert 0 <= raw.min() and raw.max() <= 1
+    # a labelled class has a non-empty mask at the reduced size too
+    for k in range(len(ds)):
+        it = ds[k]
+        for c in np.flatnonzero(it["labels"].numpy()):
+            assert it["masks"][c].sum() > 0
+    sub = ImageDataset(idx, (32, 200), rows=[2, 5])
+    assert len(sub) == 2 and sub[1]["index"] == 5

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+from cam2mask_lib.cli import main
+from cam2mask_lib.profiles import PROFILES, get_profile, load_data
+
+
+def test_profiles_and_overrides():
+    assert {"smoke", "cpu", "paper"} <= set(PROFILES)
+    p = get_profile("cpu", epochs=3, image_size=[64, 400])
+    assert p.epochs == 3 and p.image_size == (64, 400) and p.name == "cpu"
+    assert get_profile("cpu").epochs == PROFILES["cpu"].epochs  # frozen, not mutated
+    with pytest.raises(KeyError, match="unknown profile 'gpu'"):
+        get_profile("gpu")
+    with pytest.raises(KeyError, match=r"unknown profile field\(s\) \['epoch'\]"):
+        get_profile("cpu", epoch=3)
+
+
+def test_paper_profile_needs_real_data(tmp_path):
+    with pytest.raises(ValueError, match="needs real data"):
+        load_data(get_profile("paper"), artifacts=tmp_path)
+
+
+def test_help_for_every_command():
+    out = subprocess.run([sys.executable, "-m", "cam2mask_lib", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ("synth", "check", "reproduce"):
+        assert cmd in out
+        sub = subprocess.run([sys.executable, "-m", "cam2mask_lib", cmd, "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "default" in sub or cmd == "check"
+
+
+def test_cli_synth_check_and_errors(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "s"), "--n", "6", "--height", "64",
+                 "--width", "400"]) == 0
+    assert main(["check", str(tmp_path / "s")]) == 0
+    assert "synthetic steel-defect set" in capsys.readouterr().out
+    # refuse to overwrite a folder holding something else
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    assert main(["synth", "--out", str(tmp_path / "busy"), "--n", "3"]) == 2
+    assert "--force" in capsys.readouterr().err
+    # a bad row is reported with file and line, exit 2
+    with open(tmp_path / "s" / "train.csv", "a") as f:
+        f.write("nope.jpg,1,1 2\n")
+    assert main(["check", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "train.csv, line" in err and "nope.jpg" in err
+    assert main(["reproduce", "--profile", "nosuch"]) == 2
+    assert "unknown profile" in capsys.readouterr().err
