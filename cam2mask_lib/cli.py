@@ -2,6 +2,7 @@
 
     cam2mask synth --out DIR --n N [--seed S] [--height H] [--width W] [--force]
     cam2mask check DIR
+    cam2mask train [--profile P] [--data-dir DIR] [--fold K ...] [--encoder NAME] [--epochs N]
     cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
@@ -53,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a summary; any problem is reported with its file and line.")
     c.add_argument("data", help="dataset folder")
 
+    t = sub.add_parser("train", formatter_class=fmt,
+                       help="train the classifier with cross-validation (all folds or --fold K)",
+                       description="Train the paper's classifier on every fold of the profile (or "
+                                   "only --fold K, e.g. one fold per GPU), reusing finished folds "
+                                   "and resuming interrupted ones; prints ROC-AUC per class on "
+                                   "the union of the finished folds.")
+    t.add_argument("--profile", default="cpu", help="smoke, cpu or paper")
+    t.add_argument("--data-dir", help="dataset folder; default: the profile's synthetic set")
+    t.add_argument("--fold", type=int, nargs="+", metavar="K", help="train only these folds")
+    t.add_argument("--encoder", help="timm encoder name (default: the profile's)")
+    t.add_argument("--epochs", type=int, help="epochs (default: the profile's)")
+    t.add_argument("--weights-path", help="local timm weights file for the encoder")
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: the profile's)")
+    t.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     r = sub.add_parser("reproduce", formatter_class=fmt,
                        help="execute the notebooks in order with papermill",
                        description="Execute notebooks/NN_*.ipynb in order with papermill in a "
@@ -95,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"images per class: {dict(zip(idx.class_names, idx.labels.sum(0).tolist()))}; "
                   f"defect-free: {int((idx.labels.sum(1) == 0).sum())}; sizes: "
                   f"{sorted({tuple(s) for s in np.asarray(idx.shapes).tolist()})[:5]}")
+        elif args.command == "train":
+            from .pipeline import classifier_stage, context
+
+            ctx = context(args.profile, args.data_dir, artifacts_dir=args.artifacts_dir,
+                          progress=not args.no_progress, encoder=args.encoder,
+                          epochs=args.epochs, weights_path=args.weights_path, device=args.device)
+            res = classifier_stage(ctx, only_folds=args.fold, progress=not args.no_progress)
+            aucs = ", ".join(f"{c}: {a:.4f}" for c, a in zip(ctx.index.class_names, res["auc"]))
+            state = "all folds" if res["complete"] else "finished folds only"
+            print(f"run folder {res['dir']}\nROC-AUC ({state}): {aucs}")
         elif args.command == "reproduce":
             from .runner import reproduce
 

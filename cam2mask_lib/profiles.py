@@ -31,14 +31,26 @@ class Profile:
     image_size: tuple[int, int] = (128, 800)
     n_folds: int = 5
     seed: int = 0
-    # classifier (section IV of the paper)
+    # classifier (section IV of the paper; the defaults are the paper's settings)
     encoder: str = "efficientnet_b0"
     pretrained: bool = False
+    weights_path: str | None = None
     allow_random_init: bool = True
-    epochs: int = 8
-    batch_size: int = 16
+    epochs: int = 30
+    batch_size: int = 64
+    lr_encoder: float = 1e-4
+    lr_head: float = 1e-3
+    plateau_patience: int = 3
+    plateau_factor: float = 0.5
+    hflip: bool = True
+    vflip: bool = False
+    hidden: int = 256
+    dropout: float = 0.2
+    top_k: int = 3
     device: str = "auto"
     num_workers: int = 0
+    cache_images: bool = True
+    channels_last: bool = True
 
     def describe(self) -> str:
         data = self.data_dir or (f"synthetic n={self.synthetic_n} "
@@ -50,28 +62,36 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
-        notes="Tests and CI. 40 synthetic images made at 128x800 and read at 64x400, 3 folds, so "
-              "that every notebook finishes in seconds. Its numbers show that the code runs, not "
-              "what the method is worth.",
+        notes="Tests and CI. 40 synthetic images made at 128x800 and read at 64x400, 3 folds, "
+              "2 epochs of a tiny encoder, so that every notebook finishes in seconds. Its numbers "
+              "show that the code runs, not what the method is worth.",
         synthetic_n=40, synthetic_size=(128, 800), image_size=(64, 400), n_folds=3,
-        epochs=1, batch_size=8),
+        encoder="mobilenetv3_small_050", epochs=2, batch_size=8, lr_encoder=2e-3, lr_head=2e-3),
     "cpu": Profile(
         name="cpu",
-        notes="Default: 2 CPU cores, no GPU, no internet, about 15 minutes for the whole run. "
-              "800 synthetic images at Severstal's 256x1600 (generated in ~30 s at ~35 ms each), "
-              "read at 128x800: EfficientNet-b0 forward+backward costs ~1 s per 8 such images on "
-              "this CPU (16 s at 256x1600), and 128x800 still gives 4x25 CAM maps, where 64x400 "
-              "gives 2x12 maps that cannot localise a defect. Encoders start from random "
-              "weights (no model hub is reachable).",
-        synthetic_n=800, synthetic_size=(256, 1600), image_size=(128, 800), n_folds=5,
-        epochs=8, batch_size=16),
+        notes="Default: 2 CPU cores, no GPU, no internet. 1600 synthetic images at Severstal's "
+              "256x1600 (~50 s to generate), read at 128x800: CAM maps have 1/32 of the input's "
+              "resolution, and 128x800 gives 4x25 maps where 64x400 gives 2x12, too coarse to "
+              "localise a defect. At 128x800 EfficientNet-b0 trains at ~6 images/s here, so the "
+              "encoder is timm's mobilenetv3_small_050 (~95 images/s with channels_last, 10-15x "
+              "faster; same 4x25 maps, same head and recipe). No ImageNet weights can be "
+              "downloaded: it starts from random weights, so the encoder's learning rate is "
+              "raised from the paper's 1e-4 (meant for a pretrained encoder) to 2e-3. Measured: "
+              "with 800 images x 5 folds x 12 epochs the mean out-of-fold AUC was 0.83 in 8.5 "
+              "min; twice the images with 3 folds (half the training per epoch: each image is "
+              "trained on twice, not four times) reached 0.90 in 8 epochs, so: 1600 images, "
+              "3 folds, 10 epochs (~6 min).",
+        synthetic_n=1600, synthetic_size=(256, 1600), image_size=(128, 800), n_folds=3,
+        encoder="mobilenetv3_small_050", epochs=10, batch_size=16, lr_encoder=2e-3, lr_head=2e-3),
     "paper": Profile(
         name="paper",
         notes="The paper: Kaggle Severstal (12,568 images, put train.csv and train_images/ in "
-              "data_dir), full 256x1600 input, EfficientNet-b0 from ImageNet weights, 5 folds, "
-              "batch 64. Needs a GPU (about 16 s per batch of 8 on a CPU).",
-        data_dir=None, synthetic_n=0, image_size=(256, 1600), n_folds=5, encoder="efficientnet_b0",
-        pretrained=True, allow_random_init=False, epochs=30, batch_size=64, num_workers=8),
+              "data_dir), full 256x1600 input, EfficientNet-b0 from ImageNet weights, Adam 1e-4 "
+              "(encoder) / 1e-3 (head), batch 64, 5 folds. Needs a GPU (16 s per batch of 8 on "
+              "a CPU). Images are decoded per batch by DataLoader workers, not cached.",
+        synthetic_n=0, image_size=(256, 1600), n_folds=5, encoder="efficientnet_b0",
+        pretrained=True, allow_random_init=False, epochs=30, batch_size=64, num_workers=8,
+        cache_images=False),
 }
 
 

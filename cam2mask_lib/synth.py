@@ -44,7 +44,7 @@ from . import paper
 from .data import INFO_FILE, DataError, rle_encode
 from .utils import atomic_write_bytes, atomic_write_text, write_json
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASS_NAMES = ("1", "2", "3", "4")
 PAPER_TOTAL = paper.TOTAL_IMAGES
 PAPER_DEFECT_FREE = paper.DEFECT_FREE_IMAGES
@@ -187,8 +187,11 @@ class _Sheet:
         rng, h, w, s = self.rng, self.h, self.w, self.s
         base = rng.uniform(55, 105)
         img = np.full((h, w), base, np.float32)
-        img += _smooth_noise(rng, (h, w), (40 * self.sy, 60 * self.sx)) * rng.uniform(17, 32)
-        img += _smooth_noise(rng, (h, w), (12 * self.sy, 16 * self.sx)) * rng.uniform(2, 5)
+        # brightness varies mostly on large scales (glare, uneven lighting); mid-scale mottling
+        # is mild, so defects stand out from the sheet as they do on real Severstal images
+        img += _smooth_noise(rng, (h, w), (160 * self.sy, 260 * self.sx)) * rng.uniform(18, 32)
+        img += _smooth_noise(rng, (h, w), (40 * self.sy, 60 * self.sx)) * rng.uniform(4, 9)
+        img += _smooth_noise(rng, (h, w), (12 * self.sy, 16 * self.sx)) * rng.uniform(1.5, 3.5)
         # rolling-direction streaks: a column profile, slowly modulated along the height
         cols = ndimage.gaussian_filter1d(rng.standard_normal(w).astype(np.float32), 1.2 * s)
         cols /= cols.std() + 1e-6
@@ -224,7 +227,7 @@ class _Sheet:
     # -- helpers -----------------------------------------------------------------------------
     def _contrast(self) -> float:
         """Defect strength: mostly clear, sometimes faint."""
-        return float(self.rng.uniform(0.3, 1.0) if self.rng.random() < 0.35 else
+        return float(self.rng.uniform(0.35, 0.8) if self.rng.random() < 0.3 else
                      self.rng.uniform(0.7, 1.2))
 
     def _x(self, margin: float) -> float:
@@ -261,8 +264,8 @@ class _Sheet:
             for _ in range(rng.integers(3, 12)):
                 py = np.clip(cy + rng.normal(0, 9 * self.sy), 2, self.h - 3)
                 px = np.clip(cx + rng.normal(0, 12 * self.sx), 2, self.w - 3)
-                r = rng.uniform(1.2, 3.2) * s
-                amp = sign * rng.uniform(28, 60) * k * (1 if rng.random() < 0.85 else -1)
+                r = rng.uniform(1.8, 4.2) * s
+                amp = sign * rng.uniform(40, 80) * k * (1 if rng.random() < 0.85 else -1)
                 pts.append(self._blob(py, px, r, amp))
             pts = np.concatenate(pts)
             if len(pts):
@@ -284,9 +287,9 @@ class _Sheet:
             ys = my + t * length * np.cos(ang)
             xs = mx + t * length * np.sin(ang) + rng.normal(0, 0.6 * s, n)
             line = np.stack([ys, xs], 1)
-            wd = rng.uniform(1.0, 2.5) * s
+            wd = rng.uniform(1.5, 3.0) * s
             layer = _draw_lines((self.h, self.w), [line], [wd])
-            self.img += sign * rng.uniform(30, 55) * k * layer
+            self.img += sign * rng.uniform(40, 70) * k * layer
             pts = np.argwhere(layer > 0.25)
             if len(pts):
                 self.masks[1] |= _hull_mask(pts, (self.h, self.w), rng.uniform(6, 10) * s)
@@ -312,12 +315,12 @@ class _Sheet:
                 keep = (ys > -5) & (ys < self.h + 5)
                 if keep.sum() >= 2:
                     lines.append(np.stack([ys[keep], xs[keep]], 1))
-                    widths.append(rng.uniform(1.0, 3.0) * s)
+                    widths.append(rng.uniform(1.5, 3.5) * s)
             if not lines:
                 continue
             layer = _draw_lines((self.h, self.w), lines, widths)
             damage = np.clip(_smooth_noise(rng, (self.h, self.w), (8 * self.sy, 4 * self.sx)), 0, None)
-            self.img += sign * rng.uniform(25, 50) * k * layer * (0.6 + 0.4 * damage)
+            self.img += sign * rng.uniform(35, 65) * k * layer * (0.6 + 0.4 * damage)
             pts = np.argwhere(layer > 0.25)
             if len(pts):
                 self.masks[2] |= _hull_mask(pts, (self.h, self.w), rng.uniform(8, 16) * s)

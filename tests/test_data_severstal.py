@@ -110,3 +110,24 @@ def test_dataset_object_at_profile_size(synth_dir):
             assert it["masks"][c].sum() > 0
     sub = ImageDataset(idx, (32, 200), rows=[2, 5])
     assert len(sub) == 2 and sub[1]["index"] == 5
+
+
+def test_image_array_is_the_resized_images_and_is_reused(synth_dir, tmp_path):
+    import torch
+
+    from cam2mask_lib.data import image_array
+
+    idx = load_dataset(synth_dir)
+    arr = image_array(idx, (32, 200), tmp_path, progress=False)
+    assert arr.shape == (30, 32, 200, 3) and arr.dtype == np.uint8
+    files = list(tmp_path.glob("images_32x200_*.npy"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = image_array(idx, (32, 200), tmp_path, progress=False)
+    assert files[0].stat().st_mtime_ns == stamp and np.array_equal(arr, again)
+    plain, backed = ImageDataset(idx, (32, 200)), ImageDataset(idx, (32, 200), array=arr)
+    for k in (0, 7, 29):
+        assert torch.equal(plain[k]["image"], backed[k]["image"])
+        assert torch.equal(plain[k]["masks"], backed[k]["masks"])
+    with pytest.raises(ValueError, match="expected \\(30, 16, 100, 3\\)"):
+        ImageDataset(idx, (16, 100), array=arr)

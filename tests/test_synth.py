@@ -60,8 +60,9 @@ def test_generated_set_keeps_its_labels(tmp_path):
 
 
 def test_defects_are_visible_but_not_trivial(tmp_path):
-    """Inside masks the image differs from outside (class 4 darker; classes 1-3 more fine
-    structure), but contrast varies: some defects are faint."""
+    """Inside masks the image differs from around them (class 4 darker than a ring just outside
+    its mask; classes 1-3 more fine structure than the rest of the image), but contrast varies:
+    some defects are faint."""
     ds = generate(tmp_path / "v", n=160, seed=11, height=128, width=800, progress=False)
     idx = load_dataset(ds)
     from scipy import ndimage
@@ -73,7 +74,8 @@ def test_defects_are_visible_but_not_trivial(tmp_path):
         for c in np.flatnonzero(idx.labels[i]):
             out = ~m[c]
             if c == 3:
-                darker.append(g[out].mean() - g[m[c]].mean())
+                ring = ndimage.binary_dilation(m[c], iterations=8) & out
+                darker.append(g[ring].mean() - g[m[c]].mean())
                 contrasts.append(darker[-1])
             else:
                 detail[c].append(hp[m[c]].mean() / hp[out].mean())

@@ -1,0 +1,84 @@
+"""Training and inference throughput of the profile's classifier on this machine.
+
+    python benchmarks/classifier_throughput.py [--profile cpu] [--batches 5]
+
+Prints images/s for a training step (forward, backward, Adam step) and for inference at the
+profile's input size and batch size, and the same for the paper's EfficientNet-b0 measured in the
+same run, so the ratio says what the profile's encoder choice buys on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cam2mask_lib.classify import build_classifier, resolve_device
+from cam2mask_lib.profiles import get_profile
+
+
+def throughput(encoder: str, size, batch: int, batches: int, device, channels_last: bool):
+    model = build_classifier(encoder, 4).to(device)
+    x = torch.randn(batch, 3, *size, device=device)
+    y = torch.randint(0, 2, (batch, 4), device=device).float()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    model.train()
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(batches):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train = batch * batches / (time.perf_counter() - t)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        t = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        infer = batch * batches / (time.perf_counter() - t)
+    return train, infer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--reference", default="efficientnet_b0", help="encoder to compare with")
+    args = ap.parse_args()
+    prof = get_profile(args.profile)
+    device = resolve_device(prof.device)
+    size, bs = prof.image_size, prof.batch_size
+    print(f"profile {prof.name}: {prof.encoder}, input {size[0]}x{size[1]}, batch {bs}, "
+          f"device {device}, torch threads {torch.get_num_threads()}")
+    tr, inf = throughput(prof.encoder, size, bs, args.batches, device, prof.channels_last)
+    print(f"{prof.encoder:24s} train {tr:7.1f} img/s   inference {inf:7.1f} img/s")
+    if args.reference != prof.encoder:
+        rtr, rinf = throughput(args.reference, size, bs, max(2, args.batches // 2), device,
+                               prof.channels_last)
+        print(f"{args.reference:24s} train {rtr:7.1f} img/s   inference {rinf:7.1f} img/s")
+        print(f"ratio {prof.encoder} / {args.reference}: train {tr / rtr:.1f}x, "
+              f"inference {inf / rinf:.1f}x")
+    n_train = int(prof.synthetic_n * (prof.n_folds - 1) / prof.n_folds) if prof.synthetic_n else None
+    if n_train:
+        est = prof.n_folds * prof.epochs * n_train / tr
+        print(f"estimated pure training time for the profile: {prof.n_folds} folds x "
+              f"{prof.epochs} epochs x {n_train} images = {est / 60:.1f} min (+ validation)")
+
+
+if __name__ == "__main__":
+    main()

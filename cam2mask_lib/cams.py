@@ -1,0 +1,320 @@
+"""Class activation maps for every class of a batch at once (sections II and V of the paper).
+
+**Why this can be fast.** The classifier is ``logits = head(mean_ij A_ij)`` with ``A`` the last
+feature map. The gradient of a class logit with respect to ``A`` only passes through the average
+pooling and the head, so it is the same at every position:
+
+    dz_c / dA^k_ij = (1 / hw) * dz_c / dp_k ,   p = mean_ij A_ij .
+
+Grad-CAM's channel weights are the spatial mean of that gradient, and Grad-CAM++'s are a closed
+form of it and of ``sum_ij A^k_ij``. So one forward pass of the backbone per view (no backward
+graph) and the Jacobian of the small head at ``p`` (``[C, K]`` per image, ``torch.func``) give the
+maps of **all classes**; generic CAM libraries run a full backward pass per class instead.
+
+The maps are scaled exactly as pytorch-grad-cam scales them (ReLU, min-max, bilinear ``cv2.resize``
+to the input size, min-max again; with ``aug_smooth`` the six views - original and horizontal flip,
+times 0.9, 1.0, 1.1 - are each scaled, flipped back and averaged), and a test checks equality with
+``GradCAM`` / ``GradCAMPlusPlus`` within 1e-4. Other methods (LayerCAM, HiResCAM, XGradCAM,
+EigenGradCAM, ScoreCAM, ...) go through the grad-cam package itself.
+
+For whole datasets :func:`cam_dataset` streams batches and stores the ReLU'd maps of every view at
+feature-map resolution (``[N, views, C, h, w]`` float16 in a memory-mapped ``.npy``), so memory
+stays flat and the final maps are made on demand (:func:`CamCache.maps`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+FAST_METHODS = ("gradcam", "gradcam++")
+AUG_FACTORS = (0.9, 1.0, 1.1)
+# the views of aug smoothing, in ttach's order: (horizontal flip, factor)
+AUG_VIEWS = tuple((flip, f) for flip in (False, True) for f in AUG_FACTORS)
+
+
+def _grad_cam_classes() -> dict:
+    import pytorch_grad_cam as pgc
+
+    names = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+             "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM",
+             "eigengradcam": "EigenGradCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM",
+             "fullgrad": "FullGrad", "gradcamelementwise": "GradCAMElementWise",
+             "kpcacam": "KPCA_CAM", "randomcam": "RandomCAM", "shapleycam": "ShapleyCAM",
+             "finercam": "FinerCAM"}
+    return {k: getattr(pgc, v) for k, v in names.items() if hasattr(pgc, v)}
+
+
+def available_methods() -> list[str]:
+    """Method names accepted by :func:`compute_cams`."""
+    return sorted(set(FAST_METHODS) | set(_grad_cam_classes()))
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling as pytorch-grad-cam does
+# --------------------------------------------------------------------------------------------
+
+def _minmax(x):
+    """Per map (last two axes) ``(x - min) / (1e-7 + max)`` as grad-cam's scale_cam_image
+    (numpy arrays or torch tensors)."""
+    if isinstance(x, torch.Tensor):
+        x = x - x.amin(dim=(-2, -1), keepdim=True)
+        return x / (1e-7 + x.amax(dim=(-2, -1), keepdim=True))
+    x = x - x.min(axis=(-2, -1), keepdims=True)
+    return x / (1e-7 + x.max(axis=(-2, -1), keepdims=True))
+
+
+def _upsample_t(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    lead = low.shape[:-2]
+    flat = _minmax(low.reshape(-1, 1, *low.shape[-2:]).float())
+    up = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
+    mn, mx = torch.aminmax(up.flatten(1), dim=1)  # one pass for both
+    up.sub_(mn[:, None, None, None]).div_((mx - mn)[:, None, None, None] + 1e-7)
+    return up.reshape(*lead, *size)
+
+
+def upsample(low: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Final maps from ReLU'd feature-resolution maps ``[..., h, w]``: min-max, bilinear resize to
+    ``size`` = (H, W), min-max again (grad-cam's two scale_cam_image calls). The resize is one
+    batched ``torch.nn.functional.interpolate`` (half-pixel centres, as ``cv2.resize``'s
+    INTER_LINEAR that grad-cam uses: equal within 1e-6, measured 5x faster than a cv2 loop)."""
+    with torch.no_grad():
+        return _upsample_t(torch.as_tensor(np.asarray(low, dtype=np.float32)), size).numpy()
+
+
+def smooth(views: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Aug smoothing from per-view low-resolution maps ``[N, V, C, h, w]`` (views in
+    :data:`AUG_VIEWS` order, flipped views still flipped): scale each, flip back, average.
+    Flipping back is done at feature resolution: min-max and the half-pixel-centred bilinear
+    resize commute with a horizontal flip, and the small maps are cheap to flip."""
+    with torch.no_grad():
+        low = torch.as_tensor(np.asarray(views, dtype=np.float32)).clone()
+        flipped = [v for v, (flip, _) in enumerate(AUG_VIEWS) if flip]
+        low[:, flipped] = low[:, flipped].flip(-1)
+        return _upsample_t(low, size).mean(dim=1).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path: all classes of a batch from one backbone pass per view
+# --------------------------------------------------------------------------------------------
+
+def head_jacobian(model, pooled: torch.Tensor, target: str = "logit") -> torch.Tensor:
+    """``d target_c / d p`` for every image and class: ``[N, C, K]`` (head in eval mode)."""
+    from torch.func import jacrev, vmap
+
+    def f(p):
+        z = model.head(p[None])[0]
+        return torch.sigmoid(z) if target == "prob" else z
+
+    return vmap(jacrev(f))(pooled)
+
+
+def low_res_cams(model, x: torch.Tensor, method: str = "gradcam++", target: str = "logit",
+                 feats: torch.Tensor | None = None) -> np.ndarray:
+    """ReLU'd Grad-CAM / Grad-CAM++ maps at feature resolution, ``[N, C, h, w]`` float32."""
+    if method not in FAST_METHODS:
+        raise ValueError(f"fast path supports {FAST_METHODS}, got {method!r}")
+    if feats is None:
+        with torch.no_grad():
+            feats = model.features(x)
+    A = feats.detach().float()
+    n, k, h, w = A.shape
+    pooled = A.mean(dim=(2, 3))
+    with torch.enable_grad():
+        J = head_jacobian(model, pooled, target).detach()  # [N, C, K], float32 like grad-cam
+    g = J / (h * w)  # the gradient at every position
+    if method == "gradcam":
+        weights = g  # spatial mean of a constant
+    else:  # Grad-CAM++, eq. 19 of Chattopadhyay et al., as pytorch-grad-cam computes it
+        g2, g3 = g ** 2, g ** 3
+        s = A.sum(dim=(2, 3))[:, None, :]  # [N, 1, K]
+        aij = g2 / (2 * g2 + s * g3 + 1e-6)
+        aij = torch.where(g != 0, aij, torch.zeros_like(aij))
+        weights = (torch.clamp(g, min=0) * aij) * (h * w)  # summed over h*w equal positions
+    cam = torch.einsum("nck,nkhw->nchw", weights, A)
+    return torch.clamp(cam, min=0).detach().numpy()
+
+
+def _views(x: torch.Tensor, aug_smooth: bool):
+    for flip, f in (AUG_VIEWS if aug_smooth else ((False, 1.0),)):
+        v = x.flip(-1) if flip else x
+        yield (v * f if f != 1.0 else v), flip
+
+
+def low_res_views(model, x: torch.Tensor, method: str, aug_smooth: bool, target: str = "logit"
+                  ) -> np.ndarray:
+    """ReLU'd low-resolution maps of every view: ``[N, V, C, h, w]`` (V = 6 with aug smoothing).
+    The backbone runs view by view (measured faster than one 6x larger batch); the head's
+    Jacobian and the weighting run once for all views."""
+    with torch.no_grad():
+        feats = [model.features(v) for v, _ in _views(x, aug_smooth)]
+    low = low_res_cams(model, None, method, target, feats=torch.cat(feats))  # [V*N, C, h, w]
+    return low.reshape(len(feats), len(x), *low.shape[1:]).swapaxes(0, 1)
+
+
+def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = False,
+                 target_layer=None, target: str = "logit", classes: Sequence[int] | None = None,
+                 batch_size: int = 16) -> np.ndarray:
+    """CAMs of every class: ``[N, num_classes, H, W]`` float32 in [0, 1], as grad-cam scales them.
+
+    ``method``: "gradcam" and "gradcam++" use the fast path (``target_layer`` must be None or the
+    model's own ``target_layer``); any other grad-cam method name (see :func:`available_methods`)
+    runs through pytorch-grad-cam, one call per class. ``target``: differentiate the "logit"
+    (default, grad-cam's ClassifierOutputTarget) or the sigmoid "prob". ``classes``: a subset.
+    """
+    method = method.lower()
+    model.eval()
+    n, _, H, W = images.shape
+    classes = list(range(model.num_classes)) if classes is None else list(classes)
+    own = getattr(model, "target_layer", None)
+    if method in FAST_METHODS and (target_layer is None or target_layer is own):
+        out = np.empty((n, len(classes), H, W), np.float32)
+        for s in range(0, n, batch_size):
+            x = images[s:s + batch_size]
+            low = low_res_views(model, x, method, aug_smooth, target)[:, :, classes]
+            out[s:s + len(x)] = smooth(low, (H, W)) if aug_smooth else upsample(low[:, 0], (H, W))
+        return out
+    return library_cams(model, images, method, aug_smooth, target_layer or own, target, classes)
+
+
+def library_cams(model, images, method, aug_smooth, target_layer, target, classes) -> np.ndarray:
+    """Maps ``[N, len(classes), H, W]`` from pytorch-grad-cam's own class for ``method``, one call
+    per class (logit targets, or sigmoid probabilities with ``target="prob"``): the reference the
+    fast path is tested against, and the route for every other method."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    table = _grad_cam_classes()
+    if method not in table:
+        raise ValueError(f"unknown CAM method {method!r}; available: {available_methods()}")
+    if target_layer is None:
+        raise ValueError("target_layer is needed for a model without a target_layer attribute")
+
+    class _Prob(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def __call__(self, out):
+            return torch.sigmoid(out)[..., self.c] if out.ndim == 1 else torch.sigmoid(out)[:, self.c]
+
+    cam = table[method](model=model, target_layers=[target_layer])
+    try:
+        maps = []
+        for c in classes:
+            tgt = ClassifierOutputTarget(c) if target == "logit" else _Prob(c)
+            maps.append(cam(input_tensor=images, targets=[tgt] * len(images), aug_smooth=aug_smooth))
+    finally:
+        cam.activations_and_grads.release()
+    return np.stack(maps, axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Guided Grad-CAM (section II)
+# --------------------------------------------------------------------------------------------
+
+def guided_gradcam(model, image: torch.Tensor, cls: int, cam: np.ndarray | None = None) -> np.ndarray:
+    """Guided Grad-CAM of one image ``[3, H, W]`` for class ``cls``: the upsampled Grad-CAM times
+    guided-backpropagation saliency (pytorch-grad-cam's GuidedBackpropReLUModel), ``[H, W]``
+    normalised to [0, 1]."""
+    import copy
+
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+
+    if cam is None:
+        cam = compute_cams(model, image[None], method="gradcam", classes=[cls])[0, 0]
+    gb_model = GuidedBackpropReLUModel(model=copy.deepcopy(model).eval(), device=image.device)
+    gb = gb_model(image[None].clone(), target_category=cls)  # [H, W, 3]
+    sal = np.abs(gb).mean(axis=-1) * cam
+    return (sal - sal.min()) / (sal.max() - sal.min() + 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole datasets: streamed, cached at feature resolution
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CamCache:
+    """Low-resolution maps of a dataset on disk: ``maps.npy`` ``[N, V, C, h, w]`` float16
+    (memory-mapped), V = 6 aug-smoothing views (or 1), and ``meta.json``."""
+
+    path: Path
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.path / "meta.json").read_text())
+
+    def low(self) -> np.ndarray:
+        return np.load(self.path / "maps.npy", mmap_mode="r")
+
+    def maps(self, rows: Sequence[int], size: tuple[int, int], aug_smooth: bool = True,
+             classes: Sequence[int] | None = None) -> np.ndarray:
+        """Final maps ``[len(rows), C, H, W]`` in [0, 1] for ``rows``, upsampled now."""
+        low = np.asarray(self.low()[list(rows)], dtype=np.float32)
+        if classes is not None:
+            low = low[:, :, list(classes)]
+        if aug_smooth:
+            if low.shape[1] != len(AUG_VIEWS):
+                raise ValueError(f"{self.path} holds {low.shape[1]} view(s); aug smoothing needs "
+                                 f"{len(AUG_VIEWS)}")
+            return smooth(low, size)
+        return upsample(low[:, 0], size)
+
+
+def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: str = "gradcam++",
+                aug_smooth: bool = True, target: str = "logit", batch_size: int = 32,
+                progress: bool = True) -> CamCache:
+    """CAMs of every image from its own fold's model (out-of-fold, as the paper scores them),
+    streamed batch by batch into ``out/maps.npy`` at feature-map resolution. An existing complete
+    cache with the same settings is reused; a partial one resumes from its last finished batch."""
+    from numpy.lib.format import open_memmap
+    from tqdm import tqdm
+
+    from .utils import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(ds)
+    V = len(AUG_VIEWS) if aug_smooth else 1
+    any_model = next(iter(models_by_fold.values()))
+    with torch.no_grad():
+        probe = any_model.eval().features(ds[0]["image"][None])
+    C, (h, w) = any_model.num_classes, probe.shape[-2:]
+    settings = {"method": method, "aug_smooth": aug_smooth, "target": target, "n": n,
+                "shape": [n, V, C, h, w]}
+    meta_path, maps_path, prog_path = out / "meta.json", out / "maps.npy", out / "progress.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == settings:
+        return CamCache(out)
+    done_rows: set[int] = set()
+    if maps_path.is_file() and prog_path.is_file():
+        prog = json.loads(prog_path.read_text())
+        if prog.get("settings") == settings:
+            done_rows = set(prog["rows"])
+            arr = open_memmap(maps_path, mode="r+")
+        else:
+            arr = open_memmap(maps_path, mode="w+", dtype=np.float16, shape=(n, V, C, h, w))
+    else:
+        arr = open_memmap(maps_path, mode="w+", dtype=np.float16, shape=(n, V, C, h, w))
+    bar = tqdm(total=n, desc=f"CAMs ({method}{', aug smooth' if aug_smooth else ''})",
+               disable=not progress, initial=len(done_rows))
+    for f in sorted(models_by_fold):
+        model = models_by_fold[f].eval()
+        rows = [int(r) for r in np.flatnonzero(folds == f) if int(r) not in done_rows]
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            x = torch.stack([ds[r]["image"] for r in chunk])
+            arr[chunk] = low_res_views(model, x, method, aug_smooth, target).astype(np.float16)
+            arr.flush()
+            done_rows.update(chunk)
+            write_json(prog_path, {"settings": settings, "rows": sorted(done_rows)})
+            bar.update(len(chunk))
+    bar.close()
+    del arr
+    write_json(meta_path, {"settings": settings, "feature_size": [int(h), int(w)]})
+    prog_path.unlink(missing_ok=True)
+    return CamCache(out)

@@ -1,0 +1,86 @@
+"""Pictures of CAMs and masks: the paper's Figures 10-13, a per-class gallery, Guided Grad-CAM."""
+from __future__ import annotations
+
+import numpy as np
+
+from .eda import CLASS_COLORS
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    return img[..., 0] if img.ndim == 3 else img
+
+
+def _strip(ax, img, title, cam=None, mask=None, truth=None, color=(1, 0.2, 0.2)):
+    ax.imshow(_gray(img), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    if cam is not None:
+        ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    if mask is not None:
+        rgba = np.zeros((*mask.shape, 4), np.float32)
+        rgba[mask.astype(bool)] = (*color, 0.5)
+        ax.imshow(rgba, interpolation="nearest")
+    if truth is not None and truth.any():
+        ax.contour(truth, levels=[0.5], colors=["lime"], linewidths=1.0)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.axis("off")
+
+
+def plot_cam_steps(image, truth, cam_before, cam_after, label_before, label_after,
+                   thresholds=(0.75, 0.3), title=None):
+    """As the paper's Figures 10-13: a CAM over its image, binarised at 0.75 and at 0.3, before
+    and after the improvements. Green outline: the true mask."""
+    import matplotlib.pyplot as plt
+
+    h, w = truth.shape
+    rows = 1 + 2 * (1 + len(thresholds))
+    fig, axes = plt.subplots(rows, 1, figsize=(12, rows * (12 * h / w + 0.35)))
+    _strip(axes[0], image, "image and true mask (green)", truth=truth)
+    k = 1
+    for cam, label in ((cam_before, label_before), (cam_after, label_after)):
+        _strip(axes[k], image, f"{label}: CAM", cam=cam, truth=truth)
+        k += 1
+        for t in thresholds:
+            _strip(axes[k], image, f"{label}: CAM > {t}", mask=cam > t, truth=truth)
+            k += 1
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gallery(items, class_names):
+    """Per item (image, class, true mask, CAM, predicted mask, Dice): image with the CAM, then the
+    predicted mask (class colour) with the true mask outlined in green."""
+    import matplotlib.pyplot as plt
+
+    n = len(items)
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, "no examples", ha="center")
+        ax.axis("off")
+        return fig
+    h, w = items[0]["truth"].shape
+    fig, axes = plt.subplots(2 * n, 1, figsize=(12, 2 * n * (12 * h / w + 0.35)), squeeze=False)
+    for k, it in enumerate(items):
+        c = it["cls"]
+        _strip(axes[2 * k, 0], it["image"], f"{it['image_id']} class {class_names[c]}: CAM "
+               f"(p = {it['prob']:.2f})", cam=it["cam"], truth=it["truth"])
+        _strip(axes[2 * k + 1, 0], it["image"], f"predicted mask, Dice {it['dice']:.2f}",
+               mask=it["pred"], truth=it["truth"], color=CLASS_COLORS[c % len(CLASS_COLORS)])
+    fig.tight_layout()
+    return fig
+
+
+def plot_guided(image, truth, cam, guided, label):
+    import matplotlib.pyplot as plt
+
+    h, w = truth.shape
+    fig, axes = plt.subplots(3, 1, figsize=(12, 3 * (12 * h / w + 0.35)))
+    _strip(axes[0], image, "image and true mask (green)", truth=truth)
+    _strip(axes[1], image, f"{label}: Grad-CAM", cam=cam, truth=truth)
+    axes[2].imshow(guided, cmap="magma", vmin=0, vmax=1)
+    if truth.any():
+        axes[2].contour(truth, levels=[0.5], colors=["lime"], linewidths=1.0)
+    axes[2].set_title("Guided Grad-CAM: Grad-CAM x guided backpropagation", fontsize=9, loc="left")
+    axes[2].axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,121 @@
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from cam2mask_lib import cams
+from cam2mask_lib.cams import library_cams, available_methods, cam_dataset, compute_cams
+from cam2mask_lib.classify import build_classifier
+from cam2mask_lib.data import ImageDataset, load_dataset
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {e: build_classifier(e, 4).eval() for e in ("mobilenetv3_small_050", "efficientnet_b0")}
+
+
+@pytest.mark.parametrize("encoder", ["mobilenetv3_small_050", "efficientnet_b0"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("aug", [False, True])
+def test_equal_to_grad_cam(models, encoder, method, aug):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = models[encoder]
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 64, 160)
+    ours = compute_cams(model, x, method=method, aug_smooth=aug)
+    assert ours.shape == (3, 4, 64, 160) and ours.dtype == np.float32
+    assert ours.min() >= 0 and ours.max() <= 1 + 1e-6
+    cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    with cls(model=model, target_layers=[model.target_layer]) as cam:
+        for c in range(4):
+            ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * 3, aug_smooth=aug)
+            assert np.abs(ours[:, c] - ref).max() < 1e-4, (c, np.abs(ours[:, c] - ref).max())
+
+
+def test_other_methods_through_grad_cam(models):
+    model = models["mobilenetv3_small_050"]
+    x = torch.randn(2, 3, 64, 160)
+    for m in ("hirescam", "xgradcam", "layercam"):
+        assert m in available_methods()
+        out = compute_cams(model, x, method=m)
+        assert out.shape == (2, 4, 64, 160) and 0 <= out.min() and out.max() <= 1 + 1e-6
+    with pytest.raises(ValueError, match="unknown CAM method 'nope'; available"):
+        compute_cams(model, x, method="nope")
+
+
+def test_probability_target(models):
+    model = models["mobilenetv3_small_050"]
+    x = torch.randn(2, 3, 64, 160)
+    ours = compute_cams(model, x, "gradcam++", target="prob")
+    lib = library_cams(model, x, "gradcam++", False, model.target_layer, "prob", range(4))
+    assert np.abs(ours - lib).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def small_ds(synth_dir):
+    idx = load_dataset(synth_dir)
+    return idx, ImageDataset(idx, (32, 160), with_masks=False)
+
+
+def test_cache_equals_direct_computation_and_resumes(small_ds, models, tmp_path, monkeypatch):
+    idx, ds = small_ds
+    model = models["mobilenetv3_small_050"]
+    folds = np.arange(len(ds)) % 2
+    by_fold = {0: model, 1: model}
+    cache = cam_dataset(by_fold, ds, folds, tmp_path / "c", aug_smooth=True, batch_size=4,
+                        progress=False)
+    rows = [0, 3, 7]
+    x = torch.stack([ds[r]["image"] for r in rows])
+    direct = compute_cams(model, x, "gradcam++", aug_smooth=True)
+    assert np.abs(cache.maps(rows, (32, 160)) - direct).max() < 5e-3  # float16 storage
+    # interrupted after two batches, then resumed: the same maps
+    real = cams.low_res_cams
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # one call per batch (all views together): the third batch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cams, "low_res_cams", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        cam_dataset(by_fold, ds, folds, tmp_path / "r", aug_smooth=True, batch_size=4, progress=False)
+    monkeypatch.setattr(cams, "low_res_cams", real)
+    resumed = cam_dataset(by_fold, ds, folds, tmp_path / "r", aug_smooth=True, batch_size=4,
+                          progress=False)
+    assert np.array_equal(np.asarray(resumed.low()), np.asarray(cache.low()))
+
+
+def test_streaming_memory_is_flat(small_ds, models, tmp_path):
+    idx, ds = small_ds
+    model = models["mobilenetv3_small_050"]
+
+    def peak(n):
+        sub = ImageDataset(idx, (32, 160), rows=np.resize(np.arange(len(idx)), n), with_masks=False)
+        folds = np.zeros(n, int)
+        tracemalloc.start()
+        cam_dataset({0: model}, sub, folds, tmp_path / f"m{n}", aug_smooth=True, batch_size=4,
+                    progress=False)
+        _, p = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return p
+
+    small, large = peak(12), peak(48)
+    assert large < 2 * small, (small, large)
+
+
+def test_hirescam_equals_gradcam_under_average_pooling(models):
+    """With global average pooling the gradient is the same at every position, so HiResCAM
+    (gradient x activation, summed over channels) is exactly Grad-CAM; this is why Table 2 leaves
+    it out by default. LayerCAM (a ReLU on the gradient) does differ."""
+    model = models["efficientnet_b0"]
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 64, 160)
+    ref = compute_cams(model, x, "gradcam")
+    assert np.abs(compute_cams(model, x, "hirescam") - ref).max() < 1e-4
+    assert np.abs(compute_cams(model, x, "layercam") - ref).max() > 1e-2

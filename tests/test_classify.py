@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cam2mask_lib import classify
+from cam2mask_lib.classify import (Classifier, PretrainedUnavailable, TrainConfig,
+                                   average_state_dicts, averaged_model, build_classifier,
+                                   train_cv)
+from cam2mask_lib.data import folds_for, load_dataset
+
+TINY = "mobilenetv3_small_050"
+
+
+def test_head_is_the_papers_and_outputs_logits():
+    m = build_classifier(TINY, 4).eval()
+    kinds = [type(l) for l in m.head]
+    assert kinds == [nn.Dropout, nn.Linear, nn.ELU, nn.Dropout, nn.Linear]
+    assert m.head[-1].out_features == 4
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        out = m(x)
+        assert out.shape == (2, 4)
+        assert torch.allclose(out, m.head_from_features(m.features(x)))
+    assert m.head[1].in_features == m.features(x).shape[1]  # measured channels, not num_features
+
+
+def test_efficientnet_target_layer_is_bn2_with_silu():
+    m = build_classifier("efficientnet_b0", 3).eval()
+    assert m.target_layer is m.encoder.bn2
+    assert isinstance(m.encoder.bn2.act, nn.SiLU)
+    seen = {}
+    h = m.target_layer.register_forward_hook(lambda mod, i, o: seen.setdefault("a", o))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats = m.features(x)
+    h.remove()
+    assert torch.equal(seen["a"], feats) and feats.shape[1:] == (1280, 2, 3)
+
+
+def test_learning_rate_groups():
+    m = build_classifier(TINY, 4)
+    opt = torch.optim.Adam(m.param_groups(1e-4, 1e-3))
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in m.head.parameters()}
+
+
+def test_average_of_state_dicts_by_hand():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(7)}
+    c = {"w": torch.tensor([5.0, 1.0]), "n": torch.tensor(9)}
+    avg = average_state_dicts([a, b, c])
+    assert torch.allclose(avg["w"], torch.tensor([3.0, 3.0]))
+    assert avg["n"].item() == 5
+
+
+class _TinyEncoder(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 2, 1, bias=False), nn.BatchNorm2d(2))
+
+
+def test_averaged_model_averages_weights_and_recomputes_batchnorm():
+    torch.manual_seed(0)
+    models = [Classifier(_TinyEncoder(), 2, 1, hidden=3, dropout=0.0) for _ in range(3)]
+    for m in models:  # give every model stale, different running statistics
+        m.encoder[1].running_mean.fill_(float(torch.randn(1)))
+    states = [m.state_dict() for m in models]
+    data = [torch.randn(4, 3, 5, 5) for _ in range(3)]
+    avg = averaged_model(Classifier(_TinyEncoder(), 2, 1, hidden=3, dropout=0.0),
+                         states, iter(data), torch.device("cpu"))
+    w = torch.stack([s["encoder.0.weight"] for s in states]).mean(0)
+    assert torch.allclose(avg.encoder[0].weight, w, atol=1e-6)
+    assert torch.allclose(avg.head[1].weight, torch.stack([s["head.1.weight"] for s in states]).mean(0))
+    # BatchNorm statistics: recomputed on the data with the averaged conv, not averaged
+    with torch.no_grad():
+        conv_out = torch.cat([nn.functional.conv2d(x, w) for x in data])
+    expected = conv_out.mean(dim=(0, 2, 3))
+    assert torch.allclose(avg.encoder[1].running_mean, expected, atol=1e-5)
+
+
+@pytest.fixture
+def tiny_run(synth_dir, tmp_path):
+    idx = load_dataset(synth_dir)
+    folds = folds_for(idx, tmp_path, n_folds=3, seed=0)
+    cfg = TrainConfig(encoder=TINY, image_size=(32, 200), epochs=3, batch_size=8, lr_encoder=1e-3,
+                      lr_head=1e-3, top_k=2, seed=1)
+    return idx, folds, cfg
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path, monkeypatch):
+    idx, folds, cfg = tiny_run
+    ref = train_cv(idx, folds, cfg, tmp_path / "ref", only_folds=[0], progress=False)
+    real = classify._augment
+    calls = {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside epoch 1 (each epoch has 3 batches of 8)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(classify, "_augment", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
+    monkeypatch.setattr(classify, "_augment", real)
+    res = train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
+    a = torch.load(ref["dir"] / "fold0" / "final.pt")
+    b = torch.load(res["dir"] / "fold0" / "final.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert np.array_equal(ref["oof"][folds == 0], res["oof"][folds == 0])
+    assert np.isnan(res["oof"][folds != 0]).all() and not res["complete"]
+    # a finished fold is reused, not retrained
+    again = train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
+    assert np.array_equal(again["oof"][folds == 0], res["oof"][folds == 0])
+    # other parameters: another run folder
+    other = train_cv(idx, folds, TrainConfig(**{**cfg.__dict__, "epochs": 2}), tmp_path / "res",
+                     only_folds=[0], progress=False)
+    assert other["dir"] != res["dir"]
+
+
+def test_missing_weights_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedUnavailable, match="ImageNet weights for 'mobilenetv3_small_050' could not be loaded"):
+        build_classifier(TINY, 4, pretrained=True)
+    with pytest.warns(UserWarning, match="Continuing from RANDOM weights"):
+        m = build_classifier(TINY, 4, pretrained=True, allow_random_init=True)
+    assert isinstance(m, Classifier)
+    # a local weights file works offline
+    import timm
+    src = timm.create_model(TINY, pretrained=False, num_classes=0, global_pool="")
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    m = build_classifier(TINY, 4, weights_path=tmp_path / "w.pth")
+    assert torch.equal(m.encoder.conv_stem.weight, src.conv_stem.weight)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_classifier(TINY, 4, weights_path=tmp_path / "nope.pth")
+
+
+def test_config_from_profile():
+    from cam2mask_lib.profiles import get_profile
+    cfg = TrainConfig.from_profile(get_profile("paper"))
+    assert (cfg.encoder, cfg.lr_encoder, cfg.lr_head, cfg.batch_size, cfg.plateau_patience,
+            cfg.plateau_factor, cfg.top_k) == ("efficientnet_b0", 1e-4, 1e-3, 64, 3, 0.5, 3)
+    with pytest.raises(KeyError, match="unknown training parameter"):
+        TrainConfig.from_profile(get_profile("cpu"), learning_rate=1)
