@@ -4,6 +4,7 @@
     cam2mask check DIR
     cam2mask train [--profile P] [--data-dir DIR] [--fold K ...] [--encoder NAME] [--epochs N]
     cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
+    cam2mask masks --data DIR --out OUT [--profile P] [--image-size H W] [--epochs N] [--force]
 """
 from __future__ import annotations
 
@@ -70,6 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    m = sub.add_parser("masks", formatter_class=fmt,
+                       help="turn a labelled image folder into segmentation masks",
+                       description="Train the classifier with cross-validation on the image labels "
+                                   "of DIR (generic: images/ + labels.csv [+ masks/], or Severstal "
+                                   "format), compute out-of-fold Grad-CAM++ maps, tune the "
+                                   "post-processing on DIR/masks when it exists (otherwise the "
+                                   "paper's defaults), and write masks/<class>/<image>.png at each "
+                                   "image's own size, masks.csv (Kaggle RLE), previews/ and, with "
+                                   "true masks, dice_report.md. An interrupted run resumes.")
+    m.add_argument("--data", required=True, help="dataset folder")
+    m.add_argument("--out", required=True, help="output folder (new, or this command's own)")
+    m.add_argument("--profile", default="cpu", help="smoke, cpu or paper: the training recipe")
+    m.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="network input size (default: the profile's)")
+    m.add_argument("--epochs", type=int, help="classifier epochs (default: the profile's)")
+    m.add_argument("--encoder", help="timm encoder (default: the profile's)")
+    m.add_argument("--folds", type=int, help="cross-validation folds (default: the profile's)")
+    m.add_argument("--force", action="store_true", help="replace an --out holding something else")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     r = sub.add_parser("reproduce", formatter_class=fmt,
                        help="execute the notebooks in order with papermill",
                        description="Execute notebooks/NN_*.ipynb in order with papermill in a "
@@ -122,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             aucs = ", ".join(f"{c}: {a:.4f}" for c, a in zip(ctx.index.class_names, res["auc"]))
             state = "all folds" if res["complete"] else "finished folds only"
             print(f"run folder {res['dir']}\nROC-AUC ({state}): {aucs}")
+        elif args.command == "masks":
+            from .masks import make_masks
+
+            summary = make_masks(args.data, args.out, profile=args.profile, force=args.force,
+                                 progress=not args.no_progress, image_size=args.image_size,
+                                 epochs=args.epochs, encoder=args.encoder, n_folds=args.folds)
+            print(f"masks of {summary['images']} images, classes {summary['classes']} -> "
+                  f"{summary['out']} ({summary['postprocessing']})")
+            if "dice" in summary:
+                print(f"Dice on defective images {summary['dice']['dice_defective_images']:.4f}, "
+                      f"on non-empty masks {summary['dice']['dice_nonempty_masks']:.4f}")
         elif args.command == "reproduce":
             from .runner import reproduce
 

@@ -168,12 +168,13 @@ def search(stats: Stats, probs: np.ndarray, confidences: Sequence[float],
 # Export
 # --------------------------------------------------------------------------------------------
 
-def write_predictions(index, batches, out: str | Path, png: bool = True,
+def write_predictions(index, batches, out: str | Path, png: bool = True, empty_png: bool = False,
                       csv_name: str = "predictions.csv") -> Path:
     """Write predicted masks at each image's own size, streaming ``batches`` of
     ``(rows, masks [len(rows), C, h, w])``: a Kaggle-format RLE CSV (``ImageId,ClassId,
     EncodedPixels``, non-empty masks only) and, with ``png``, ``masks/<class>/<image stem>.png``
-    (255 = defect) for every non-empty mask; a missing PNG is an empty mask. Returns the CSV path."""
+    (255 = defect) for every non-empty mask (a missing PNG is an empty mask), or for every mask
+    with ``empty_png``. Returns the CSV path."""
     import io
 
     from PIL import Image
@@ -189,9 +190,10 @@ def write_predictions(index, batches, out: str | Path, png: bool = True,
             full = resize_mask(np.ascontiguousarray(masks[k]).astype(np.uint8), (h, w))
             name = index.image_ids[i]
             for c, cname in enumerate(index.class_names):
-                if not full[c].any():
+                if full[c].any():
+                    lines.append(f"{name},{cname},{rle_encode(full[c])}")
+                elif not empty_png:
                     continue
-                lines.append(f"{name},{cname},{rle_encode(full[c])}")
                 if png:
                     buf = io.BytesIO()
                     Image.fromarray(full[c] * 255).save(buf, format="PNG")

@@ -26,11 +26,11 @@ def test_paper_profile_needs_real_data(tmp_path):
 def test_help_for_every_command():
     out = subprocess.run([sys.executable, "-m", "cam2mask_lib", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for cmd in ("synth", "check", "reproduce"):
+    for cmd in ("synth", "check", "train", "masks", "reproduce"):
         assert cmd in out
         sub = subprocess.run([sys.executable, "-m", "cam2mask_lib", cmd, "--help"],
                              capture_output=True, text=True, check=True).stdout
-        assert "default" in sub or cmd == "check"
+        assert "default" in sub or cmd == "check", cmd
 
 
 def test_cli_synth_check_and_errors(tmp_path, capsys):

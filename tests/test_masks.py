@@ -1,0 +1,92 @@
+"""`cam2mask masks` on a small generic-format dataset: two classes, odd image sizes."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cam2mask_lib.cli import main
+from cam2mask_lib.data import rle_decode
+
+
+@pytest.fixture(scope="module")
+def generic(tmp_path_factory):
+    """24 images of odd sizes; class 'dark' = a dark box, class 'bright' = a bright box."""
+    root = tmp_path_factory.mktemp("generic") / "ds"
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    for c in ("dark", "bright"):
+        (root / "masks" / c).mkdir(parents=True)
+    rows = ["image,dark,bright"]
+    for k in range(24):
+        h, w = int(rng.integers(40, 70)), int(rng.integers(90, 150))
+        img = rng.normal(120, 10, (h, w)).clip(0, 255)
+        labels = [k % 3 == 0, k % 4 == 1]
+        for c, (flag, val) in enumerate(zip(labels, (30, 230))):
+            m = np.zeros((h, w), np.uint8)
+            if flag:
+                y, x = int(rng.integers(0, h - 15)), int(rng.integers(0, w - 25))
+                m[y:y + 15, x:x + 25] = 1
+                img[m == 1] = val
+                Image.fromarray(m * 255).save(root / "masks" / ("dark", "bright")[c] / f"im{k:02d}.png")
+        ext = "png" if k % 2 else "jpg"
+        Image.fromarray(img.astype(np.uint8)).convert("RGB").save(root / "images" / f"im{k:02d}.{ext}")
+        rows.append(f"im{k:02d},{int(labels[0])},{int(labels[1])}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["masks", "--data", str(generic), "--out", str(out), "--profile", "smoke",
+            "--image-size", "32", "64", "--epochs", "2", "--no-progress"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "tuned per class" in said and "Dice on defective images" in said
+    for k in range(24):
+        ext = "png" if k % 2 else "jpg"
+        w, h = Image.open(generic / "images" / f"im{k:02d}.{ext}").size
+        for c in ("dark", "bright"):
+            m = np.asarray(Image.open(out / "masks" / c / f"im{k:02d}.png"))
+            assert m.shape == (h, w) and set(np.unique(m)) <= {0, 255}
+    lines = (out / "masks.csv").read_text().splitlines()
+    assert lines[0] == "ImageId,ClassId,EncodedPixels"
+    for line in lines[1:]:
+        img, cls, rle = line.split(",")
+        png = np.asarray(Image.open(out / "masks" / cls / f"{img}.png")) > 0
+        assert np.array_equal(rle_decode(rle, png.shape).astype(bool), png)
+    report = (out / "dice_report.md").read_text()
+    assert "| dark |" in report and "| bright |" in report and "| all |" in report
+    assert len(list((out / "previews").glob("*.jpg"))) == 24
+    state = json.loads((out / "cam2mask_masks.json").read_text())
+    assert state["complete"]
+    # the same command again: reuses the finished work, does not refuse its own folder
+    assert main(args) == 0
+    capsys.readouterr()
+    # other settings on the same folder: refused, nothing lost; --force replaces
+    assert main(args[:-2] + ["3", "--no-progress"]) == 2  # --epochs 3
+    assert "--force" in capsys.readouterr().err
+    assert (out / "masks.csv").read_text().splitlines() == lines
+
+
+def test_masks_without_true_masks_uses_the_papers_defaults(generic, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "nomasks"
+    shutil.copytree(generic, data, ignore=shutil.ignore_patterns("masks"))
+    out = tmp_path / "o"
+    assert main(["masks", "--data", str(data), "--out", str(out), "--profile", "smoke",
+                 "--image-size", "32", "64", "--epochs", "1", "--no-progress"]) == 0
+    assert "paper's defaults" in capsys.readouterr().out
+    assert not (out / "dice_report.md").exists()
+    params = json.loads((out / "params.json").read_text())["params"]
+    assert params == {"confidence": 0.5, "threshold": 0.3, "min_area": 0}
+
+
+def test_masks_refuses_foreign_output_folder(generic, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "thesis.docx").write_text("precious")
+    assert main(["masks", "--data", str(generic), "--out", str(out), "--profile", "smoke",
+                 "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "thesis.docx").read_text() == "precious"
