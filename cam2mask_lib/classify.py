@@ -22,7 +22,7 @@ import io
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .profiles import TrainConfig  # noqa: F401  (re-exported: classify.TrainConfig)
 from .utils import atomic_write_bytes, stable_hash, write_json
 
 
@@ -125,49 +126,6 @@ def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
 # --------------------------------------------------------------------------------------------
 # Training configuration
 # --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrainConfig:
-    encoder: str = "efficientnet_b0"
-    image_size: tuple[int, int] = (256, 1600)
-    epochs: int = 30
-    batch_size: int = 64
-    lr_encoder: float = 1e-4
-    lr_head: float = 1e-3
-    plateau_patience: int = 3
-    plateau_factor: float = 0.5
-    hflip: bool = True
-    vflip: bool = False
-    hidden: int = 256
-    dropout: float = 0.2
-    top_k: int = 3
-    pretrained: bool = False
-    weights_path: str | None = None
-    allow_random_init: bool = True
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    cache_images: bool = True
-    channels_last: bool = True  # ~1.5x faster on CPU for MobileNet/EfficientNet
-
-    @classmethod
-    def from_profile(cls, profile, **overrides) -> "TrainConfig":
-        keys = {f for f in cls.__dataclass_fields__}
-        vals = {k: getattr(profile, k) for k in keys if hasattr(profile, k)}
-        vals.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(vals) - keys)
-        if unknown:
-            raise KeyError(f"unknown training parameter(s) {unknown}; valid: {sorted(keys)}")
-        vals["image_size"] = tuple(int(v) for v in vals.get("image_size", cls.image_size))
-        return cls(**vals)
-
-    def key(self) -> dict:
-        """What the trained weights depend on (not where or how fast they are computed)."""
-        d = asdict(self)
-        for k in ("device", "num_workers", "cache_images"):
-            d.pop(k)
-        return d
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ class Context:
     figures: Path
     artifacts: Path
     prov: Provenance
+    _images: object = field(default=None, repr=False)  # the shared ImageDataset, made on first use
 
     def describe(self) -> str:
         return f"{self.profile.describe()}\n{self.index.describe()}"
@@ -34,7 +35,7 @@ class Context:
         images cached in memory (``cache_images``) are reused by every stage of a session."""
         from .data import ImageDataset, image_array
 
-        if getattr(self, "_images", None) is None:
+        if self._images is None:
             arr = (image_array(self.index, self.profile.image_size, self.artifacts / "images",
                                progress=False) if self.profile.cache_images else None)
             self._images = ImageDataset(self.index, self.profile.image_size, with_masks=False,
