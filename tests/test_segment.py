@@ -1,0 +1,144 @@
+"""Segmentation pieces: every loss against a value computed by hand on a tiny tensor, the
+pseudo-label ignore logic, and each architecture's output shape at the profile's input size."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cam2mask_lib.profiles import get_profile
+from cam2mask_lib.segment import (IGNORE, build_segmenter, make_loss, pseudo_labels,
+                                  to_class_index)
+
+LOGITS = torch.tensor([[[[0.0, 2.0], [-1.0, 1.0]]]])  # [1, 1, 2, 2]
+TARGET = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.uint8)
+sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+Z = [0.0, 2.0, -1.0, 1.0]
+Y = [0, 1, 0, 1]
+P = [sig(z) for z in Z]
+BCE = -sum(y * math.log(p) + (1 - y) * math.log(1 - p) for y, p in zip(Y, P)) / 4
+DICE = 2 * sum(p * y for p, y in zip(P, Y)) / (sum(P) + sum(Y))
+
+
+def test_bce_minus_dice():
+    assert make_loss("bce_dice", 1)(LOGITS, TARGET).item() == pytest.approx(0.7 * BCE - DICE, abs=1e-6)
+
+
+def test_bce_minus_log_dice():
+    assert make_loss("bce_logdice", 1)(LOGITS, TARGET).item() == pytest.approx(BCE - math.log(DICE), abs=1e-6)
+
+
+def test_label_smoothing():
+    a = 0.1
+    ys = [y * (1 - a) + a / 2 for y in Y]
+    ref = -sum(y * math.log(p) + (1 - y) * math.log(1 - p) for y, p in zip(ys, P)) / 4
+    assert make_loss("bce_smooth", 1)(LOGITS, TARGET).item() == pytest.approx(ref, abs=1e-6)
+
+
+def test_focal():
+    import segmentation_models_pytorch as smp
+
+    pt = [p if y else 1 - p for p, y in zip(P, Y)]
+    ref = sum(-(1 - q) ** 2 * math.log(q) for q in pt) / 4
+    assert make_loss("focal", 1)(LOGITS, TARGET).item() == pytest.approx(ref, abs=1e-6)
+    # and smp's FocalLoss agrees where no pixel is ignored
+    torch.manual_seed(0)
+    z, t = torch.randn(2, 3, 4, 5), (torch.rand(2, 3, 4, 5) > 0.6).to(torch.uint8)
+    lib = smp.losses.FocalLoss("multilabel", gamma=2.0)(z, t.float())
+    assert make_loss("focal", 3)(z, t).item() == pytest.approx(lib.item(), abs=1e-6)
+
+
+def test_lovasz_hinge_by_hand():
+    # logits 0.5, 0.5 with labels 1, 0: hinge errors 0.5 and 1.5; sorted (1.5 on the negative,
+    # 0.5 on the positive), the Jaccard gradient is (0.5, 0.5): loss = 1.5*0.5 + 0.5*0.5 = 1
+    logits = torch.tensor([[[[0.5, 0.5]]]])
+    target = torch.tensor([[[[1, 0]]]], dtype=torch.uint8)
+    assert make_loss("lovasz", 1)(logits, target).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_weighted_cce_minus_quarter_dice():
+    # 2 classes + background, 1 image of 3 pixels: background, class a, class b
+    logits = torch.tensor([[[[2.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]], [[0.0, 0.0, 3.0]]]])  # [1, 3, 1, 3]
+    masks = torch.tensor([[[[0, 1, 0]], [[0, 0, 1]]]], dtype=torch.uint8)  # [1, 2, 1, 3]
+    w = [1.0, 2.0, 0.5]  # background, a, b
+    z = logits[0, :, 0, :].numpy().T  # [pixel, class]
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = [0, 1, 2]
+    ce = sum(w[t] * -math.log(p[i, t]) for i, t in enumerate(y)) / sum(w[t] for t in y)
+    dice = np.mean([2 * p[k, k] / (p[:, k].sum() + 1) for k in range(3)])  # one true pixel each
+    loss = make_loss("cce_dice", 2, class_weights=w[1:])
+    assert loss(logits, masks).item() == pytest.approx(0.7 * ce - 0.25 * dice, abs=1e-6)
+
+
+def test_ignored_pixels_do_not_count():
+    target = TARGET.clone()
+    target[0, 0, 1, 0] = IGNORE  # the pixel with logit -1 and label 0
+    keep = [0, 1, 3]
+    ref = -sum(Y[i] * math.log(P[i]) + (1 - Y[i]) * math.log(1 - P[i]) for i in keep) / 3
+    assert make_loss("bce_smooth", 1, smoothing=0.0)(LOGITS, target).item() == pytest.approx(ref, abs=1e-6)
+    dice = 2 * sum(P[i] * Y[i] for i in keep) / (sum(P[i] for i in keep) + sum(Y))
+    assert make_loss("bce_dice", 1)(LOGITS, target).item() == pytest.approx(0.7 * ref - dice, abs=1e-6)
+
+
+def test_pseudo_labels_trust_only_confident_pixels():
+    maps = np.array([[[[0.9, 0.5, 0.1]], [[0.9, 0.5, 0.1]]]], np.float32)  # [1, 2, 1, 3]
+    present = np.array([[True, False]])
+    t = pseudo_labels(maps, present, high=0.6, low=0.2)
+    assert t[0, 0, 0].tolist() == [1, IGNORE, 0]   # present: confident fg, unsure, confident bg
+    assert t[0, 1, 0].tolist() == [0, 0, 0]        # absent class: all background
+    with pytest.raises(ValueError, match="low <= high"):
+        pseudo_labels(maps, present, high=0.2, low=0.6)
+
+
+def test_class_index():
+    m = torch.tensor([[[[1, 0, 0, 255]], [[0, 0, 1, 0]]]], dtype=torch.uint8)
+    assert to_class_index(m)[0, 0].tolist() == [1, 0, 2, IGNORE]
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss 'dice'"):
+        make_loss("dice", 4)
+
+
+@pytest.mark.parametrize("arch, encoder", [
+    ("unet", "resnet18"), ("unet", "tu-mobilenetv3_small_050"), ("unetplusplus", "resnet18"),
+    ("fpn", "resnet18"), ("deeplabv3plus", "resnet18"), ("thesis_unet", None),
+    ("resnet_encdec", "resnet18")])
+def test_output_shape_at_the_profile_size(arch, encoder):
+    h, w = get_profile("cpu").image_size
+    model = build_segmenter(arch, encoder or "resnet18", classes=4).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, h, w))
+    assert out.shape == (1, 4, h, w)
+
+
+def test_training_learns_ignores_and_resumes(synth_dir, tmp_path):
+    from cam2mask_lib.data import ImageDataset, load_dataset
+    from cam2mask_lib.segment import SegConfig, predict_masks, train_segmenter
+
+    idx = load_dataset(synth_dir)
+    ds = ImageDataset(idx, (32, 160), cache=True)
+    truth = lambda rows: np.stack([ds[int(i)]["masks"].numpy() for i in rows])  # noqa: E731
+    rows = np.arange(len(idx))
+    cfg = SegConfig(arch="thesis_unet", loss="bce_dice", epochs=4, batch_size=8, lr=3e-3)
+    model = train_segmenter(ds, truth, rows, 4, cfg, tmp_path / "a", progress=False)
+    import json
+    hist = json.loads((tmp_path / "a" / "done.json").read_text())["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    out = list(predict_masks(model, ds, rows[:5]))
+    assert out[0][1].shape == (5, 4, 32, 160) and 0 <= out[0][1].min() <= out[0][1].max() <= 1
+    # all pixels ignored: nothing to learn from, the loss is 0 - Dice term of empty targets
+    ignore_all = lambda rows: np.full((len(rows), 4, 32, 160), IGNORE, np.uint8)  # noqa: E731
+    cfg2 = SegConfig(arch="thesis_unet", loss="bce_smooth", epochs=1, batch_size=8)
+    train_segmenter(ds, ignore_all, rows, 4, cfg2, tmp_path / "b", progress=False)
+    hist = json.loads((tmp_path / "b" / "done.json").read_text())["history"]
+    assert hist[0]["loss"] == 0.0
+    # a finished run is loaded, not retrained; with EMA the averaged weights are returned
+    again = train_segmenter(ds, truth, rows, 4, cfg, tmp_path / "a", progress=False)
+    a, b = model.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg3 = SegConfig(arch="thesis_unet", loss="bce_dice", epochs=1, batch_size=8, ema=0.9)
+    m3 = train_segmenter(ds, truth, rows, 4, cfg3, tmp_path / "c", progress=False)
+    raw = torch.load(tmp_path / "c" / "state.pt", weights_only=False)["model"]
+    k = "head.weight"
+    assert not torch.equal(m3.state_dict()[k], raw[k])
