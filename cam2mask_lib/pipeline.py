@@ -247,7 +247,7 @@ def postprocessing_stage(ctx: Context, cls_result: dict, caches: dict,
     return {"table": table, "stats": stats, "params": tuned, "reports": reports, "probs": probs}
 
 
-def per_class_table(rep, class_names) -> "pd.DataFrame":
+def per_class_table(rep, class_names):
     import pandas as pd
 
     s = rep.summary()

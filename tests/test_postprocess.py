@@ -3,7 +3,7 @@ import pytest
 
 from cam2mask_lib import postprocess as pp
 from cam2mask_lib.data import load_dataset, rle_decode
-from cam2mask_lib.metrics import DiceReport, dice, dice_pairs, dice_report
+from cam2mask_lib.metrics import dice, dice_pairs, dice_report
 
 
 def test_dice_hand_cases():
