@@ -24,7 +24,6 @@ import numpy as np
 from .utils import write_json
 
 STATE_FILE = "cam2mask_masks.json"
-PAPER_DEFAULTS = {"confidence": 0.5, "threshold": 0.3, "min_area": 0}
 MAX_PREVIEWS = 100
 
 
@@ -68,10 +67,11 @@ def _claim_output(out: Path, settings: dict, force: bool) -> None:
 def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: bool = False,
                progress: bool = True, **overrides) -> dict:
     """Run the whole method on ``data`` and write masks to ``out``; returns a summary dict."""
+    from . import paper
     from . import postprocess as pp
     from .data import load_dataset
-    from .pipeline import (BEST_VARIANT, CONFIDENCES, MIN_AREA_FRACTIONS, THRESHOLDS, VARIANTS,
-                           cam_stage, classifier_stage, context, per_class_table,
+    from .pipeline import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, cam_stage,
+                           classifier_stage, context, min_areas, per_class_table,
                            stats_from_cache)
     from .profiles import get_profile
     from .report import markdown_table
@@ -85,11 +85,11 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         raise ValueError(f"{data}: {len(index)} image(s); cross-validation needs at least 2")
     settings = {"data": str(data.resolve()), "profile": prof.name,
                 "overrides": {k: (list(v) if isinstance(v, tuple) else v)
-                              for k, v in sorted(overrides.items()) if v is not None},
+                              for k, v in sorted(overrides.items())},
                 "n_folds": n_folds}
     _claim_output(out, settings, force)
     ctx = context(prof, data, artifacts_dir=out / "work", figures_dir=out, n_folds=n_folds,
-                  progress=progress)
+                  progress=progress, index=index)
     say = print if progress else (lambda *a, **k: None)
     say(ctx.describe())
     cls = classifier_stage(ctx, progress=progress)
@@ -103,9 +103,7 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
                                                 [float(a) for a in cls["auc"]]))}
     if ctx.index.has_masks:
         stats = stats_from_cache(ctx, cache, rows, THRESHOLDS, aug)
-        pixels = size[0] * size[1]
-        mins = [round(f * pixels) for f in MIN_AREA_FRACTIONS]
-        params, _ = pp.search(stats, probs, CONFIDENCES, mins, per_class=True)
+        params, _ = pp.search(stats, probs, CONFIDENCES, min_areas(ctx), per_class=True)
         rep = pp.report(stats, probs, params, ctx.index.class_names)
         summary["postprocessing"] = "tuned per class on the true masks (out-of-fold CAMs)"
         table = per_class_table(rep, ctx.index.class_names)
@@ -122,7 +120,7 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
             f"{size[0]}x{size[1]}.\n\n{markdown_table(table)}\n")
         summary["dice"] = {k: float(v) for k, v in s.items() if isinstance(v, float)}
     else:
-        params = pp.Params(**PAPER_DEFAULTS)
+        params = pp.Params(**paper.PAPER_POSTPROCESS)
         summary["postprocessing"] = ("no true masks: the paper's defaults (confidence 0.5, "
                                      "threshold 0.3, min area 0), not tuned")
     say(f"post-processing: {params.describe()} - {summary['postprocessing']}")

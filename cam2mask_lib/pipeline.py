@@ -46,12 +46,14 @@ class Context:
 def context(profile: str | Profile = "cpu", data_dir: str | Path | None = None,
             seed: int | None = None, figures_dir: str | Path | None = None,
             artifacts_dir: str | Path | None = None, progress: bool = False,
-            **overrides) -> Context:
-    """Resolve the profile (with overrides), load or generate its data, and load or make its
-    folds (``artifacts/<profile>/folds_k{K}_seed{S}.csv``, shared by every stage)."""
+            index: DatasetIndex | None = None, **overrides) -> Context:
+    """Resolve the profile (with overrides), load or generate its data (or take an already
+    loaded ``index``), and load or make its folds (``artifacts/<profile>/folds_k{K}_seed{S}.csv``,
+    shared by every stage)."""
     prof = get_profile(profile, seed=seed, **overrides)
     art = _artifacts_dir(prof, artifacts_dir)
-    index = load_data(prof, data_dir, art, progress=progress)
+    if index is None:
+        index = load_data(prof, data_dir, art, progress=progress)
     folds = folds_for(index, art, n_folds=prof.n_folds, seed=prof.seed)
     return Context(profile=prof, index=index, folds=folds, figures=_figures_dir(prof, figures_dir),
                    artifacts=art, prov=provenance(prof, index))
@@ -179,6 +181,12 @@ CONFIDENCES = tuple(round(c, 2) for c in np.arange(0.1, 0.91, 0.1))
 MIN_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.0025, 0.005, 0.01)
 
 
+def min_areas(ctx: Context) -> list[int]:
+    """The minimum-area grid in pixels at the scoring resolution (the profile's input size)."""
+    h, w = ctx.profile.image_size
+    return [round(f * h * w) for f in MIN_AREA_FRACTIONS]
+
+
 def postprocessing_stage(ctx: Context, cls_result: dict, caches: dict,
                          other_methods=("layercam",),
                          progress: bool = True) -> dict:
@@ -193,19 +201,18 @@ def postprocessing_stage(ctx: Context, cls_result: dict, caches: dict,
     probs = cls_result["oof"]
     names = ctx.index.class_names
     all_rows = np.arange(len(ctx.index))
-    pixels = ctx.profile.image_size[0] * ctx.profile.image_size[1]
-    mins = [round(f * pixels) for f in MIN_AREA_FRACTIONS]
+    mins = min_areas(ctx)
     stats = {name: stats_from_cache(ctx, caches[name], all_rows, THRESHOLDS, VARIANTS[name][1],
                                     progress=progress) for name in caches}
     rows, tuned = [], {}
 
-    def add(name, rep, params, paper_value=None, note=""):
+    def add(name, rep, params, paper_value=None, note="", all_images=True):
         s = rep.summary()
         rows.append({"experiment": name, "post-processing": params, "Dice (defective images)":
-                     s["dice_defective_images"], "Dice (all images)": s["dice_all_images"],
+                     s["dice_defective_images"], "Dice (all images)":
+                     s["dice_all_images"] if all_images else float("nan"),
                      "Dice (non-empty masks)": s["dice_nonempty_masks"],
                      "paper Dice": paper_value, "note": note})
-        return s
 
     st0 = next(iter(stats.values()))
     add("baseline: no mask anywhere", baseline_empty(st0, names), "-")
@@ -235,14 +242,9 @@ def postprocessing_stage(ctx: Context, cls_result: dict, caches: dict,
     for m in other_methods:
         st = stats_from_method(ctx, cls_result, m, defective, THRESHOLDS, progress=progress)
         params, _ = search(st, probs[st.rows], CONFIDENCES, mins, rows=np.arange(len(st.rows)))
-        rep = report(st, probs[st.rows], params, names)
-        s = rep.summary()
-        rows.append({"experiment": f"{m} (pytorch-grad-cam) + {cls_result['config'].encoder}",
-                     "post-processing": params.describe() + " (tuned)",
-                     "Dice (defective images)": s["dice_defective_images"],
-                     "Dice (all images)": float("nan"), "Dice (non-empty masks)":
-                     s["dice_nonempty_masks"], "paper Dice": None,
-                     "note": "SWA weights, no aug smoothing, defective images only"})
+        add(f"{m} (pytorch-grad-cam) + {cls_result['config'].encoder}",
+            report(st, probs[st.rows], params, names), params.describe() + " (tuned)",
+            note="SWA weights, no aug smoothing, defective images only", all_images=False)
     table = pd.DataFrame(rows)
     return {"table": table, "stats": stats, "params": tuned, "reports": reports, "probs": probs}
 

@@ -38,7 +38,7 @@ class Params:
         return (arr(self.confidence, "confidence"), arr(self.threshold, "threshold"),
                 arr(self.min_area, "min_area"))
 
-    def describe(self, class_names=None) -> str:
+    def describe(self) -> str:
         def fmt(v):
             return (f"{float(v):g}" if np.ndim(v) == 0 else
                     "[" + ", ".join(f"{float(x):g}" for x in v) + "]")
