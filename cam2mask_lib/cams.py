@@ -14,7 +14,7 @@ maps of **all classes**; generic CAM libraries run a full backward pass per clas
 The maps are scaled exactly as pytorch-grad-cam scales them (ReLU, min-max, bilinear ``cv2.resize``
 to the input size, min-max again; with ``aug_smooth`` the six views - original and horizontal flip,
 times 0.9, 1.0, 1.1 - are each scaled, flipped back and averaged), and a test checks equality with
-``GradCAM`` / ``GradCAMPlusPlus`` within 1e-4. Other methods (LayerCAM, HiResCAM, XGradCAM,
+``GradCAM`` / ``GradCAMPlusPlus`` / ``LayerCAM`` within 1e-4. Other methods (HiResCAM, XGradCAM,
 EigenGradCAM, ScoreCAM, ...) go through the grad-cam package itself.
 
 For whole datasets :func:`cam_dataset` streams batches and stores the ReLU'd maps of every view at
@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-FAST_METHODS = ("gradcam", "gradcam++")
+FAST_METHODS = ("gradcam", "gradcam++", "layercam")
 AUG_FACTORS = (0.9, 1.0, 1.1)
 # the views of aug smoothing, in ttach's order: (horizontal flip, factor)
 AUG_VIEWS = tuple((flip, f) for flip in (False, True) for f in AUG_FACTORS)
@@ -117,7 +117,9 @@ def head_jacobian(model, pooled: torch.Tensor, target: str = "logit") -> torch.T
 
 def low_res_cams(model, x: torch.Tensor, method: str = "gradcam++", target: str = "logit",
                  feats: torch.Tensor | None = None) -> np.ndarray:
-    """ReLU'd Grad-CAM / Grad-CAM++ maps at feature resolution, ``[N, C, h, w]`` float32."""
+    """ReLU'd Grad-CAM / Grad-CAM++ / LayerCAM maps at feature resolution, ``[N, C, h, w]``
+    float32 (LayerCAM weighs each position by the positive part of the gradient there, which
+    under average pooling is the same at every position)."""
     if method not in FAST_METHODS:
         raise ValueError(f"fast path supports {FAST_METHODS}, got {method!r}")
     if feats is None:
@@ -131,6 +133,8 @@ def low_res_cams(model, x: torch.Tensor, method: str = "gradcam++", target: str 
     g = J / (h * w)  # the gradient at every position
     if method == "gradcam":
         weights = g  # spatial mean of a constant
+    elif method == "layercam":  # LayerCAM: ReLU(gradient) x activation at each position
+        weights = torch.clamp(g, min=0)
     else:  # Grad-CAM++, eq. 19 of Chattopadhyay et al., as pytorch-grad-cam computes it
         g2, g3 = g ** 2, g ** 3
         s = A.sum(dim=(2, 3))[:, None, :]  # [N, 1, K]
@@ -163,7 +167,7 @@ def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smo
                  batch_size: int = 16) -> np.ndarray:
     """CAMs of every class: ``[N, num_classes, H, W]`` float32 in [0, 1], as grad-cam scales them.
 
-    ``method``: "gradcam" and "gradcam++" use the fast path (``target_layer`` must be None or the
+    ``method``: "gradcam", "gradcam++" and "layercam" use the fast path (``target_layer`` must be None or the
     model's own ``target_layer``); any other grad-cam method name (see :func:`available_methods`)
     runs through pytorch-grad-cam, one call per class. ``target``: differentiate the "logit"
     (default, grad-cam's ClassifierOutputTarget) or the sigmoid "prob". ``classes``: a subset.

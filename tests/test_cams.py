@@ -17,10 +17,10 @@ def models():
 
 
 @pytest.mark.parametrize("encoder", ["mobilenetv3_small_050", "efficientnet_b0"])
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
 @pytest.mark.parametrize("aug", [False, True])
 def test_equal_to_grad_cam(models, encoder, method, aug):
-    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model = models[encoder]
@@ -29,7 +29,7 @@ def test_equal_to_grad_cam(models, encoder, method, aug):
     ours = compute_cams(model, x, method=method, aug_smooth=aug)
     assert ours.shape == (3, 4, 64, 160) and ours.dtype == np.float32
     assert ours.min() >= 0 and ours.max() <= 1 + 1e-6
-    cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
     with cls(model=model, target_layers=[model.target_layer]) as cam:
         for c in range(4):
             ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * 3, aug_smooth=aug)
@@ -39,7 +39,7 @@ def test_equal_to_grad_cam(models, encoder, method, aug):
 def test_other_methods_through_grad_cam(models):
     model = models["mobilenetv3_small_050"]
     x = torch.randn(2, 3, 64, 160)
-    for m in ("hirescam", "xgradcam", "layercam"):
+    for m in ("hirescam", "xgradcam", "eigencam"):
         assert m in available_methods()
         out = compute_cams(model, x, method=m)
         assert out.shape == (2, 4, 64, 160) and 0 <= out.min() and out.max() <= 1 + 1e-6
@@ -118,4 +118,5 @@ def test_hirescam_equals_gradcam_under_average_pooling(models):
     x = torch.randn(2, 3, 64, 160)
     ref = compute_cams(model, x, "gradcam")
     assert np.abs(compute_cams(model, x, "hirescam") - ref).max() < 1e-4
-    assert np.abs(compute_cams(model, x, "layercam") - ref).max() > 1e-2
+    layer = library_cams(model, x, "layercam", False, model.target_layer, "logit", range(4))
+    assert np.abs(layer - ref).max() > 1e-2
