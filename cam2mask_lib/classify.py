@@ -387,6 +387,34 @@ def train_cv(index, folds: np.ndarray, cfg: TrainConfig, base: Path,
     return {"dir": out, "oof": oof, "history": history, "auc": auc, "complete": complete}
 
 
+def load_run(run: str | Path, class_names=None) -> dict:
+    """A finished classifier run folder (``.../classifier/<encoder>_<hash>/``, as ``train_cv``
+    writes it): ``{"config": TrainConfig, "class_names", "models": {fold: Classifier}}``. Raises
+    a clear error for a folder that is not one, has no finished fold, or (with ``class_names``)
+    was trained on other classes."""
+    import json
+
+    run = Path(run)
+    cfg_file = run / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{run}: not a classifier run folder (no config.json); give the "
+                                f"folder that holds config.json and fold*/final.pt, e.g. "
+                                f"artifacts/cpu/classifier/<encoder>_<hash> or OUT/work/classifier/...")
+    meta = json.loads(cfg_file.read_text())
+    vals = dict(meta["config"])
+    vals["image_size"] = tuple(vals["image_size"])
+    cfg = TrainConfig(**vals)
+    names = [str(c) for c in meta.get("class_names", [])]
+    if class_names is not None and len(names) != len(class_names):
+        raise ValueError(f"{run}: the classifier has {len(names)} classes {names}; the data has "
+                         f"{len(class_names)} {list(class_names)}")
+    folds = sorted(int(p.parent.name[4:]) for p in run.glob("fold*/final.pt"))
+    if not folds:
+        raise FileNotFoundError(f"{run}: no finished fold (fold*/final.pt)")
+    return {"config": cfg, "class_names": names, "dir": run,
+            "models": {k: load_fold_model(run, k, len(names), cfg) for k in folds}}
+
+
 def load_fold_model(run: Path, fold: int, num_classes: int, cfg: TrainConfig) -> Classifier:
     """The averaged (final) model of one fold, on the CPU, in eval mode."""
     model = build_classifier(cfg.encoder, num_classes, pretrained=False, hidden=cfg.hidden,

@@ -4,7 +4,7 @@
     cam2mask check DIR
     cam2mask train [--profile P] [--data-dir DIR] [--fold K ...] [--encoder NAME] [--epochs N]
     cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
-    cam2mask masks --data DIR --out OUT [--profile P] [--image-size H W] [--epochs N] [--force]
+    cam2mask masks --data DIR --out OUT [--profile P] [--model RUN] [--image-size H W] [--epochs N] [--force]
 """
 from __future__ import annotations
 
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--epochs", type=int, help="classifier epochs (default: the profile's)")
     m.add_argument("--encoder", help="timm encoder (default: the profile's)")
     m.add_argument("--folds", type=int, help="cross-validation folds (default: the profile's)")
+    m.add_argument("--model", metavar="RUN",
+                   help="use a finished classifier run folder (holding config.json and "
+                        "fold*/final.pt, e.g. artifacts/cpu/classifier/<encoder>_<hash> or another "
+                        "OUT/work/classifier/...) instead of training; its fold models are "
+                        "averaged (default: train with cross-validation)")
     m.add_argument("--force", action="store_true", help="replace an --out holding something else")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -147,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             from .masks import make_masks
 
             summary = make_masks(args.data, args.out, profile=args.profile, force=args.force,
-                                 progress=not args.no_progress, image_size=args.image_size,
+                                 progress=not args.no_progress, model=args.model,
+                                 image_size=args.image_size,
                                  epochs=args.epochs, encoder=args.encoder, n_folds=args.folds)
             print(f"masks of {summary['images']} images, classes {summary['classes']} -> "
                   f"{summary['out']} ({summary['postprocessing']})")
+            print(f"classifier: {'loaded from ' + summary['classifier'] if args.model else summary['classifier']}")
             if "dice" in summary:
                 print(f"Dice on defective images {summary['dice']['dice_defective_images']:.4f}, "
                       f"on non-empty masks {summary['dice']['dice_nonempty_masks']:.4f}")
@@ -163,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.no_progress)
             total = sum(r.seconds for r in runs)
             print(f"reproduced {len(runs)} notebook(s) in {total:.0f} s")
-    except (DataError, ReproduceError, FileExistsError, KeyError, ValueError) as e:
+    except (DataError, ReproduceError, FileExistsError, FileNotFoundError, KeyError,
+            ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cam2mask {args.command}: error: {msg}", file=sys.stderr)
         return 2

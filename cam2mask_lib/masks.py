@@ -2,7 +2,10 @@
 
 Given a dataset folder (generic ``images/`` + ``labels.csv`` [+ ``masks/``], or Severstal format):
 
-1. train the classifier with cross-validation on the image labels (the profile's recipe);
+1. train the classifier with cross-validation on the image labels (the profile's recipe), or, with
+   ``model``, load a finished classifier run (its fold models are used as an ensemble: the
+   probabilities and the CAMs are the means over the folds' models, no training, and the labels
+   of the data are then only needed for tuning and scoring);
 2. compute out-of-fold Grad-CAM++ maps (averaged weights, aug smoothing) for every image;
 3. choose the post-processing: tuned per class on the data when true masks exist, otherwise the
    paper's defaults (confidence 0.5, threshold 0.3, no minimum area), and say which;
@@ -64,15 +67,37 @@ def _claim_output(out: Path, settings: dict, force: bool) -> None:
         write_json(state, {"settings": settings, "complete": False})
 
 
+class _Ensemble:
+    """Probabilities and CAMs of a loaded classifier run: means over its fold models."""
+
+    def __init__(self, run: dict, ds, batch: int = 16):
+        self.run, self.ds, self.batch = run, ds, batch
+
+    def __call__(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from .cams import compute_cams
+
+        rows = np.asarray(rows)
+        x = torch.stack([self.ds[int(i)]["image"] for i in rows])
+        models = list(self.run["models"].values())
+        with torch.no_grad():
+            probs = np.mean([torch.sigmoid(m(x)).numpy() for m in models], axis=0)
+        maps = np.mean([compute_cams(m, x, "gradcam++", aug_smooth=True, batch_size=self.batch)
+                        for m in models], axis=0)
+        return probs.astype(np.float64), maps
+
+
 def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: bool = False,
-               progress: bool = True, **overrides) -> dict:
-    """Run the whole method on ``data`` and write masks to ``out``; returns a summary dict."""
+               progress: bool = True, model: str | Path | None = None, **overrides) -> dict:
+    """Run the whole method on ``data`` and write masks to ``out``; returns a summary dict.
+    ``model``: a finished classifier run folder to use instead of training one."""
     from . import paper
     from . import postprocess as pp
     from .data import load_dataset
     from .pipeline import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, cam_stage,
                            classifier_stage, context, min_areas, per_class_table,
-                           stats_from_cache)
+                           stats_from_cache, true_masks)
     from .profiles import get_profile
     from .report import markdown_table
 
@@ -83,29 +108,67 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     n_folds = min(prof.n_folds, len(index))
     if n_folds < 2:
         raise ValueError(f"{data}: {len(index)} image(s); cross-validation needs at least 2")
+    run = None
+    if model is not None:
+        from .classify import load_run
+
+        fixed = sorted(set(overrides) & {"image_size", "encoder", "epochs"})
+        if fixed:
+            raise ValueError(f"--model fixes the classifier; do not also give {fixed}")
+        run = load_run(model, index.class_names)
+        overrides["image_size"] = run["config"].image_size
+        prof = get_profile(profile, **overrides)
     settings = {"data": str(data.resolve()), "profile": prof.name,
                 "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in sorted(overrides.items())},
-                "n_folds": n_folds}
+                "n_folds": n_folds, "model": str(Path(model).resolve()) if model else None}
     _claim_output(out, settings, force)
     ctx = context(prof, data, artifacts_dir=out / "work", figures_dir=out, n_folds=n_folds,
                   progress=progress, index=index)
     say = print if progress else (lambda *a, **k: None)
     say(ctx.describe())
-    cls = classifier_stage(ctx, progress=progress)
-    method, aug, weights = VARIANTS[BEST_VARIANT]
-    cache = cam_stage(ctx, cls, method, aug, weights, progress=progress)
-    probs = cls["oof"]
     rows = np.arange(len(ctx.index))
     size = ctx.profile.image_size
+    aug = VARIANTS[BEST_VARIANT][1]
+    if run is None:
+        cls = classifier_stage(ctx, progress=progress)
+        method, _, weights = VARIANTS[BEST_VARIANT]
+        cache = cam_stage(ctx, cls, method, aug, weights, progress=progress)
+        probs = cls["oof"]
+        auc = cls["auc"]
+
+        def maps_of(c):
+            return cache.maps(c, size)
+    else:
+        from .classify import roc_auc_per_class
+
+        say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
+            f"mean), not trained")
+        ens = _Ensemble(run, ctx.images())
+        from tqdm import tqdm
+
+        probs = np.concatenate([ens(c)[0] for c in tqdm(
+            np.array_split(rows, max(1, len(rows) // 32)), desc="probabilities",
+            disable=not progress)])
+        auc = roc_auc_per_class(ctx.index.labels, probs)
+
+        def maps_of(c):
+            return ens(c)[1]
     summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names,
-                     "classifier_auc": dict(zip(ctx.index.class_names,
-                                                [float(a) for a in cls["auc"]]))}
+                     "classifier": str(run["dir"]) if run else "trained with cross-validation",
+                     "classifier_auc": dict(zip(ctx.index.class_names, [float(a) for a in auc]))}
     if ctx.index.has_masks:
-        stats = stats_from_cache(ctx, cache, rows, THRESHOLDS, aug)
+        if run is None:
+            stats = stats_from_cache(ctx, cache, rows, THRESHOLDS, aug)
+        else:
+            chunks = np.array_split(rows, max(1, len(rows) // 32))
+            stats = pp.collect_stats((maps_of(c) for c in chunks),
+                                     (true_masks(ctx, c) for c in chunks), THRESHOLDS)
         params, _ = pp.search(stats, probs, CONFIDENCES, min_areas(ctx), per_class=True)
         rep = pp.report(stats, probs, params, ctx.index.class_names)
-        summary["postprocessing"] = "tuned per class on the true masks (out-of-fold CAMs)"
+        summary["postprocessing"] = ("tuned per class on the true masks (" +
+                                     ("out-of-fold CAMs)" if run is None else
+                                      "CAMs of the loaded classifier)"))
         table = per_class_table(rep, ctx.index.class_names)
         s = rep.summary()
         table.loc[len(table)] = {"class": "all", "Dice (defective images)":
@@ -129,7 +192,7 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     # batches are streamed, so memory does not grow with the number of images
     def batches():
         for c in np.array_split(rows, max(1, len(rows) // 32)):
-            m = pp.apply(cache.maps(c, size), probs[c], params)
+            m = pp.apply(maps_of(c), probs[c], params)
             for k, i in enumerate(c):
                 if i < MAX_PREVIEWS:
                     _preview(ctx.index, int(i), m[k], out / "previews")

@@ -90,3 +90,40 @@ def test_masks_refuses_foreign_output_folder(generic, tmp_path, capsys):
                  "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "thesis.docx").read_text() == "precious"
+
+
+def test_masks_with_a_trained_model(generic, tmp_path, capsys):
+    """--model reuses a finished classifier run: no training, masks of each image's own size,
+    the same Dice report; a run with other classes, or a folder that is not a run, is refused."""
+    first = tmp_path / "first"
+    assert main(["masks", "--data", str(generic), "--out", str(first), "--profile", "smoke",
+                 "--image-size", "32", "64", "--epochs", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    run = next((first / "work" / "classifier").glob("*/config.json")).parent
+    out = tmp_path / "reuse"
+    assert main(["masks", "--data", str(generic), "--out", str(out), "--profile", "smoke",
+                 "--model", str(run), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "loaded from" in said and "Dice on defective images" in said
+    assert not (out / "work" / "classifier").exists()  # nothing trained
+    w, h = Image.open(generic / "images" / "im01.png").size
+    assert np.asarray(Image.open(out / "masks" / "dark" / "im01.png")).shape == (h, w)
+    assert (out / "dice_report.md").is_file()
+    state = json.loads((out / "cam2mask_masks.json").read_text())
+    assert state["complete"] and state["summary"]["classifier"] == str(run)
+    # errors: not a run folder; a run with another number of classes; conflicting options
+    assert main(["masks", "--data", str(generic), "--out", str(tmp_path / "x"), "--model",
+                 str(tmp_path), "--no-progress"]) == 2
+    assert "not a classifier run folder" in capsys.readouterr().err
+    cfg = json.loads((run / "config.json").read_text())
+    other = tmp_path / "other_run"
+    import shutil
+    shutil.copytree(run, other)
+    cfg["class_names"] = ["a", "b", "c"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert main(["masks", "--data", str(generic), "--out", str(tmp_path / "y"), "--model",
+                 str(other), "--no-progress"]) == 2
+    assert "the classifier has 3 classes" in capsys.readouterr().err
+    assert main(["masks", "--data", str(generic), "--out", str(tmp_path / "z"), "--model",
+                 str(run), "--epochs", "3", "--no-progress"]) == 2
+    assert "--model fixes the classifier" in capsys.readouterr().err
