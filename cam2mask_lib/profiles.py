@@ -75,6 +75,22 @@ class Profile(TrainConfig):
     synthetic_n: int = 800
     synthetic_size: tuple[int, int] = (256, 1600)
     n_folds: int = 5
+    # the segmentation stage (notebooks 04-05; see segment.SegConfig for the seg_* fields)
+    seg_size: tuple[int, int] | None = None  # network input (sides divisible by 32); None: image_size
+    seg_arch: str = "unet"
+    seg_encoder: str = "efficientnet-b0"
+    seg_slim: bool = False
+    seg_epochs: int = 20
+    seg_batch_size: int = 16
+    seg_lr: float = 1e-3
+    seg_encoder_init: str | None = None  # "classifier": start from the fold's classifier encoder
+    seg_folds: tuple[int, ...] | None = None  # folds held out and scored (None: every fold)
+    seg_defective_only: bool = False  # train on images with at least one defect only
+    seg_max_train: int | None = None  # cap on training images per fold (None: all)
+    grid_epochs: int | None = None  # notebook 05's runs (None: seg_epochs)
+    grid_size: tuple[int, int] | None = None  # notebook 05's input (None: seg_size)
+    grid_encoder: str | None = "resnet34"  # the thesis's ResNet (None: the classifier's encoder)
+    grid_max_train: int | None = None  # notebook 05: training images per run (None: all)
 
     def describe(self) -> str:
         data = self.data_dir or (f"synthetic n={self.synthetic_n} "
@@ -90,7 +106,10 @@ PROFILES: dict[str, Profile] = {
               "2 epochs of a tiny encoder, so that every notebook finishes in seconds. Its numbers "
               "show that the code runs, not what the method is worth.",
         synthetic_n=40, synthetic_size=(128, 800), image_size=(64, 400), n_folds=3,
-        encoder="mobilenetv3_small_050", epochs=2, batch_size=8, lr_encoder=2e-3, lr_head=2e-3),
+        encoder="mobilenetv3_small_050", epochs=2, batch_size=8, lr_encoder=2e-3, lr_head=2e-3,
+        seg_size=(32, 192), seg_encoder="tu-mobilenetv3_small_050", seg_slim=True, seg_epochs=1,
+        seg_batch_size=8, seg_lr=3e-3, seg_encoder_init="classifier", seg_folds=(0,),
+        seg_defective_only=True, grid_encoder=None),
     "cpu": Profile(
         name="cpu",
         notes="Default: 2 CPU cores, no GPU, no internet. 1600 synthetic images at Severstal's "
@@ -104,18 +123,30 @@ PROFILES: dict[str, Profile] = {
               "with 800 images x 5 folds x 12 epochs the mean out-of-fold AUC was 0.83 in 8.5 "
               "min; twice the images with 3 folds (half the training per epoch: each image is "
               "trained on twice, not four times) reached 0.90 in 8 epochs, so: 1600 images, "
-              "3 folds, 10 epochs (~6 min).",
+              "3 folds, 10 epochs (~6 min). Segmentation (notebooks 04-05): 64x384 input (sides "
+              "divisible by 32); a U-Net with the same MobileNetV3 encoder and a slim decoder "
+              "(~100 images/s training, 4x the full decoder); its encoder starts from the fold's "
+              "classifier, because from random weights every network tried learned nothing in 2-3 "
+              "epochs (all masks empty; measured). Trained on the defective images of folds 1-2, "
+              "scored on fold 0: 4 epochs per network in Table 3 (~25 s each); the grid uses 2 "
+              "epochs on 256 images per run.",
         synthetic_n=1600, synthetic_size=(256, 1600), image_size=(128, 800), n_folds=3,
-        encoder="mobilenetv3_small_050", epochs=10, batch_size=16, lr_encoder=2e-3, lr_head=2e-3),
+        encoder="mobilenetv3_small_050", epochs=10, batch_size=16, lr_encoder=2e-3, lr_head=2e-3,
+        seg_size=(64, 384), seg_encoder="tu-mobilenetv3_small_050", seg_slim=True, seg_epochs=4,
+        seg_batch_size=16, seg_lr=3e-3, seg_encoder_init="classifier", seg_folds=(0,),
+        seg_defective_only=True, grid_epochs=2, grid_max_train=256, grid_encoder=None),
     "paper": Profile(
         name="paper",
         notes="The paper: Kaggle Severstal (12,568 images, put train.csv and train_images/ in "
               "data_dir), full 256x1600 input, EfficientNet-b0 from ImageNet weights, Adam 1e-4 "
-              "(encoder) / 1e-3 (head), batch 64, 5 folds. Needs a GPU (16 s per batch of 8 on "
+              "(encoder) / 1e-3 (head), batch 64, 5 folds. Segmentation: a U-Net with smp's ImageNet "
+              "EfficientNet-b0 encoder at 256x1600, 20 epochs on every fold; the grid's ResNet is an "
+              "ImageNet ResNet34. Needs a GPU (16 s per batch of 8 on "
               "a CPU). Images are decoded per batch by DataLoader workers, not cached.",
         synthetic_n=0, image_size=(256, 1600), n_folds=5, encoder="efficientnet_b0",
         pretrained=True, allow_random_init=False, epochs=30, batch_size=64, num_workers=8,
-        cache_images=False),
+        cache_images=False, seg_size=(256, 1600), seg_encoder="efficientnet-b0", seg_epochs=20,
+        seg_batch_size=16, seg_lr=1e-3, grid_encoder="resnet34"),
 }
 
 
@@ -132,8 +163,8 @@ def get_profile(name: str | Profile = "cpu", **overrides) -> Profile:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise KeyError(f"unknown profile field(s) {unknown}; valid fields: {sorted(fields)}")
-    for key in ("image_size", "synthetic_size"):
-        if key in overrides:
+    for key in ("image_size", "synthetic_size", "seg_size", "seg_folds", "grid_size"):
+        if overrides.get(key) is not None:
             overrides[key] = tuple(int(v) for v in overrides[key])
     return dataclasses.replace(prof, **overrides)
 

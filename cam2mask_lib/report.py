@@ -72,3 +72,48 @@ def save_figure(fig, folder: str | Path, name: str, dpi: int = 110) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return atomic_write_bytes(Path(folder) / f"{name}.png", buf.getvalue())
+
+
+# the report's sections: (heading, tables, figures), every file under the profile's figures folder
+REPORT_SECTIONS = [
+    ("Data", ["eda_class_counts"], ["eda_examples"]),
+    ("Classification (Table 1)", ["table1_classification_auc"], ["cls_roc_curves"]),
+    ("Masks from CAMs (Table 2)", ["table2_cam_dice", "table2_per_class"],
+     ["cam_figures_10_13", "postprocess_gallery"]),
+    ("Segmentation networks on true vs CAM masks (Table 3)",
+     ["table3_segmentation", "table3_per_class"], ["table3_per_class_bars",
+                                                   "segmentation_predictions_class3"]),
+    ("Architectures x losses (Table 4)", ["table4_architectures_losses"],
+     ["table4_per_class_bars", "table4_predictions_0"]),
+]
+
+
+def build_report(figures: str | Path, out: str | Path, title: str, header: str,
+                 timings: dict | None = None) -> Path:
+    """Assemble ``out`` (Markdown) from the tables (``<name>.md``) and figures (``<name>.png``)
+    the notebooks wrote under ``figures``, section by section (:data:`REPORT_SECTIONS`), with the
+    wall time of each notebook. A missing table or figure is named as missing, never invented."""
+    import os
+
+    figures, out = Path(figures), Path(out)
+    lines = [f"# {title}", "", header, ""]
+    if timings:
+        lines += ["## Wall time per notebook", "", "| notebook | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in sorted(timings.items())]
+        lines += [f"| total | {sum(timings.values()):.0f} |", ""]
+    for heading, tables, figs in REPORT_SECTIONS:
+        lines += [f"## {heading}", ""]
+        for t in tables:
+            p = figures / f"{t}.md"
+            if p.is_file():
+                text = p.read_text(encoding="utf-8").strip().splitlines()
+                lines += [("#" + ln if ln.startswith("### ") else ln) for ln in text] + [""]
+            else:
+                lines += [f"_Table `{t}` was not produced (its notebook has not run in this "
+                          f"profile)._", ""]
+        for f in figs:
+            p = figures / f"{f}.png"
+            if p.is_file():
+                rel = os.path.relpath(p, out.parent).replace(os.sep, "/")
+                lines += [f"![{f}]({rel})", ""]
+    return atomic_write_text(out, "\n".join(lines).rstrip() + "\n")

@@ -121,6 +121,7 @@ def reproduce(profile: str = DEFAULT_PROFILE, only: Iterable[str] | None = None,
               "seed": prof.seed, "figures_dir": str(figs), "artifacts_dir": str(art)}
     params.update(extra or {})
     runs: list[NotebookRun] = []
+    timings_path = art / "timings.json"
     bar = tqdm(books, desc=f"reproduce [{prof.name}]", unit="notebook", disable=not progress)
     for nb in bar:
         bar.set_postfix_str(nb.stem)
@@ -129,8 +130,9 @@ def reproduce(profile: str = DEFAULT_PROFILE, only: Iterable[str] | None = None,
                             progress=progress)
         runs.append(NotebookRun(nb.stem, out, secs))
         bar.write(f"  {nb.stem}: {secs:.1f} s -> {out}")
-    timings_path = art / "timings.json"
-    timings = read_json(timings_path) if timings_path.is_file() else {}
-    timings.update({r.name: round(r.seconds, 2) for r in runs})
-    write_json(timings_path, timings)  # wall seconds per notebook, latest run of each
+        # wall seconds per notebook, latest run of each, written as each one finishes so that
+        # the report notebook sees the times of the notebooks before it in the same run
+        timings = read_json(timings_path) if timings_path.is_file() else {}
+        timings[nb.stem] = round(secs, 2)
+        write_json(timings_path, timings)
     return runs

@@ -84,3 +84,47 @@ def plot_guided(image, truth, cam, guided, label):
     axes[2].axis("off")
     fig.tight_layout()
     return fig
+
+
+def plot_predictions(image, truth, preds: dict, class_names, title=None):
+    """One image, its true masks and each model's predicted masks: a strip per entry, every
+    class in its colour (filled: predicted; outlined in the same colour: true)."""
+    import matplotlib.pyplot as plt
+
+    h, w = truth.shape[-2:]
+    rows = 1 + len(preds)
+    fig, axes = plt.subplots(rows, 1, figsize=(12, rows * (12 * h / w + 0.35)), squeeze=False)
+    entries = [("true masks", truth)] + list(preds.items())
+    for ax, (name, masks) in zip(axes[:, 0], entries):
+        ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        rgba = np.zeros((h, w, 4), np.float32)
+        for c in range(masks.shape[0]):
+            col = CLASS_COLORS[c % len(CLASS_COLORS)]
+            rgba[masks[c].astype(bool)] = (*col[:3], 0.5)
+            if truth[c].any():
+                ax.contour(truth[c], levels=[0.5], colors=[col[:3]], linewidths=1.0)
+        ax.imshow(rgba, interpolation="nearest")
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.axis("off")
+    present = [class_names[c] for c in range(truth.shape[0]) if truth[c].any()]
+    fig.suptitle(title or f"classes present: {', '.join(present) or 'none'}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_bars(per_class, ylabel="Dice (non-empty masks)", reference=None):
+    """Grouped bars: one group per class, one bar per row of ``per_class`` (a DataFrame with a
+    first column naming the model and one column per class); ``reference`` adds those values as
+    black markers (e.g. the thesis's)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = per_class.melt(id_vars=per_class.columns[0], var_name="class", value_name=ylabel)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    sns.barplot(data=long, x="class", y=ylabel, hue=per_class.columns[0], ax=ax)
+    if reference is not None:
+        ax.plot(range(len(reference)), reference, "k_", markersize=30, mew=2, label="reference")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig

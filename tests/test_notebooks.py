@@ -76,6 +76,59 @@ def test_cam_and_postprocessing_outputs(smoke_run):
     assert list((root / "art" / "predictions").glob("*/postprocess_params.json"))
 
 
+@pytest.mark.notebook
+def test_segmentation_outputs(smoke_run):
+    root, _ = smoke_run
+    fig = root / "fig"
+    for name in ("table3_segmentation.md", "table3_segmentation.csv", "table3_per_class.md",
+                 "table3_per_class_bars.png"):
+        assert (fig / name).is_file(), name
+    t3 = pd.read_csv(fig / "table3_segmentation.csv")
+    exps = list(t3["experiment"])
+    for part in ("CAM masks, the paper's parameters", "CAM masks, tuned per class",
+                 "network on true masks", "network on CAM masks (threshold 0.2)",
+                 "network on CAM masks (tuned per class)", "network on confident CAM pixels",
+                 "network on confident CAM pixels + classifier gate"):
+        assert part in exps, part
+    assert t3["paper Dice"].notna().sum() == 3
+    sup = t3.set_index("experiment").loc["network on true masks + classifier gate"]
+    assert sup["ratio to supervised (defective)"] == pytest.approx(1.0)
+    d = t3[["Dice (defective images)", "Dice (all images)"]]
+    assert ((d >= 0) & (d <= 1)).all().all()
+    # four trainings, one held-out fold each, finished and resumable
+    done = list((root / "art" / "segmentation").glob("*/fold0/done.json"))
+    assert len(done) >= 4
+    assert "SYNTHETIC" in (fig / "table3_segmentation.md").read_text()
+
+
+@pytest.mark.notebook
+def test_grid_outputs(smoke_run):
+    root, _ = smoke_run
+    fig = root / "fig"
+    for name in ("table4_architectures_losses.md", "table4_architectures_losses.csv",
+                 "table4_per_class_bars.png", "table4_predictions_0.png"):
+        assert (fig / name).is_file(), name
+    t4 = pd.read_csv(fig / "table4_architectures_losses.csv")
+    models = list(t4["model"])
+    for m in ("U-Net BCE", "U-Net with ResNet encoder CCE", "ResNet encoder-decoder Focal loss",
+              "FPN", "DeepLabV3+", "U-Net++", "U-Net (TernausNet-style), SWA"):
+        assert m in models, m
+    assert set(t4["loss"]) == {"bce_dice", "cce_dice", "focal", "bce_logdice", "lovasz", "bce_smooth"}
+    assert t4["thesis Dice (all)"].notna().sum() == 9
+    assert t4["lost classes"].notna().all()
+
+
+@pytest.mark.notebook
+def test_report(smoke_run):
+    root, _ = smoke_run
+    rep = (root / "fig" / "REPORT.md").read_text()
+    for part in ("Profile `smoke`", "SYNTHETIC", "Wall time per notebook", "00_data_eda",
+                 "05_architectures_losses", "Table 1", "Table 2", "Table 3", "Table 4",
+                 "![cls_roc_curves](cls_roc_curves.png)", "paper Dice", "thesis Dice (all)"):
+        assert part in rep, part
+    assert "was not produced" not in rep
+
+
 def test_failure_names_notebook_and_cell_and_keeps_last_good_copy(tmp_path):
     books = tmp_path / "books"
     books.mkdir()

@@ -100,16 +100,43 @@ def test_unknown_loss():
         make_loss("dice", 4)
 
 
-@pytest.mark.parametrize("arch, encoder", [
-    ("unet", "resnet18"), ("unet", "tu-mobilenetv3_small_050"), ("unetplusplus", "resnet18"),
-    ("fpn", "resnet18"), ("deeplabv3plus", "resnet18"), ("thesis_unet", None),
-    ("resnet_encdec", "resnet18")])
-def test_output_shape_at_the_profile_size(arch, encoder):
-    h, w = get_profile("cpu").image_size
-    model = build_segmenter(arch, encoder or "resnet18", classes=4).eval()
+CPU_ARCHS = [("unet", "resnet18"), ("unet", "tu-mobilenetv3_small_050"),
+             ("unetplusplus", "resnet18"), ("fpn", "resnet18"), ("deeplabv3plus", "resnet18"),
+             ("thesis_unet", None), ("resnet_encdec", "resnet18")]
+
+
+@pytest.mark.parametrize("arch, encoder, profile",
+                         [(a, e, "cpu") for a, e in CPU_ARCHS] + [("unet", "resnet18", "paper")])
+def test_output_shape_at_the_profile_size(arch, encoder, profile):
+    """Every architecture at the cpu profile's segmentation size; one at the paper's 256x1600."""
+    from cam2mask_lib.pipeline import seg_size
+
+    h, w = seg_size(get_profile(profile))
+    model = build_segmenter(arch, encoder or "resnet18", classes=4, slim=True).eval()
     with torch.no_grad():
         out = model(torch.zeros(1, 3, h, w))
     assert out.shape == (1, 4, h, w)
+
+
+def test_seg_size_must_be_divisible_by_32():
+    from cam2mask_lib.pipeline import seg_size
+
+    with pytest.raises(ValueError, match="not divisible by 32; set seg_size .*64x384"):
+        seg_size(get_profile("cpu", seg_size=(64, 400)))
+
+
+def test_encoder_starts_from_the_classifier():
+    from cam2mask_lib.classify import build_classifier
+    from cam2mask_lib.segment import load_encoder
+
+    torch.manual_seed(0)
+    cls = build_classifier("mobilenetv3_small_050", 4)
+    seg = build_segmenter("unet", "tu-mobilenetv3_small_050", classes=4, slim=True)
+    load_encoder(seg, cls.encoder.state_dict())
+    a, b = seg.encoder.model.state_dict(), cls.encoder.state_dict()
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="do not fit the encoder"):
+        load_encoder(build_segmenter("unet", "resnet18", classes=4), cls.encoder.state_dict())
 
 
 def test_training_learns_ignores_and_resumes(synth_dir, tmp_path):
@@ -142,3 +169,22 @@ def test_training_learns_ignores_and_resumes(synth_dir, tmp_path):
     raw = torch.load(tmp_path / "c" / "state.pt", weights_only=False)["model"]
     k = "head.weight"
     assert not torch.equal(m3.state_dict()[k], raw[k])
+
+
+def test_swa_averages_the_last_epochs(synth_dir, tmp_path):
+    from cam2mask_lib.data import ImageDataset, load_dataset
+    from cam2mask_lib.segment import SegConfig, train_segmenter
+
+    idx = load_dataset(synth_dir)
+    ds = ImageDataset(idx, (32, 160), cache=True)
+    truth = lambda rows: np.stack([ds[int(i)]["masks"].numpy() for i in rows])  # noqa: E731
+    rows = np.arange(len(idx))
+    with pytest.raises(ValueError, match="swa_start must be an epoch"):
+        SegConfig(epochs=2, swa_start=2)
+    with pytest.raises(ValueError, match="ema or swa_start"):
+        SegConfig(ema=0.9, swa_start=0)
+    cfg = SegConfig(arch="thesis_unet", epochs=2, batch_size=8, lr=3e-3, swa_start=0)
+    m = train_segmenter(ds, truth, rows, 4, cfg, tmp_path / "swa", progress=False)
+    last = torch.load(tmp_path / "swa" / "state.pt", weights_only=False)["model"]
+    k = "head.weight"
+    assert not torch.equal(m.state_dict()[k], last[k])  # the average, not the last epoch
