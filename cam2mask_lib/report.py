@@ -100,7 +100,10 @@ def build_report(figures: str | Path, out: str | Path, title: str, header: str,
     if timings:
         lines += ["## Wall time per notebook", "", "| notebook | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {v:.0f} |" for k, v in sorted(timings.items())]
-        lines += [f"| total | {sum(timings.values()):.0f} |", ""]
+        lines += [f"| total | {sum(timings.values()):.0f} |", "",
+                  "_The latest execution of each notebook; one that reused finished work "
+                  "(classifier folds, CAM caches, trained networks) is fast, so these are clean-run "
+                  "times only after a clean run (`benchmarks/stage_times.py` makes one)._", ""]
     for heading, tables, figs in REPORT_SECTIONS:
         lines += [f"## {heading}", ""]
         for t in tables:
