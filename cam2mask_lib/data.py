@@ -601,10 +601,12 @@ def make_folds(labels: np.ndarray, n_folds: int = 5, seed: int = 0) -> np.ndarra
 
 
 def image_array(index: DatasetIndex, size: tuple[int, int], folder: str | Path,
-                progress: bool = True) -> np.ndarray:
+                progress: bool = True, source: np.ndarray | None = None) -> np.ndarray:
     """All images of ``index`` resized to ``size``, as a memory-mapped uint8 ``[N, H, W, 3]``
     stored once under ``folder`` (named by the images and the size) and reused by every stage:
-    decoding 1600 JPEGs costs ~12 s per notebook, reading the array well under a second."""
+    decoding 1600 JPEGs costs ~12 s per notebook, reading the array well under a second.
+    ``source``: a larger array of the same images (e.g. the classifier's) to shrink instead of
+    decoding every file again (the file name says so: ``..._from<h>x<w>``)."""
     from numpy.lib.format import open_memmap
     from tqdm import tqdm
 
@@ -612,14 +614,17 @@ def image_array(index: DatasetIndex, size: tuple[int, int], folder: str | Path,
 
     h, w = size
     key = stable_hash([list(index.image_ids), [str(p) for p in index.image_paths]])
-    path = Path(folder) / f"images_{h}x{w}_{key}.npy"
+    tag = "" if source is None else f"_from{source.shape[1]}x{source.shape[2]}"
+    if source is not None and (len(source) != len(index) or source.shape[1] < h or source.shape[2] < w):
+        raise ValueError(f"source array {source.shape} cannot make {len(index)} images of {h}x{w}")
+    path = Path(folder) / f"images_{h}x{w}_{key}{tag}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     arr = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), h, w, 3))
     for i in tqdm(range(len(index)), desc="resizing images", disable=not progress):
-        arr[i] = resize_image(index.image(i), size)
+        arr[i] = resize_image(index.image(i) if source is None else np.asarray(source[i]), size)
     arr.flush()
     del arr
     tmp.replace(path)

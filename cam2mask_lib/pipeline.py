@@ -290,8 +290,12 @@ def seg_images(ctx: Context):
     size = seg_size(ctx.profile)
     if size == tuple(ctx.profile.image_size):
         return ctx.images()
-    arr = (image_array(ctx.index, size, ctx.artifacts / "images", progress=False)
-           if ctx.profile.cache_images else None)
+    arr = None
+    if ctx.profile.cache_images:  # shrink the classifier's cached array when it is larger
+        big = ctx.images().array
+        ok = big is not None and big.shape[1] >= size[0] and big.shape[2] >= size[1]
+        arr = image_array(ctx.index, size, ctx.artifacts / "images", progress=False,
+                          source=big if ok else None)
     return ImageDataset(ctx.index, size, with_masks=False, array=arr)
 
 
@@ -433,10 +437,13 @@ def eval_rows(ctx: Context) -> np.ndarray:
 
 
 def seg_stats(ctx: Context, trained: dict, thresholds=(SEG_THRESHOLD,), batch: int = 32,
-              defective_only: bool = False):
+              defective_only: bool = False, truth: dict | None = None, score_size=None):
     """Post-processing statistics of the networks' probabilities on their held-out images, scored
     exactly as the CAM masks: upsampled (bilinear) to the scoring size (the profile's input size)
-    and compared with the true masks there. Score with ``postprocess.report``."""
+    and compared with the true masks there. ``truth``: a dict shared between calls that keeps the
+    (bit-packed) true masks of each batch. ``score_size``: score at another size (e.g. the
+    network's own input, for comparisons between networks only). Score with
+    ``postprocess.report``."""
     import itertools
 
     import torch
@@ -444,9 +451,16 @@ def seg_stats(ctx: Context, trained: dict, thresholds=(SEG_THRESHOLD,), batch: i
     from .postprocess import collect_stats
     from .segment import predict_masks
 
+    from .data import resize_mask
+
     ds = seg_images(ctx)
-    size = tuple(ctx.profile.image_size)
+    size = tuple(score_size or ctx.profile.image_size)
     loss = trained["config"].loss
+
+    def truth_of(rows):
+        if size == tuple(ctx.profile.image_size):
+            return true_masks(ctx, rows)
+        return np.stack([resize_mask(ctx.index.mask(int(i)), size) for i in rows])
 
     def parts():
         for k, model in trained["models"].items():
@@ -466,7 +480,13 @@ def seg_stats(ctx: Context, trained: dict, thresholds=(SEG_THRESHOLD,), batch: i
 
     def trues():
         for i in itertools.count():
-            yield true_masks(ctx, order[i])
+            if truth is None:
+                yield truth_of(order[i])
+                continue
+            key = (size, tuple(int(r) for r in order[i]))
+            if key not in truth:  # the same batches recur for every network scored
+                truth[key] = np.packbits(truth_of(order[i]), axis=-1)
+            yield np.unpackbits(truth[key], axis=-1, count=size[1])
 
     st = collect_stats(maps(), trues(), thresholds)
     st.rows = np.concatenate(order)
@@ -533,7 +553,8 @@ def grid_stage(ctx: Context, runs: dict, classifier: dict, threshold: float = 0.
                progress: bool = True) -> dict:
     """Train (or reuse) every run of ``runs`` (see :func:`grid_runs`) on the true masks of the
     defective training images, score each on the defective held-out images at ``threshold``
-    (the thesis's protocol: it removed clean images) and return the table like the thesis's
+    (the thesis's protocol: it removed clean images), at the networks' input size (these rows
+    are compared with each other only), and return the table like the thesis's
     Table 4 plus per-run reports and trained models."""
     import dataclasses
 
@@ -551,7 +572,7 @@ def grid_stage(ctx: Context, runs: dict, classifier: dict, threshold: float = 0.
     fill = {"{cls}": own, "{enc}": enc, "{enc_timm}": enc.removeprefix("tu-")}
     names = ctx.index.class_names
     targets = true_targets(gctx)
-    rows, reports, trained = [], {}, {}
+    rows, reports, trained, truth = [], {}, {}, {}
     for name, spec in tqdm(runs.items(), desc="grid", disable=not progress):
         spec = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in spec.items()}
         # networks with the classifier's encoder start from it; the rest from ImageNet weights
@@ -562,7 +583,8 @@ def grid_stage(ctx: Context, runs: dict, classifier: dict, threshold: float = 0.
             spec["swa_start"] = p.seg_epochs // 2
         cfg = dataclasses.replace(SegConfig.from_profile(p, **spec), encoder_init=init)
         tr = train_segmenters(gctx, targets, cfg, classifier=classifier, progress=False)
-        st = seg_stats(gctx, tr, thresholds=(threshold,), defective_only=True)
+        st = seg_stats(gctx, tr, thresholds=(threshold,), defective_only=True, truth=truth,
+                       score_size=seg_size(p))
         rep = report(st, np.ones_like(st.true_area, float), Params(0.0, threshold, 0), names)
         s = rep.summary()
         lost = [c for c in names if s[f"class {c} (non-empty masks)"] < 0.05]
@@ -631,8 +653,10 @@ def segmentation_stage(ctx: Context, cls_result: dict, cache, high: float = 0.6,
     trained = {k: train_segmenters(ctx, t, classifier=cls_result, progress=progress)
                for k, t in sets.items()}
     rows_eval = eval_rows(ctx)
-    cam_st = stats_from_cache(ctx, cache, rows_eval, THRESHOLDS, aug)
-    stats = {k: seg_stats(ctx, tr) for k, tr in trained.items()}
+    used = sorted({paper.PAPER_POSTPROCESS["threshold"], *map(float, thr)})  # the thresholds scored
+    cam_st = stats_from_cache(ctx, cache, rows_eval, used, aug)
+    truth = {}
+    stats = {k: seg_stats(ctx, tr, truth=truth) for k, tr in trained.items()}
     gate = Params(pc.confidence, SEG_THRESHOLD, 0)
     plain = Params(0.0, SEG_THRESHOLD, 0)
     reports = {"CAM masks, the paper's parameters": report(
