@@ -146,9 +146,13 @@ def low_res_cams(model, x: torch.Tensor, method: str = "gradcam++", target: str 
 
 
 def _views(x: torch.Tensor, aug_smooth: bool):
+    # keep a channels_last batch channels_last (a flip returns a plain contiguous tensor, and a
+    # channels_last network fed one takes a path measured ~1.7x slower on CPU)
+    fmt = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+           and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
     for flip, f in (AUG_VIEWS if aug_smooth else ((False, 1.0),)):
         v = x.flip(-1) if flip else x
-        yield (v * f if f != 1.0 else v), flip
+        yield (v * f if f != 1.0 else v).contiguous(memory_format=fmt), flip
 
 
 def low_res_views(model, x: torch.Tensor, method: str, aug_smooth: bool, target: str = "logit"
@@ -307,11 +311,14 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
     bar = tqdm(total=n, desc=f"CAMs ({method}{', aug smooth' if aug_smooth else ''})",
                disable=not progress, initial=len(done_rows))
     for f in sorted(models_by_fold):
-        model = models_by_fold[f].eval()
+        # channels_last network and batches: the same maps (within float rounding), measured
+        # 1.7x faster on CPU for MobileNetV3 at 128x800
+        model = models_by_fold[f].eval().to(memory_format=torch.channels_last)
         rows = [int(r) for r in np.flatnonzero(folds == f) if int(r) not in done_rows]
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            x = torch.stack([ds[r]["image"] for r in chunk])
+            x = torch.stack([ds[r]["image"] for r in chunk]).contiguous(
+                memory_format=torch.channels_last)
             arr[chunk] = low_res_views(model, x, method, aug_smooth, target).astype(np.float16)
             arr.flush()
             done_rows.update(chunk)

@@ -220,10 +220,14 @@ def _autocast(device: torch.device):
 def predict_logits(model: nn.Module, ds, rows: np.ndarray, batch_size: int,
                    device: torch.device, num_workers: int = 0) -> np.ndarray:
     model.eval()
+    # a channels_last network gets channels_last batches (mixed layouts take a slow path on CPU)
+    stem = next((p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
+    fmt = (torch.channels_last if stem is not None and not stem.is_contiguous()
+           and stem.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
     out = []
     for x, _ in _batches(ds, rows, batch_size, None, num_workers):
         with _autocast(device):
-            out.append(model(x.to(device)).float().cpu())
+            out.append(model(x.to(device).contiguous(memory_format=fmt)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.num_classes), np.float32)
 
 
@@ -320,7 +324,9 @@ def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainC
     bar.close()
     states = [_load(out / f"epoch{e}.pt") for _, e in top]
     bn_gen = torch.Generator().manual_seed(cfg.seed + fold)
-    bn_batches = (x for x, _ in _batches(ds, train_rows, cfg.batch_size, bn_gen, cfg.num_workers))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    bn_batches = (x.contiguous(memory_format=fmt)
+                  for x, _ in _batches(ds, train_rows, cfg.batch_size, bn_gen, cfg.num_workers))
     avg = averaged_model(model, states, bn_batches, device)
     _save(out / "final.pt", avg.state_dict())
     probs = 1 / (1 + np.exp(-predict_logits(avg, ds, val_rows, cfg.batch_size * 2, device,

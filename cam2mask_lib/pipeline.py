@@ -149,7 +149,8 @@ def stats_from_method(ctx: Context, cls_result: dict, method: str, rows, thresho
 
     rows = np.asarray(rows)
     ds = ctx.images()
-    models = fold_models(cls_result, ctx.index.num_classes, weights)
+    models = {k: m.to(memory_format=torch.channels_last)
+              for k, m in fold_models(cls_result, ctx.index.num_classes, weights).items()}
     order = np.argsort(ctx.folds[rows], kind="stable")
     rows = rows[order]
     chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
@@ -159,7 +160,8 @@ def stats_from_method(ctx: Context, cls_result: dict, method: str, rows, thresho
             out = np.empty((len(c), ctx.index.num_classes, *ctx.profile.image_size), np.float32)
             for f in np.unique(ctx.folds[c]):
                 sel = np.flatnonzero(ctx.folds[c] == f)
-                x = torch.stack([ds[int(r)]["image"] for r in c[sel]])
+                x = torch.stack([ds[int(r)]["image"] for r in c[sel]]).contiguous(
+                    memory_format=torch.channels_last)
                 out[sel] = compute_cams(models[int(f)], x, method=method)
             yield out
 
