@@ -71,21 +71,28 @@ class _Ensemble:
     """Probabilities and CAMs of a loaded classifier run: means over its fold models."""
 
     def __init__(self, run: dict, ds, batch: int = 16):
-        self.run, self.ds, self.batch = run, ds, batch
+        self.models, self.ds, self.batch = list(run["models"].values()), ds, batch
 
-    def __call__(self, rows) -> tuple[np.ndarray, np.ndarray]:
+    def probs(self, rows) -> np.ndarray:
+        """``[len(rows), C]``: the mean of the fold models' sigmoid probabilities."""
+        import torch
+
+        from .classify import predict_logits
+
+        rows = np.asarray(rows)
+        return np.mean([1 / (1 + np.exp(-predict_logits(m, self.ds, rows, self.batch,
+                                                          torch.device("cpu"))))
+                        for m in self.models], axis=0).astype(np.float64)
+
+    def maps(self, rows) -> np.ndarray:
+        """``[len(rows), C, H, W]``: the mean of the fold models' Grad-CAM++ (aug smoothing)."""
         import torch
 
         from .cams import compute_cams
 
-        rows = np.asarray(rows)
-        x = torch.stack([self.ds[int(i)]["image"] for i in rows])
-        models = list(self.run["models"].values())
-        with torch.no_grad():
-            probs = np.mean([torch.sigmoid(m(x)).numpy() for m in models], axis=0)
-        maps = np.mean([compute_cams(m, x, "gradcam++", aug_smooth=True, batch_size=self.batch)
-                        for m in models], axis=0)
-        return probs.astype(np.float64), maps
+        x = torch.stack([self.ds[int(i)]["image"] for i in np.asarray(rows)])
+        return np.mean([compute_cams(m, x, "gradcam++", aug_smooth=True, batch_size=self.batch)
+                        for m in self.models], axis=0)
 
 
 def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: bool = False,
@@ -145,15 +152,9 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
             f"mean), not trained")
         ens = _Ensemble(run, ctx.images())
-        from tqdm import tqdm
-
-        probs = np.concatenate([ens(c)[0] for c in tqdm(
-            np.array_split(rows, max(1, len(rows) // 32)), desc="probabilities",
-            disable=not progress)])
+        probs = ens.probs(rows)
         auc = roc_auc_per_class(ctx.index.labels, probs)
-
-        def maps_of(c):
-            return ens(c)[1]
+        maps_of = ens.maps
     summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names,
                      "classifier": str(run["dir"]) if run else "trained with cross-validation",
                      "classifier_auc": dict(zip(ctx.index.class_names, [float(a) for a in auc]))}

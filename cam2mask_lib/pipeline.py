@@ -113,11 +113,12 @@ def cam_stage(ctx: Context, cls_result: dict, method: str = "gradcam++", aug_smo
                        progress=progress)
 
 
-def true_masks(ctx: Context, rows) -> "np.ndarray":
-    """True masks ``[len(rows), C, H, W]`` at the profile's input size (the scoring resolution)."""
+def true_masks(ctx: Context, rows, size=None) -> "np.ndarray":
+    """True masks ``[len(rows), C, H, W]`` at ``size``, by default the profile's input size (the
+    scoring resolution)."""
     from .data import resize_mask
 
-    size = ctx.profile.image_size
+    size = tuple(size or ctx.profile.image_size)
     return np.stack([resize_mask(ctx.index.mask(int(i)), size) for i in rows])
 
 
@@ -327,12 +328,8 @@ def _memo(ctx: Context) -> dict | None:
 
 def true_targets(ctx: Context) -> Targets:
     """The true masks (supervised training)."""
-    from .data import resize_mask
-
     size = seg_size(ctx.profile)
-    return Targets("true", {"masks": "true"},
-                   lambda rows: np.stack([resize_mask(ctx.index.mask(int(i)), size) for i in rows]),
-                   _memo(ctx))
+    return Targets("true", {"masks": "true"}, lambda rows: true_masks(ctx, rows, size), _memo(ctx))
 
 
 def _cam_maps(ctx: Context, cache, rows, aug_smooth: bool) -> np.ndarray:
@@ -453,16 +450,9 @@ def seg_stats(ctx: Context, trained: dict, thresholds=(SEG_THRESHOLD,), batch: i
     from .postprocess import collect_stats
     from .segment import predict_masks
 
-    from .data import resize_mask
-
     ds = seg_images(ctx)
     size = tuple(score_size or ctx.profile.image_size)
     loss = trained["config"].loss
-
-    def truth_of(rows):
-        if size == tuple(ctx.profile.image_size):
-            return true_masks(ctx, rows)
-        return np.stack([resize_mask(ctx.index.mask(int(i)), size) for i in rows])
 
     def parts():
         for k, model in trained["models"].items():
@@ -483,11 +473,11 @@ def seg_stats(ctx: Context, trained: dict, thresholds=(SEG_THRESHOLD,), batch: i
     def trues():
         for i in itertools.count():
             if truth is None:
-                yield truth_of(order[i])
+                yield true_masks(ctx, order[i], size)
                 continue
             key = (size, tuple(int(r) for r in order[i]))
             if key not in truth:  # the same batches recur for every network scored
-                truth[key] = np.packbits(truth_of(order[i]), axis=-1)
+                truth[key] = np.packbits(true_masks(ctx, order[i], size), axis=-1)
             yield np.unpackbits(truth[key], axis=-1, count=size[1])
 
     st = collect_stats(maps(), trues(), thresholds)
@@ -496,31 +486,27 @@ def seg_stats(ctx: Context, trained: dict, thresholds=(SEG_THRESHOLD,), batch: i
 
 
 # The thesis's grid (Table 4) and the lecture's toolbox: name -> SegConfig fields. "{cls}" is the
-# classifier's encoder (timm, as ``tu-<name>``), which these runs start from
-# (encoder_init="classifier"); "{enc}" is the profile's ``grid_encoder`` (the thesis's ResNet), or
-# where that is None the classifier's encoder again, started from the classifier.
+# classifier's encoder (timm, as ``tu-<name>``); "{enc}" is the profile's ``grid_encoder`` (the
+# thesis's ResNet), or where that is None the classifier's encoder again. grid_stage starts every
+# network whose encoder is the classifier's from the fold's classifier (encoder_init).
 THESIS_ARCHS = {"U-Net": dict(arch="thesis_unet"),
                 "U-Net with ResNet encoder": dict(arch="unet", encoder="{enc}"),
                 "ResNet encoder-decoder": dict(arch="resnet_encdec", encoder="{enc_timm}")}
 THESIS_LOSSES = {"BCE": "bce_dice", "CCE": "cce_dice", "Focal loss": "focal"}
 LECTURE_RUNS = {
-    "FPN": dict(arch="fpn", encoder="{cls}", encoder_init="classifier"),
-    "DeepLabV3+": dict(arch="deeplabv3plus", encoder="{cls}", encoder_init="classifier"),
-    "U-Net++": dict(arch="unetplusplus", encoder="{cls}", encoder_init="classifier"),
-    "U-Net (TernausNet-style)": dict(arch="unet", encoder="{cls}", encoder_init="classifier"),
+    "FPN": dict(arch="fpn", encoder="{cls}"),
+    "DeepLabV3+": dict(arch="deeplabv3plus", encoder="{cls}"),
+    "U-Net++": dict(arch="unetplusplus", encoder="{cls}"),
+    "U-Net (TernausNet-style)": dict(arch="unet", encoder="{cls}"),
     "U-Net (TernausNet-style), BCE - ln(Dice)": dict(arch="unet", encoder="{cls}",
-                                                     encoder_init="classifier", loss="bce_logdice"),
-    "U-Net (TernausNet-style), Lovasz": dict(arch="unet", encoder="{cls}",
-                                             encoder_init="classifier", loss="lovasz"),
+                                                     loss="bce_logdice"),
+    "U-Net (TernausNet-style), Lovasz": dict(arch="unet", encoder="{cls}", loss="lovasz"),
     "U-Net (TernausNet-style), BCE + label smoothing": dict(arch="unet", encoder="{cls}",
-                                                            encoder_init="classifier",
                                                             loss="bce_smooth"),
     # decay 0.9 (an average over the last ~10 steps): short CPU runs have only ~40 steps, where
     # 0.99 keeps two thirds of the random initial decoder in the average
-    "U-Net (TernausNet-style), EMA 0.9": dict(arch="unet", encoder="{cls}",
-                                              encoder_init="classifier", ema=0.9),
-    "U-Net (TernausNet-style), SWA": dict(arch="unet", encoder="{cls}", encoder_init="classifier",
-                                          swa_start=-1),
+    "U-Net (TernausNet-style), EMA 0.9": dict(arch="unet", encoder="{cls}", ema=0.9),
+    "U-Net (TernausNet-style), SWA": dict(arch="unet", encoder="{cls}", swa_start=-1),
 }
 
 
