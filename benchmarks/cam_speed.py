@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     prof = get_profile(args.profile)
-    enc = args.encoder or prof.encoder
+    enc = args.encoder or prof.classifier.encoder
     torch.manual_seed(0)
     model = build_classifier(enc, args.classes).eval()
     x = torch.randn(args.batch, 3, *prof.image_size)

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from cam2mask_lib.classify import build_classifier, resolve_device
+from cam2mask_lib.classify import build_classifier
+from cam2mask_lib.device import resolve_device
 from cam2mask_lib.profiles import get_profile
 
 
@@ -61,23 +62,25 @@ def main() -> None:
     ap.add_argument("--reference", default="efficientnet_b0", help="encoder to compare with")
     args = ap.parse_args()
     prof = get_profile(args.profile)
-    device = resolve_device(prof.device)
-    size, bs = prof.image_size, prof.batch_size
-    print(f"profile {prof.name}: {prof.encoder}, input {size[0]}x{size[1]}, batch {bs}, "
+    cfg = prof.classifier
+    device = resolve_device(cfg.device)
+    size, bs = cfg.image_size, cfg.batch_size
+    print(f"profile {prof.name}: {cfg.encoder}, input {size[0]}x{size[1]}, batch {bs}, "
           f"device {device}, torch threads {torch.get_num_threads()}")
-    tr, inf = throughput(prof.encoder, size, bs, args.batches, device, prof.channels_last)
-    print(f"{prof.encoder:24s} train {tr:7.1f} img/s   inference {inf:7.1f} img/s")
-    if args.reference != prof.encoder:
+    tr, inf = throughput(cfg.encoder, size, bs, args.batches, device, cfg.channels_last)
+    print(f"{cfg.encoder:24s} train {tr:7.1f} img/s   inference {inf:7.1f} img/s")
+    if args.reference != cfg.encoder:
         rtr, rinf = throughput(args.reference, size, bs, max(2, args.batches // 2), device,
-                               prof.channels_last)
+                               cfg.channels_last)
         print(f"{args.reference:24s} train {rtr:7.1f} img/s   inference {rinf:7.1f} img/s")
-        print(f"ratio {prof.encoder} / {args.reference}: train {tr / rtr:.1f}x, "
+        print(f"ratio {cfg.encoder} / {args.reference}: train {tr / rtr:.1f}x, "
               f"inference {inf / rinf:.1f}x")
-    n_train = int(prof.synthetic_n * (prof.n_folds - 1) / prof.n_folds) if prof.synthetic_n else None
+    n = prof.data.synthetic_n
+    n_train = int(n * (prof.n_folds - 1) / prof.n_folds) if n else None
     if n_train:
-        est = prof.n_folds * prof.epochs * n_train / tr
+        est = prof.n_folds * cfg.epochs * n_train / tr
         print(f"estimated pure training time for the profile: {prof.n_folds} folds x "
-              f"{prof.epochs} epochs x {n_train} images = {est / 60:.1f} min (+ validation)")
+              f"{cfg.epochs} epochs x {n_train} images = {est / 60:.1f} min (+ validation)")
 
 
 if __name__ == "__main__":

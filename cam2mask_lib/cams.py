@@ -23,13 +23,24 @@ stays flat and the final maps are made on demand (:func:`CamCache.maps`).
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pytorch_grad_cam as pgc
 import torch
+import torch.nn.functional as F
+from numpy.lib.format import open_memmap
+from pytorch_grad_cam import GuidedBackpropReLUModel
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch.func import jacrev, vmap
+from tqdm import tqdm
+
+from .device import model_device, to_model
+from .utils import bars, say, write_json
 
 FAST_METHODS = ("gradcam", "gradcam++", "layercam")
 AUG_FACTORS = (0.9, 1.0, 1.1)
@@ -38,8 +49,6 @@ AUG_VIEWS = tuple((flip, f) for flip in (False, True) for f in AUG_FACTORS)
 
 
 def _grad_cam_classes() -> dict:
-    import pytorch_grad_cam as pgc
-
     names = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
              "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM",
              "eigengradcam": "EigenGradCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM",
@@ -69,8 +78,6 @@ def _minmax(x):
 
 
 def _upsample_t(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    import torch.nn.functional as F
-
     lead = low.shape[:-2]
     flat = _minmax(low.reshape(-1, 1, *low.shape[-2:]).float())
     up = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
@@ -106,8 +113,6 @@ def smooth(views: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def head_jacobian(model, pooled: torch.Tensor, target: str = "logit") -> torch.Tensor:
     """``d target_c / d p`` for every image and class: ``[N, C, K]`` (head in eval mode)."""
-    from torch.func import jacrev, vmap
-
     def f(p):
         z = model.head(p[None])[0]
         return torch.sigmoid(z) if target == "prob" else z
@@ -142,7 +147,7 @@ def low_res_cams(model, x: torch.Tensor, method: str = "gradcam++", target: str 
         aij = torch.where(g != 0, aij, torch.zeros_like(aij))
         weights = (torch.clamp(g, min=0) * aij) * (h * w)  # summed over h*w equal positions
     cam = torch.einsum("nck,nkhw->nchw", weights, A)
-    return torch.clamp(cam, min=0).detach().numpy()
+    return torch.clamp(cam, min=0).detach().cpu().numpy()
 
 
 def _views(x: torch.Tensor, aug_smooth: bool):
@@ -158,8 +163,9 @@ def _views(x: torch.Tensor, aug_smooth: bool):
 def low_res_views(model, x: torch.Tensor, method: str, aug_smooth: bool, target: str = "logit"
                   ) -> np.ndarray:
     """ReLU'd low-resolution maps of every view: ``[N, V, C, h, w]`` (V = 6 with aug smoothing).
-    The backbone runs view by view (measured faster than one 6x larger batch); the head's
-    Jacobian and the weighting run once for all views."""
+    The backbone runs view by view (measured faster than one 6x larger batch) on the model's
+    device and layout; the head's Jacobian and the weighting run once for all views."""
+    x = to_model(x, model)
     with torch.no_grad():
         feats = [model.features(v) for v, _ in _views(x, aug_smooth)]
     low = low_res_cams(model, None, method, target, feats=torch.cat(feats))  # [V*N, C, h, w]
@@ -195,8 +201,6 @@ def library_cams(model, images, method, aug_smooth, target_layer, target, classe
     """Maps ``[N, len(classes), H, W]`` from pytorch-grad-cam's own class for ``method``, one call
     per class (logit targets, or sigmoid probabilities with ``target="prob"``): the reference the
     fast path is tested against, and the route for every other method."""
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     table = _grad_cam_classes()
     if method not in table:
         raise ValueError(f"unknown CAM method {method!r}; available: {available_methods()}")
@@ -211,6 +215,7 @@ def library_cams(model, images, method, aug_smooth, target_layer, target, classe
         def __call__(self, out):
             return torch.sigmoid(out)[..., self.c] if out.ndim == 1 else torch.sigmoid(out)[:, self.c]
 
+    images = images.to(model_device(model))
     cam = table[method](model=model, target_layers=[target_layer])
     try:
         maps = []
@@ -229,15 +234,12 @@ def library_cams(model, images, method, aug_smooth, target_layer, target, classe
 def guided_gradcam(model, image: torch.Tensor, cls: int, cam: np.ndarray | None = None) -> np.ndarray:
     """Guided Grad-CAM of one image ``[3, H, W]`` for class ``cls``: the upsampled Grad-CAM times
     guided-backpropagation saliency (pytorch-grad-cam's GuidedBackpropReLUModel), ``[H, W]``
-    normalised to [0, 1]."""
-    import copy
-
-    from pytorch_grad_cam import GuidedBackpropReLUModel
-
+    normalised to [0, 1] (computed on the model's device)."""
     if cam is None:
         cam = compute_cams(model, image[None], method="gradcam", classes=[cls])[0, 0]
-    gb_model = GuidedBackpropReLUModel(model=copy.deepcopy(model).eval(), device=image.device)
-    gb = gb_model(image[None].clone(), target_category=cls)  # [H, W, 3]
+    device = model_device(model)
+    gb_model = GuidedBackpropReLUModel(model=copy.deepcopy(model).eval(), device=device)
+    gb = gb_model(image[None].clone().to(device), target_category=cls)  # [H, W, 3]
     sal = np.abs(gb).mean(axis=-1) * cam
     return (sal - sal.min()) / (sal.max() - sal.min() + 1e-12)
 
@@ -279,19 +281,15 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
                 progress: bool = True) -> CamCache:
     """CAMs of every image from its own fold's model (out-of-fold, as the paper scores them),
     streamed batch by batch into ``out/maps.npy`` at feature-map resolution. An existing complete
-    cache with the same settings is reused; a partial one resumes from its last finished batch."""
-    from numpy.lib.format import open_memmap
-    from tqdm import tqdm
-
-    from .utils import write_json
-
+    cache with the same settings is reused; a partial one resumes from its last finished batch.
+    Each model runs on its own device and layout (as :func:`classify.fold_models` loads it)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(ds)
     V = len(AUG_VIEWS) if aug_smooth else 1
     any_model = next(iter(models_by_fold.values()))
     with torch.no_grad():
-        probe = any_model.eval().features(ds[0]["image"][None])
+        probe = any_model.eval().features(to_model(ds[0]["image"][None], any_model))
     C, (h, w) = any_model.num_classes, probe.shape[-2:]
     settings = {"method": method, "aug_smooth": aug_smooth, "target": target, "n": n,
                 "shape": [n, V, C, h, w]}
@@ -309,16 +307,14 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
     else:
         arr = open_memmap(maps_path, mode="w+", dtype=np.float16, shape=(n, V, C, h, w))
     bar = tqdm(total=n, desc=f"CAMs ({method}{', aug smooth' if aug_smooth else ''})",
-               disable=not progress, initial=len(done_rows))
+               disable=not bars(progress), initial=len(done_rows))
     for f in sorted(models_by_fold):
-        # channels_last network and batches: the same maps (within float rounding), measured
-        # 1.7x faster on CPU for MobileNetV3 at 128x800
-        model = models_by_fold[f].eval().to(memory_format=torch.channels_last)
+        model = models_by_fold[f].eval()
         rows = [int(r) for r in np.flatnonzero(folds == f) if int(r) not in done_rows]
+        say(progress, f"CAMs ({method}): fold {f}, {len(rows)} images")
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            x = torch.stack([ds[r]["image"] for r in chunk]).contiguous(
-                memory_format=torch.channels_last)
+            x = ds.batch(chunk)
             arr[chunk] = low_res_views(model, x, method, aug_smooth, target).astype(np.float16)
             arr.flush()
             done_rows.update(chunk)

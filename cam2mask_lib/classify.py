@@ -9,7 +9,7 @@ folds of the data layer. The weights of the 3 epochs with the lowest validation 
 
 The network returns **logits**; probabilities are ``sigmoid(logits)`` (the paper's final Sigmoid).
 The CAM stage differentiates the logits by default (as pytorch-grad-cam's ``ClassifierOutputTarget``
-does); ``cam_target="prob"`` there differentiates the probabilities instead.
+does); ``cams.compute_cams(..., target="prob")`` differentiates the probabilities instead.
 
 Every fold is checkpointed atomically after every epoch, with the random state needed to continue
 exactly: an interrupted fold resumes where it stopped and ends with the same weights as an
@@ -18,23 +18,32 @@ folder's name is a hash of both).
 """
 from __future__ import annotations
 
-import io
-import json
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
+import timm
 import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
-from .profiles import TrainConfig  # noqa: F401  (re-exported: classify.TrainConfig)
-from .utils import atomic_write_bytes, stable_hash, write_json
+from . import paper
+from .data import ImageDataset
+from .device import autocast, model_device, resolve_device, to_model
+from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
+from .utils import (ConfigError, UserError, atomic_write_text, bars, read_json, say, stable_hash,
+                    write_json)
 
 
-class PretrainedUnavailable(RuntimeError):
+class PretrainedUnavailable(UserError, RuntimeError):
     """ImageNet weights were asked for but could not be loaded (no network, no file)."""
 
 
@@ -92,8 +101,6 @@ def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
     or, with ``allow_random_init``, a warning says so plainly and the encoder starts from random
     weights.
     """
-    import timm
-
     kwargs = dict(num_classes=0, global_pool="")
     if weights_path is not None:
         path = Path(weights_path)
@@ -124,13 +131,57 @@ def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
 
 
 # --------------------------------------------------------------------------------------------
-# Training configuration
+# Configuration
 # --------------------------------------------------------------------------------------------
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass(frozen=True)
+class TrainConfig:
+    """The classifier's training settings; the defaults are the paper's (section IV).
+    ``image_size`` is also the CAM stage's input and the resolution masks are scored at."""
+
+    encoder: str = "efficientnet_b0"
+    image_size: tuple[int, int] = (256, 1600)
+    epochs: int = 30
+    batch_size: int = 64
+    lr_encoder: float = 1e-4
+    lr_head: float = 1e-3
+    plateau_patience: int = 3
+    plateau_factor: float = 0.5
+    hflip: bool = True
+    vflip: bool = False
+    hidden: int = 256
+    dropout: float = 0.2
+    top_k: int = 3
+    pretrained: bool = False
+    weights_path: str | None = None
+    allow_random_init: bool = True
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    cache_images: bool = True
+    channels_last: bool = True  # ~1.5x faster on CPU for MobileNet/EfficientNet
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if len(self.image_size) != 2 or min(self.image_size) < 32:
+            raise ConfigError(f"classifier image_size {self.image_size}: expected (height, width), "
+                             f"each at least 32 pixels (the encoder downsamples 32x)")
+        for name in ("epochs", "batch_size", "top_k"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"classifier {name}={getattr(self, name)}: must be at least 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"classifier num_workers={self.num_workers}: must be >= 0")
+        if not timm.is_model(self.encoder):
+            close = timm.list_models(f"*{self.encoder.split('_')[0][:6]}*")[:5]
+            raise ConfigError(f"classifier encoder {self.encoder!r} is not a timm model name"
+                              + (f"; similar names: {close}" if close else ""))
+
+    def key(self) -> dict:
+        """What the trained weights depend on (not where or how fast they are computed)."""
+        d = asdict(self)
+        for k in ("device", "num_workers", "cache_images"):
+            d.pop(k)
+        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,8 +206,6 @@ def averaged_model(model: Classifier, states: Sequence[dict], bn_batches: Iterab
                    device: torch.device) -> Classifier:
     """Average ``states`` into ``model`` with ``AveragedModel`` (equal weights), then recompute the
     BatchNorm statistics on ``bn_batches`` with ``update_bn``. Returns the plain module."""
-    from torch.optim.swa_utils import AveragedModel, update_bn
-
     swa = AveragedModel(model)
     for s in states:
         model.load_state_dict(s)
@@ -169,28 +218,12 @@ def averaged_model(model: Classifier, states: Sequence[dict], bn_batches: Iterab
 # Training one fold (resumable)
 # --------------------------------------------------------------------------------------------
 
-def _save(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _rng_for(cfg: TrainConfig, fold: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + fold * 10_007 + epoch)
-
-
 def _batches(ds, rows: np.ndarray, batch_size: int, gen: torch.Generator | None, num_workers: int):
     """Images and labels of ``ds`` in batches; shuffled with ``gen`` when given."""
     order = rows if gen is None else rows[torch.randperm(len(rows), generator=gen).numpy()]
     if num_workers > 0:
-        from torch.utils.data import DataLoader, Subset
-
         loader = DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, persistent_workers=False)
+                            num_workers=num_workers, persistent_workers=False, pin_memory=True)
         for b in loader:
             yield b["image"], b["labels"]
         return
@@ -210,36 +243,111 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.T
     return x
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, ds, rows: np.ndarray, batch_size: int,
-                   device: torch.device, num_workers: int = 0) -> np.ndarray:
+                   num_workers: int = 0) -> np.ndarray:
+    """Logits ``[len(rows), C]`` of ``model`` (eval mode) on its own device and layout."""
     model.eval()
-    # a channels_last network gets channels_last batches (mixed layouts take a slow path on CPU)
-    stem = next((p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
-    fmt = (torch.channels_last if stem is not None and not stem.is_contiguous()
-           and stem.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    device = model_device(model)
     out = []
     for x, _ in _batches(ds, rows, batch_size, None, num_workers):
-        with _autocast(device):
-            out.append(model(x.to(device).contiguous(memory_format=fmt)).float().cpu())
+        with autocast(device):
+            out.append(model(to_model(x, model)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.num_classes), np.float32)
 
 
 def roc_auc_per_class(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """ROC-AUC of each column; NaN where a class has only positives or only negatives."""
-    from sklearn.metrics import roc_auc_score
-
     out = np.full(y.shape[1], np.nan)
     for c in range(y.shape[1]):
         if 0 < y[:, c].sum() < len(y):
             out[c] = roc_auc_score(y[:, c], p[:, c])
     return out
+
+
+class ClassifierTrainer(ResumableTrainer):
+    """One fold of the paper's recipe: BCE, Adam with encoder/head learning rates,
+    ReduceLROnPlateau on the validation loss, flips; keeps the ``top_k`` epochs' weights."""
+
+    def __init__(self, ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainConfig,
+                 out: Path, progress: bool = True):
+        super().__init__(out, cfg.epochs, cfg.seed, fold, desc=f"fold {fold}", progress=progress)
+        self.ds, self.cfg, self.labels = ds, cfg, labels
+        self.train_rows = np.flatnonzero(folds != fold)
+        self.val_rows = np.flatnonzero(folds == fold)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed * 7919 + fold)
+        self.model = build_classifier(cfg.encoder, labels.shape[1], pretrained=cfg.pretrained,
+                                      weights_path=cfg.weights_path, hidden=cfg.hidden,
+                                      dropout=cfg.dropout, allow_random_init=cfg.allow_random_init)
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.opt = torch.optim.Adam(self.model.param_groups(cfg.lr_encoder, cfg.lr_head))
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+        self.loss_fn = nn.BCEWithLogitsLoss()  # mean over classes and batch, as the paper's formula
+        self.top: list[tuple[float, int]] = []  # (val loss, epoch), best first
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
+    def run_epoch(self, epoch, gen):
+        cfg, model = self.cfg, self.model
+        model.train()
+        t0, tot, n = time.perf_counter(), 0.0, 0
+        for x, y in _batches(self.ds, self.train_rows, cfg.batch_size, gen, cfg.num_workers):
+            x = _augment(x, cfg, gen)
+            with autocast(self.device):
+                loss = self.loss_fn(model(to_model(x, model)).float(), y.to(self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            tot += float(loss.detach()) * len(x)
+            n += len(x)
+        logits = predict_logits(model, self.ds, self.val_rows, cfg.batch_size * 2, cfg.num_workers)
+        y_val = self.labels[self.val_rows].astype(np.float32)
+        val_loss = float(self.loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val)))
+        auc = roc_auc_per_class(self.labels[self.val_rows], 1 / (1 + np.exp(-logits)))
+        self.sched.step(val_loss)
+        return {"fold": self.fold, "epoch": epoch, "train_loss": tot / max(n, 1),
+                "val_loss": val_loss,
+                "val_auc": float(np.nanmean(auc)) if not np.all(np.isnan(auc)) else float("nan"),
+                "lr_encoder": self.opt.param_groups[0]["lr"],
+                "lr_head": self.opt.param_groups[1]["lr"], "seconds": time.perf_counter() - t0}
+
+    def after_epoch(self, epoch, record):
+        """Keep the weights of the ``top_k`` epochs with the lowest validation loss."""
+        self.top.append((record["val_loss"], epoch))
+        self.top.sort()
+        if any(e == epoch for _, e in self.top[:self.cfg.top_k]):
+            save_checkpoint(self.out / f"epoch{epoch}.pt", self.model.state_dict())
+        for _, e in self.top[self.cfg.top_k:]:
+            (self.out / f"epoch{e}.pt").unlink(missing_ok=True)
+        self.top = self.top[:self.cfg.top_k]
+
+    def state(self):
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "top": self.top}
+
+    def load_state(self, st):
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.top = [tuple(t) for t in st["top"]]
+
+    def postfix(self, record):
+        return {"loss": f"{record['train_loss']:.3f}", "val": f"{record['val_loss']:.3f}",
+                "auc": f"{record['val_auc']:.3f}"}
+
+    def average(self) -> Classifier:
+        """The top epochs' weights averaged (BatchNorm statistics recomputed on the training
+        images): the fold's final model."""
+        states = [load_checkpoint(self.out / f"epoch{e}.pt") for _, e in self.top]
+        bn_gen = torch.Generator().manual_seed(self.cfg.seed + self.fold)
+        bn_batches = (x.contiguous(memory_format=self.memory_format)
+                      for x, _ in _batches(self.ds, self.train_rows, self.cfg.batch_size, bn_gen,
+                                           self.cfg.num_workers))
+        return averaged_model(self.model, states, bn_batches, self.device)
 
 
 def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainConfig,
@@ -249,116 +357,57 @@ def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainC
     Returns ``{"oof": probs of the fold's rows, "rows": those rows, "history": [...]}``.
     A finished fold (``out/done.json``) is loaded, not retrained.
     """
-    from tqdm import tqdm
-
-    out.mkdir(parents=True, exist_ok=True)
-    train_rows = np.flatnonzero(folds != fold)
-    val_rows = np.flatnonzero(folds == fold)
+    out = Path(out)
     done = out / "done.json"
     if done.is_file():
-        rec = json.loads(done.read_text())
-        return {"oof": np.load(out / "oof.npy"), "rows": val_rows, "history": rec["history"]}
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed * 7919 + fold)
-    model = build_classifier(cfg.encoder, labels.shape[1], pretrained=cfg.pretrained,
-                             weights_path=cfg.weights_path, hidden=cfg.hidden,
-                             dropout=cfg.dropout, allow_random_init=cfg.allow_random_init)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.param_groups(cfg.lr_encoder, cfg.lr_head))
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    loss_fn = nn.BCEWithLogitsLoss()  # mean over classes and batch, as the paper's formula
-    history: list[dict] = []
-    top: list[tuple[float, int]] = []  # (val loss, epoch), best first
-    start = 0
-    state_path = out / "state.pt"
-    if state_path.is_file():
-        st = _load(state_path)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        history, top, start = st["history"], [tuple(t) for t in st["top"]], st["epoch"] + 1
-    y_val = labels[val_rows]
-    bar = tqdm(range(start, cfg.epochs), desc=f"fold {fold}", disable=not progress,
-               initial=start, total=cfg.epochs, leave=False)
-    for epoch in bar:
-        gen = _rng_for(cfg, fold, epoch)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        model.train()
-        t0, tot, n = time.perf_counter(), 0.0, 0
-        for x, y in _batches(ds, train_rows, cfg.batch_size, gen, cfg.num_workers):
-            x = _augment(x, cfg, gen).to(device)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                loss = loss_fn(model(x).float(), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(x)
-            n += len(x)
-        logits = predict_logits(model, ds, val_rows, cfg.batch_size * 2, device, cfg.num_workers)
-        val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val.astype(np.float32))))
-        auc = roc_auc_per_class(y_val, 1 / (1 + np.exp(-logits)))
-        sched.step(val_loss)
-        rec = {"fold": fold, "epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": val_loss,
-               "val_auc": float(np.nanmean(auc)) if not np.all(np.isnan(auc)) else float("nan"),
-               "lr_encoder": opt.param_groups[0]["lr"], "lr_head": opt.param_groups[1]["lr"],
-               "seconds": time.perf_counter() - t0}
-        history.append(rec)
-        # keep the top-k epochs by validation loss
-        top.append((val_loss, epoch))
-        top.sort()
-        if any(e == epoch for _, e in top[:cfg.top_k]):
-            _save(out / f"epoch{epoch}.pt", model.state_dict())
-        for _, e in top[cfg.top_k:]:
-            (out / f"epoch{e}.pt").unlink(missing_ok=True)
-        top = top[:cfg.top_k]
-        _save(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "history": history, "top": top,
-                           "epoch": epoch})
-        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val_loss:.3f}",
-                        auc=f"{rec['val_auc']:.3f}")
-    bar.close()
-    states = [_load(out / f"epoch{e}.pt") for _, e in top]
-    bn_gen = torch.Generator().manual_seed(cfg.seed + fold)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    bn_batches = (x.contiguous(memory_format=fmt)
-                  for x, _ in _batches(ds, train_rows, cfg.batch_size, bn_gen, cfg.num_workers))
-    avg = averaged_model(model, states, bn_batches, device)
-    _save(out / "final.pt", avg.state_dict())
-    probs = 1 / (1 + np.exp(-predict_logits(avg, ds, val_rows, cfg.batch_size * 2, device,
+        rec = read_json(done)
+        return {"oof": np.load(out / "oof.npy"), "rows": np.flatnonzero(folds == fold),
+                "history": rec["history"]}
+    trainer = ClassifierTrainer(ds, labels, folds, fold, cfg, out, progress)
+    history = trainer.fit()
+    avg = trainer.average()
+    save_checkpoint(out / "final.pt", avg.state_dict())
+    probs = 1 / (1 + np.exp(-predict_logits(avg, ds, trainer.val_rows, cfg.batch_size * 2,
                                              cfg.num_workers)))
     np.save(out / "oof.npy", probs)
-    write_json(done, {"history": history, "averaged_epochs": [e for _, e in top]})
-    return {"oof": probs, "rows": val_rows, "history": history}
+    write_json(done, {"history": history, "averaged_epochs": [e for _, e in trainer.top]})
+    return {"oof": probs, "rows": trainer.val_rows, "history": history}
 
 
 # --------------------------------------------------------------------------------------------
 # Cross-validation
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class ClassifierRun:
+    """A cross-validated classifier: its run folder, configuration, class names, out-of-fold
+    probabilities ``oof`` [N, C] (NaN for folds not trained), training history, ROC-AUC per class
+    on the union of the finished folds, and whether every fold finished."""
+
+    dir: Path
+    config: TrainConfig
+    class_names: list[str]
+    oof: np.ndarray
+    history: pd.DataFrame
+    auc: np.ndarray
+    complete: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
 def run_dir(base: Path, index, folds: np.ndarray, cfg: TrainConfig) -> Path:
-    key = {"images": stable_hash(list(index.image_ids)), "labels": stable_hash(index.labels.tolist()),
+    key = {"data": index.fingerprint(masks=False), "labels": stable_hash(index.labels.tolist()),
            "folds": stable_hash(folds.tolist()), "train": cfg.key()}
     return Path(base) / f"{cfg.encoder}_{stable_hash(key)}"
 
 
 def train_cv(index, folds: np.ndarray, cfg: TrainConfig, base: Path,
-             only_folds: Iterable[int] | None = None, progress: bool = True, ds=None) -> dict:
-    """Train every fold (or ``only_folds``) and collect out-of-fold probabilities.
-
-    Returns ``{"dir", "oof" [N, C] (NaN for folds not trained), "history" DataFrame,
-    "auc" per class on the union of folds, "complete"}``; also writes ``oof.csv`` and
-    ``history.csv`` in the run folder.
-    """
-    import pandas as pd
-    from tqdm import tqdm
-
-    from .data import ImageDataset
-
+             only_folds: Iterable[int] | None = None, progress: bool = True,
+             ds=None) -> ClassifierRun:
+    """Train every fold (or ``only_folds``) and collect out-of-fold probabilities; also writes
+    ``config.json``, ``oof.csv`` and ``history.csv`` in the run folder."""
     out = run_dir(base, index, folds, cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"config": asdict(cfg), "n_images": len(index),
@@ -369,75 +418,95 @@ def train_cv(index, folds: np.ndarray, cfg: TrainConfig, base: Path,
     todo = list(range(n_folds)) if only_folds is None else sorted(set(only_folds))
     for k in todo:
         if not 0 <= k < n_folds:
-            raise ValueError(f"fold {k} does not exist; folds are 0..{n_folds - 1}")
+            raise ConfigError(f"fold {k} does not exist; folds are 0..{n_folds - 1}")
     oof = np.full(index.labels.shape, np.nan, dtype=np.float64)
     hist = []
-    for k in tqdm(range(n_folds), desc="folds", disable=not progress):
+    for k in tqdm(range(n_folds), desc="folds", disable=not bars(progress)):
         fdir = out / f"fold{k}"
         if k not in todo and not (fdir / "done.json").is_file():
             continue
+        say(progress, f"classifier: fold {k + 1}/{n_folds} ({out.name})")
         res = train_fold(ds, index.labels, folds, k, cfg, fdir, progress=progress)
         oof[res["rows"]] = res["oof"]
         hist += res["history"]
-    complete = not np.isnan(oof).any()
     history = pd.DataFrame(hist)
     df = pd.DataFrame(oof, columns=[f"p_{c}" for c in index.class_names])
     df.insert(0, "image_id", index.image_ids)
     df.insert(1, "fold", folds)
-    from .utils import atomic_write_text
     atomic_write_text(out / "oof.csv", df.to_csv(index=False))
     atomic_write_text(out / "history.csv", history.to_csv(index=False))
     done_rows = ~np.isnan(oof).any(1)
     auc = roc_auc_per_class(index.labels[done_rows], oof[done_rows]) if done_rows.any() else \
         np.full(index.num_classes, np.nan)
-    return {"dir": out, "oof": oof, "history": history, "auc": auc, "complete": complete}
+    return ClassifierRun(dir=out, config=cfg, class_names=list(index.class_names), oof=oof,
+                         history=history, auc=auc, complete=not np.isnan(oof).any())
 
 
-def load_run(run: str | Path, class_names=None) -> dict:
+# --------------------------------------------------------------------------------------------
+# Reading finished runs
+# --------------------------------------------------------------------------------------------
+
+def _fold_model(cfg: TrainConfig, num_classes: int, state_path: Path,
+                device: torch.device | str | None) -> Classifier:
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path}: this fold has not finished training")
+    model = build_classifier(cfg.encoder, num_classes, pretrained=False, hidden=cfg.hidden,
+                             dropout=cfg.dropout)
+    model.load_state_dict(load_checkpoint(state_path))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return model.to(resolve_device(device or cfg.device), memory_format=fmt).eval()
+
+
+def load_fold_model(run: Path, fold: int, num_classes: int, cfg: TrainConfig,
+                    device: torch.device | str | None = None) -> Classifier:
+    """The averaged (final) model of one fold in eval mode, on ``device`` (default: the
+    configuration's) and in the layout it was trained in."""
+    return _fold_model(cfg, num_classes, Path(run) / f"fold{fold}" / "final.pt", device)
+
+
+def fold_models(run: ClassifierRun, weights: str = "averaged",
+                device: torch.device | str | None = None) -> dict[int, Classifier]:
+    """The classifier of every finished fold: ``"averaged"`` (top-3 epochs, the paper's SWA) or
+    ``"best_epoch"`` (the single epoch with the lowest validation loss, no averaging)."""
+    if weights not in ("averaged", "best_epoch"):
+        raise ValueError(f"weights must be 'averaged' or 'best_epoch', got {weights!r}")
+    out = {}
+    for fdir in sorted(Path(run.dir).glob("fold*")):
+        k = int(fdir.name[4:])
+        if weights == "averaged":
+            out[k] = load_fold_model(run.dir, k, run.num_classes, run.config, device)
+        else:
+            best = read_json(fdir / "done.json")["averaged_epochs"][0]
+            out[k] = _fold_model(run.config, run.num_classes, fdir / f"epoch{best}.pt", device)
+    return out
+
+
+def load_run(run: str | Path, class_names=None, device=None) -> dict:
     """A finished classifier run folder (``.../classifier/<encoder>_<hash>/``, as ``train_cv``
-    writes it): ``{"config": TrainConfig, "class_names", "models": {fold: Classifier}}``. Raises
-    a clear error for a folder that is not one, has no finished fold, or (with ``class_names``)
-    was trained on other classes."""
-    import json
-
+    writes it): ``{"config": TrainConfig, "class_names", "dir", "models": {fold: Classifier}}``.
+    Raises a clear error for a folder that is not one, has no finished fold, or (with
+    ``class_names``) was trained on other classes."""
     run = Path(run)
     cfg_file = run / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run}: not a classifier run folder (no config.json); give the "
                                 f"folder that holds config.json and fold*/final.pt, e.g. "
                                 f"artifacts/cpu/classifier/<encoder>_<hash> or OUT/work/classifier/...")
-    meta = json.loads(cfg_file.read_text())
-    vals = dict(meta["config"])
-    vals["image_size"] = tuple(vals["image_size"])
-    cfg = TrainConfig(**vals)
+    meta = read_json(cfg_file)
+    cfg = TrainConfig(**meta["config"])
     names = [str(c) for c in meta.get("class_names", [])]
     if class_names is not None and len(names) != len(class_names):
-        raise ValueError(f"{run}: the classifier has {len(names)} classes {names}; the data has "
+        raise ConfigError(f"{run}: the classifier has {len(names)} classes {names}; the data has "
                          f"{len(class_names)} {list(class_names)}")
     folds = sorted(int(p.parent.name[4:]) for p in run.glob("fold*/final.pt"))
     if not folds:
         raise FileNotFoundError(f"{run}: no finished fold (fold*/final.pt)")
     return {"config": cfg, "class_names": names, "dir": run,
-            "models": {k: load_fold_model(run, k, len(names), cfg) for k in folds}}
-
-
-def load_fold_model(run: Path, fold: int, num_classes: int, cfg: TrainConfig) -> Classifier:
-    """The averaged (final) model of one fold, on the CPU, in eval mode."""
-    model = build_classifier(cfg.encoder, num_classes, pretrained=False, hidden=cfg.hidden,
-                             dropout=cfg.dropout)
-    path = Path(run) / f"fold{fold}" / "final.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: fold {fold} has not finished training")
-    model.load_state_dict(_load(path))
-    return model.eval()
+            "models": {k: load_fold_model(run, k, len(names), cfg, device) for k in folds}}
 
 
 def table1(auc: np.ndarray, class_names: Sequence[str], label: str):
     """Table 1: ROC-AUC per class on the union of the folds, the paper's rows beside ours."""
-    import pandas as pd
-
-    from . import paper
-
     rows = [{"model": label, **{f"class {c}": float(a) for c, a in zip(class_names, auc)},
              "mean": float(np.nanmean(auc)), "source": "this run"}]
     if list(class_names) == list(paper.CLASS_COUNTS):
@@ -449,8 +518,6 @@ def table1(auc: np.ndarray, class_names: Sequence[str], label: str):
 
 def plot_history(history):
     """Training and validation loss, and validation AUC, per epoch and fold."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for f, h in history.groupby("fold"):
         axes[0].plot(h["epoch"], h["train_loss"], "--", color=f"C{f}", alpha=0.7)
@@ -465,9 +532,6 @@ def plot_history(history):
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]):
     """ROC curve of each class from out-of-fold probabilities (rows with NaN skipped)."""
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
     ok = ~np.isnan(probs).any(1)
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     for c, name in enumerate(class_names):

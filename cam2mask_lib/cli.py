@@ -4,6 +4,7 @@
     cam2mask check DIR
     cam2mask train [--profile P] [--data-dir DIR] [--fold K ...] [--encoder NAME] [--epochs N]
     cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
+                       [--override FIELD=VALUE ...]
     cam2mask masks --data DIR --out OUT [--profile P] [--model RUN] [--image-size H W] [--epochs N] [--force]
 """
 from __future__ import annotations
@@ -13,13 +14,14 @@ import ast
 import sys
 
 from . import __version__
+from .utils import ConfigError, UserError
 
 
-def _parse_set(items: list[str]) -> dict:
+def _parse_set(items: list[str], option: str) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = ast.literal_eval(v)
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights-path", help="local timm weights file for the encoder")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: the profile's)")
     t.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
 
     m = sub.add_parser("masks", formatter_class=fmt,
                        help="turn a labelled image folder into segmentation masks",
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/work/classifier/...) instead of training; its fold models are "
                         "averaged (default: train with cross-validation)")
     m.add_argument("--force", action="store_true", help="replace an --out holding something else")
-    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
 
     r = sub.add_parser("reproduce", formatter_class=fmt,
                        help="execute the notebooks in order with papermill",
@@ -110,69 +112,111 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
     r.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
                    help="extra notebook parameters")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--override", nargs="+", metavar="FIELD=VALUE", default=[],
+                   help="profile fields for every notebook, dotted (e.g. "
+                        "classifier.weights_path=/w/b0.pth segmentation.net.epochs=5)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's mistake (bad data, a bad option, an existing output) is one line
+    on stderr and exit code 2; Ctrl-C says how to resume and exits with 130; anything else is a
+    bug and keeps its traceback. The stages are imported in the branch that needs them, on
+    purpose: ``cam2mask --help`` and ``cam2mask check`` then start without loading torch."""
     args = build_parser().parse_args(argv)
-    from .data import DataError
-    from .runner import ReproduceError
-
     try:
-        if args.command == "synth":
-            from .synth import generate
-
-            out = generate(args.out, n=args.n, seed=args.seed, height=args.height,
-                           width=args.width, force=args.force)
-            print(f"wrote {args.n} synthetic images and train.csv to {out}")
-        elif args.command == "check":
-            import numpy as np
-
-            from .data import load_dataset
-
-            idx = load_dataset(args.data, check="full")
-            for i in range(len(idx)):
-                idx.mask(i)
-            print(idx.describe())
-            print(f"images per class: {dict(zip(idx.class_names, idx.labels.sum(0).tolist()))}; "
-                  f"defect-free: {int((idx.labels.sum(1) == 0).sum())}; sizes: "
-                  f"{sorted({tuple(s) for s in np.asarray(idx.shapes).tolist()})[:5]}")
-        elif args.command == "train":
-            from .pipeline import classifier_stage, context
-
-            ctx = context(args.profile, args.data_dir, artifacts_dir=args.artifacts_dir,
-                          progress=not args.no_progress, encoder=args.encoder,
-                          epochs=args.epochs, weights_path=args.weights_path, device=args.device)
-            res = classifier_stage(ctx, only_folds=args.fold, progress=not args.no_progress)
-            aucs = ", ".join(f"{c}: {a:.4f}" for c, a in zip(ctx.index.class_names, res["auc"]))
-            state = "all folds" if res["complete"] else "finished folds only"
-            print(f"run folder {res['dir']}\nROC-AUC ({state}): {aucs}")
-        elif args.command == "masks":
-            from .masks import make_masks
-
-            summary = make_masks(args.data, args.out, profile=args.profile, force=args.force,
-                                 progress=not args.no_progress, model=args.model,
-                                 image_size=args.image_size,
-                                 epochs=args.epochs, encoder=args.encoder, n_folds=args.folds)
-            print(f"masks of {summary['images']} images, classes {summary['classes']} -> "
-                  f"{summary['out']} ({summary['postprocessing']})")
-            print(f"classifier: {'loaded from ' + summary['classifier'] if args.model else summary['classifier']}")
-            if "dice" in summary:
-                print(f"Dice on defective images {summary['dice']['dice_defective_images']:.4f}, "
-                      f"on non-empty masks {summary['dice']['dice_nonempty_masks']:.4f}")
-        elif args.command == "reproduce":
-            from .runner import reproduce
-
-            runs = reproduce(args.profile, only=args.only, data_dir=args.data_dir,
-                             output_dir=args.output_dir, figures=args.figures_dir,
-                             artifacts=args.artifacts_dir, extra=_parse_set(args.set),
-                             progress=not args.no_progress)
-            total = sum(r.seconds for r in runs)
-            print(f"reproduced {len(runs)} notebook(s) in {total:.0f} s")
-    except (DataError, ReproduceError, FileExistsError, FileNotFoundError, KeyError,
-            ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"cam2mask {args.command}: error: {msg}", file=sys.stderr)
+        return _run(args)
+    except (UserError, FileExistsError, FileNotFoundError) as e:
+        print(f"cam2mask {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cam2mask {args.command}: interrupted; finished work is kept, and the same command "
+              f"resumes from it", file=sys.stderr)
+        return 130
+
+
+def _progress(args):
+    """Bars on a terminal; with --no-progress (or without a terminal) one plain line per stage,
+    fold and epoch, so a log file still says where a long job is."""
+    return "lines" if args.no_progress else True
+
+
+def _train(args) -> int:
+    """``cam2mask train``; under ``torchrun --nproc_per_node=G`` the folds are spread over the G
+    ranks (see :mod:`cam2mask_lib.distributed`) and rank 0 reports the assembled result."""
+    from . import distributed
+    from .pipeline import classifier_stage, context
+
+    device = args.device
+    if distributed.launched():
+        _, _, device = distributed.init()
+    try:
+        with distributed.rank_zero_first():  # data, folds and the image cache made once
+            ctx = context(args.profile, args.data_dir, artifacts_dir=args.artifacts_dir,
+                          progress=_progress(args) if distributed.rank() == 0 else False,
+                          device=device, classifier={"encoder": args.encoder,
+                                                     "epochs": args.epochs,
+                                                     "weights_path": args.weights_path})
+            ctx.images()
+        n_ranks = distributed.world()
+        todo = sorted(set(args.fold)) if args.fold else list(range(ctx.profile.n_folds))
+        classifier_stage(ctx, only_folds=distributed.my_folds(todo), progress=_progress(args))
+        distributed.barrier()
+        if distributed.rank() != 0:
+            return 0
+        res = classifier_stage(ctx, only_folds=todo, progress=False)  # every fold done: read
+    finally:
+        distributed.finish()
+    aucs = ", ".join(f"{c}: {a:.4f}" for c, a in zip(ctx.index.class_names, res.auc))
+    state = "all folds" if res.complete else "finished folds only"
+    ranks = f" on {n_ranks} ranks" if n_ranks > 1 else ""
+    print(f"run folder {res.dir}{ranks}\nROC-AUC ({state}): {aucs}")
+    return 0
+
+
+def _run(args) -> int:
+    if args.command == "synth":
+        from .synth import generate
+
+        out = generate(args.out, n=args.n, seed=args.seed, height=args.height,
+                       width=args.width, force=args.force)
+        print(f"wrote {args.n} synthetic images and train.csv to {out}")
+    elif args.command == "check":
+        import numpy as np
+
+        from .data import load_dataset
+
+        idx = load_dataset(args.data, check="full")
+        for i in range(len(idx)):
+            idx.mask(i)
+        print(idx.describe())
+        print(f"images per class: {dict(zip(idx.class_names, idx.labels.sum(0).tolist()))}; "
+              f"defect-free: {int((idx.labels.sum(1) == 0).sum())}; sizes: "
+              f"{sorted({tuple(s) for s in np.asarray(idx.shapes).tolist()})[:5]}")
+    elif args.command == "train":
+        return _train(args)
+    elif args.command == "masks":
+        from .masks import make_masks
+
+        summary = make_masks(args.data, args.out, profile=args.profile, force=args.force,
+                             progress=_progress(args), model=args.model,
+                             image_size=args.image_size,
+                             epochs=args.epochs, encoder=args.encoder, n_folds=args.folds)
+        print(f"masks of {summary['images']} images, classes {summary['classes']} -> "
+              f"{summary['out']} ({summary['postprocessing']})")
+        print(f"classifier: {'loaded from ' + summary['classifier'] if args.model else summary['classifier']}")
+        if "dice" in summary:
+            print(f"Dice on defective images {summary['dice']['dice_defective_images']:.4f}, "
+                  f"on non-empty masks {summary['dice']['dice_nonempty_masks']:.4f}")
+    elif args.command == "reproduce":
+        from .runner import reproduce
+
+        runs = reproduce(args.profile, only=args.only, data_dir=args.data_dir,
+                         output_dir=args.output_dir, figures=args.figures_dir,
+                         artifacts=args.artifacts_dir, extra=_parse_set(args.set, "--set"),
+                         progress=not args.no_progress,
+                         overrides=_parse_set(args.override, "--override"))
+        total = sum(r.seconds for r in runs)
+        print(f"reproduced {len(runs)} notebook(s) in {total:.0f} s")
     return 0

@@ -6,8 +6,11 @@ function returns a matplotlib figure. The notebook shows them and writes them wi
 """
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Rectangle
 
 from . import paper
 from .data import DatasetIndex, rle_decode
@@ -159,7 +162,6 @@ def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.35) -> np.nda
 
 def plot_examples(index: DatasetIndex, rows: list[int], title: str | None = None):
     """Each image with its masks tinted and outlined, one row per image."""
-    import matplotlib.pyplot as plt
 
     n = max(len(rows), 1)
     h, w = (int(v) for v in index.shapes[rows[0]]) if rows else (256, 1600)
@@ -182,7 +184,6 @@ def plot_examples(index: DatasetIndex, rows: list[int], title: str | None = None
 
 def plot_class_counts(table: pd.DataFrame):
     """Bar chart of images per class; paper's share beside ours when present."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = np.arange(len(table))
@@ -205,8 +206,6 @@ def plot_class_counts(table: pd.DataFrame):
 
 
 def plot_cooccurrence(mat: pd.DataFrame):
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(4.5, 3.8))
     sns.heatmap(mat, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
@@ -218,8 +217,6 @@ def plot_cooccurrence(mat: pd.DataFrame):
 
 
 def plot_mask_areas(areas: pd.DataFrame, class_names):
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if len(areas):
@@ -236,8 +233,6 @@ def plot_mask_areas(areas: pd.DataFrame, class_names):
 def plot_rle_example(rle: str = "29102 12 29346 24 29602 24 29858 24",
                      shape: tuple[int, int] = (256, 1600)):
     """The RLE runs of a Kaggle row drawn on the pixel grid: column-major numbering, 1-based."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     mask = rle_decode(rle, shape)
     ys, xs = np.nonzero(mask)

@@ -18,13 +18,26 @@ Work (folds, checkpoints, CAMs) lives in ``OUT/work`` so an interrupted run resu
 """
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .utils import write_json
+from . import paper
+from . import postprocess as pp
+from .cams import compute_cams
+from .classify import load_run, predict_logits, roc_auc_per_class
+from .data import DataError, load_dataset, resize_mask
+from .eda import overlay
+from .experiments import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, min_areas,
+                          per_class_table, stats_from_cache)
+from .pipeline import cam_stage, classifier_stage, context
+from .profiles import get_profile
+from .report import markdown_table
+from .utils import ConfigError, atomic_write_bytes, atomic_write_text, write_json
 
 STATE_FILE = "cam2mask_masks.json"
 MAX_PREVIEWS = 100
@@ -32,14 +45,6 @@ MAX_PREVIEWS = 100
 
 def _preview(index, i: int, masks: np.ndarray, folder: Path) -> None:
     """The image at its own size with its predicted masks tinted (JPEG)."""
-    import io
-
-    from PIL import Image
-
-    from .data import resize_mask
-    from .eda import overlay
-    from .utils import atomic_write_bytes
-
     img = index.image(i)
     full = resize_mask(np.ascontiguousarray(masks), img.shape[:2])
     buf = io.BytesIO()
@@ -49,6 +54,8 @@ def _preview(index, i: int, masks: np.ndarray, folder: Path) -> None:
 
 def _claim_output(out: Path, settings: dict, force: bool) -> None:
     state = out / STATE_FILE
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file, not a folder; choose a folder")
     if out.exists() and any(out.iterdir()):
         mine = False
         if state.is_file():
@@ -75,65 +82,88 @@ class _Ensemble:
 
     def probs(self, rows) -> np.ndarray:
         """``[len(rows), C]``: the mean of the fold models' sigmoid probabilities."""
-        import torch
-
-        from .classify import predict_logits
-
         rows = np.asarray(rows)
-        return np.mean([1 / (1 + np.exp(-predict_logits(m, self.ds, rows, self.batch,
-                                                          torch.device("cpu"))))
+        return np.mean([1 / (1 + np.exp(-predict_logits(m, self.ds, rows, self.batch)))
                         for m in self.models], axis=0).astype(np.float64)
 
     def maps(self, rows) -> np.ndarray:
         """``[len(rows), C, H, W]``: the mean of the fold models' Grad-CAM++ (aug smoothing)."""
-        import torch
-
-        from .cams import compute_cams
-
-        x = torch.stack([self.ds[int(i)]["image"] for i in np.asarray(rows)])
+        x = self.ds.batch(np.asarray(rows))
         return np.mean([compute_cams(m, x, "gradcam++", aug_smooth=True, batch_size=self.batch)
                         for m in self.models], axis=0)
+
+
+def fit_input_size(shapes: np.ndarray, budget: tuple[int, int]) -> tuple[int, int]:
+    """A network input for images of these ``shapes`` ``[N, 2]``: their median aspect ratio, the
+    pixel count of ``budget`` (the profile's input, so the cost per image stays the profile's),
+    each side a multiple of 32 (the encoder's stride) and at least 64 (feature maps of 2 or more
+    cells). 256x1600 images with a 128x800 budget keep 128x800; 200x200 images get 320x320."""
+    h, w = (float(v) for v in np.median(np.asarray(shapes, float), axis=0))
+    pixels = budget[0] * budget[1]
+    height = (pixels * h / w) ** 0.5
+    return (max(64, int(round(height / 32)) * 32), max(64, int(round(height * w / h / 32)) * 32))
+
+
+def _folds(asked: int | None, default: int, n_images: int, data: Path) -> int:
+    """The number of folds: ``--folds`` as given (2 to the number of images), or the profile's,
+    lowered to the number of images for a tiny data set."""
+    if asked is not None:
+        if asked < 2:
+            raise ConfigError(f"--folds {asked}: cross-validation needs at least 2 folds")
+        if asked > n_images:
+            raise ConfigError(f"--folds {asked}: {data} has only {n_images} images; at most "
+                              f"{n_images} folds")
+        return int(asked)
+    if n_images < 2:
+        raise DataError(f"{data}: {n_images} image; cross-validation needs at least 2 images")
+    return min(default, n_images)
 
 
 def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: bool = False,
                progress: bool = True, model: str | Path | None = None, **overrides) -> dict:
     """Run the whole method on ``data`` and write masks to ``out``; returns a summary dict.
-    ``model``: a finished classifier run folder to use instead of training one."""
-    from . import paper
-    from . import postprocess as pp
-    from .data import load_dataset
-    from .pipeline import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, cam_stage,
-                           classifier_stage, context, min_areas, per_class_table,
-                           stats_from_cache, true_masks)
-    from .profiles import get_profile
-    from .report import markdown_table
-
+    ``model``: a finished classifier run folder to use instead of training one. ``overrides``:
+    ``image_size``, ``epochs``, ``encoder`` (the classifier's) and ``n_folds``."""
     data, out = Path(data), Path(out)
     index = load_dataset(data)  # fails early, naming the file, on bad input
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    prof = get_profile(profile, **overrides)
-    n_folds = min(prof.n_folds, len(index))
-    if n_folds < 2:
-        raise ValueError(f"{data}: {len(index)} image(s); cross-validation needs at least 2")
+    unknown = sorted(set(overrides) - {"image_size", "epochs", "encoder", "n_folds"})
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; masks takes image_size, epochs, encoder, "
+                       f"n_folds")
+    positives = index.labels.sum(0)
+    if not positives.any():
+        raise DataError(f"{index.csv_path}: no image is labelled with any class "
+                        f"({', '.join(index.class_names)}): there is nothing for the classifier "
+                        f"to learn and no defect to find, so no masks are made")
     run = None
     if model is not None:
-        from .classify import load_run
-
         fixed = sorted(set(overrides) & {"image_size", "encoder", "epochs"})
         if fixed:
-            raise ValueError(f"--model fixes the classifier; do not also give {fixed}")
+            raise ConfigError(f"--model fixes the classifier; do not also give {fixed}")
         run = load_run(model, index.class_names)
         overrides["image_size"] = run["config"].image_size
-        prof = get_profile(profile, **overrides)
+    asked_folds = overrides.pop("n_folds", None)
+    fitted = None
+    if "image_size" not in overrides:  # follow the data, not the profile's Severstal shape
+        fitted = fit_input_size(index.shapes, get_profile(profile).image_size)
+        overrides["image_size"] = fitted
+    prof = get_profile(profile, classifier=overrides)  # every option checked before any work
+    n_folds = _folds(asked_folds, prof.n_folds, len(index), data)
+    prof = get_profile(prof, n_folds=n_folds)
     settings = {"data": str(data.resolve()), "profile": prof.name,
                 "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in sorted(overrides.items())},
                 "n_folds": n_folds, "model": str(Path(model).resolve()) if model else None}
     _claim_output(out, settings, force)
-    ctx = context(prof, data, artifacts_dir=out / "work", figures_dir=out, n_folds=n_folds,
-                  progress=progress, index=index)
+    ctx = context(prof, data, artifacts_dir=out / "work", figures_dir=out, progress=progress,
+                  index=index)
     say = print if progress else (lambda *a, **k: None)
     say(ctx.describe())
+    if fitted:
+        h, w = (int(v) for v in np.median(index.shapes, axis=0))
+        say(f"input size {fitted[0]}x{fitted[1]}: the images' median shape {h}x{w} at the "
+            f"profile's pixel budget, sides multiples of 32 (--image-size H W to choose)")
     rows = np.arange(len(ctx.index))
     size = ctx.profile.image_size
     aug = VARIANTS[BEST_VARIANT][1]
@@ -141,16 +171,14 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         cls = classifier_stage(ctx, progress=progress)
         method, _, weights = VARIANTS[BEST_VARIANT]
         cache = cam_stage(ctx, cls, method, aug, weights, progress=progress)
-        probs = cls["oof"]
-        auc = cls["auc"]
+        probs, auc = cls.oof, cls.auc
 
         def maps_of(c):
             return cache.maps(c, size)
     else:
-        from .classify import roc_auc_per_class
-
         say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
             f"mean), not trained")
+        run["models"] = {k: m.to(ctx.device) for k, m in run["models"].items()}
         ens = _Ensemble(run, ctx.images())
         probs = ens.probs(rows)
         auc = roc_auc_per_class(ctx.index.labels, probs)
@@ -158,13 +186,20 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names,
                      "classifier": str(run["dir"]) if run else "trained with cross-validation",
                      "classifier_auc": dict(zip(ctx.index.class_names, [float(a) for a in auc]))}
+    never = [c for c, n in zip(ctx.index.class_names, positives) if n == 0]
+    if never:  # no positive image: nothing to localise, and ROC-AUC is undefined
+        probs = probs.copy()
+        probs[:, positives == 0] = -np.inf  # below every confidence: no mask is ever drawn
+        summary["classes_without_positives"] = never
+        say(f"class(es) {never}: no image is labelled with them, so they get no masks and no "
+            f"ROC-AUC (undefined without positives)")
     if ctx.index.has_masks:
         if run is None:
             stats = stats_from_cache(ctx, cache, rows, THRESHOLDS, aug)
         else:
             chunks = np.array_split(rows, max(1, len(rows) // 32))
             stats = pp.collect_stats((maps_of(c) for c in chunks),
-                                     (true_masks(ctx, c) for c in chunks), THRESHOLDS)
+                                     (ctx.true_masks(c) for c in chunks), THRESHOLDS)
         params, _ = pp.search(stats, probs, CONFIDENCES, min_areas(ctx), per_class=True)
         rep = pp.report(stats, probs, params, ctx.index.class_names)
         summary["postprocessing"] = ("tuned per class on the true masks (" +
@@ -176,9 +211,10 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
                                  s["dice_defective_images"], "Dice (non-empty masks)":
                                  s["dice_nonempty_masks"], "non-empty masks":
                                  int(rep.true_nonempty.sum())}
-        table.to_csv(out / "dice_report.csv", index=False)
-        (out / "dice_report.md").write_text(
-            f"### Dice of the masks against {data}/masks\n\n"
+        truth = ctx.index.csv_path if ctx.index.format == "severstal" else data / "masks"
+        atomic_write_text(out / "dice_report.csv", table.to_csv(index=False))
+        atomic_write_text(out / "dice_report.md",
+            f"### Dice of the masks against {truth}\n\n"
             f"Post-processing {params.describe()} (tuned per class on these masks: an optimistic "
             f"estimate). Kaggle Dice per (image, class), 1 when both are empty, at "
             f"{size[0]}x{size[1]}.\n\n{markdown_table(table)}\n")

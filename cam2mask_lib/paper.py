@@ -1,4 +1,8 @@
-"""The paper's, thesis's and brief's reference numbers, printed beside ours (``shared/PAPER.md``).
+"""The paper's, thesis's and brief's reference numbers, printed beside ours.
+
+This module is the repository's only copy of them: quoted from the paper (Sydorskyi 2022), the
+thesis that accompanies it, and the project's brief (measured statistics of real Severstal images);
+none of those texts is part of this repository.
 
 These are quotations, not results: every table that shows one of them says so in its column name.
 """

@@ -13,13 +13,18 @@ area; a combination then only chooses, per pair, between that mask and the empty
 """
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
+from .data import resize_mask, rle_encode
 from .metrics import DiceReport, dice_pairs
+from .utils import atomic_write_bytes, atomic_write_text
 
 
 @dataclass
@@ -78,10 +83,11 @@ class Stats:
         return i
 
 
-def collect_stats(map_batches, true_batches, thresholds: Sequence[float]) -> Stats:
+def collect_stats(map_batches, true_batches, thresholds: Sequence[float],
+                  rows: np.ndarray | None = None) -> Stats:
     """Stream ``(maps [B, C, H, W], true masks [B, C, H, W])`` batches into :class:`Stats`
     (one comparison per threshold and batch: measured faster here than binning all thresholds at
-    once with searchsorted + bincount)."""
+    once with searchsorted + bincount). ``rows``: the dataset rows of the batches, in order."""
     th = np.asarray(sorted(set(float(t) for t in thresholds)))
     inter, area, true_area, pixels = [], [], [], None
     for maps, true in zip(map_batches, true_batches):
@@ -97,8 +103,11 @@ def collect_stats(map_batches, true_batches, thresholds: Sequence[float]) -> Sta
         area.append(np.stack(ab))
     if pixels is None:
         raise ValueError("no batches to collect statistics from")
-    return Stats(th, np.concatenate(inter, 1), np.concatenate(area, 1),
-                 np.concatenate(true_area, 0), pixels)
+    true_area = np.concatenate(true_area, 0)
+    rows = np.arange(len(true_area)) if rows is None else np.asarray(rows)
+    if len(rows) != len(true_area):
+        raise ValueError(f"{len(rows)} rows given for {len(true_area)} images collected")
+    return Stats(th, np.concatenate(inter, 1), np.concatenate(area, 1), true_area, pixels, rows)
 
 
 def pair_dice(stats: Stats, probs: np.ndarray, params: Params) -> np.ndarray:
@@ -174,16 +183,12 @@ def write_predictions(index, batches, out: str | Path, png: bool = True, empty_p
     ``(rows, masks [len(rows), C, h, w])``: a Kaggle-format RLE CSV (``ImageId,ClassId,
     EncodedPixels``, non-empty masks only) and, with ``png``, ``masks/<class>/<image stem>.png``
     (255 = defect) for every non-empty mask (a missing PNG is an empty mask), or for every mask
-    with ``empty_png``. Returns the CSV path."""
-    import io
-
-    from PIL import Image
-
-    from .data import resize_mask, rle_encode
-    from .utils import atomic_write_bytes, atomic_write_text
-
+    with ``empty_png``. The CSV is quoted where a name needs it (a comma, a quote). Returns the
+    CSV path."""
     out = Path(out)
-    lines = ["ImageId,ClassId,EncodedPixels"]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["ImageId", "ClassId", "EncodedPixels"])
     for rows, masks in batches:
         for k, i in enumerate(rows):
             h, w = (int(v) for v in index.shapes[i])
@@ -191,7 +196,7 @@ def write_predictions(index, batches, out: str | Path, png: bool = True, empty_p
             name = index.image_ids[i]
             for c, cname in enumerate(index.class_names):
                 if full[c].any():
-                    lines.append(f"{name},{cname},{rle_encode(full[c])}")
+                    writer.writerow([name, cname, rle_encode(full[c])])
                 elif not empty_png:
                     continue
                 if png:
@@ -199,4 +204,4 @@ def write_predictions(index, batches, out: str | Path, png: bool = True, empty_p
                     Image.fromarray(full[c] * 255).save(buf, format="PNG")
                     atomic_write_bytes(out / "masks" / cname / f"{Path(name).stem}.png",
                                        buf.getvalue())
-    return atomic_write_text(out / csv_name, "\n".join(lines) + "\n")
+    return atomic_write_text(out / csv_name, text.getvalue())

@@ -1,4 +1,5 @@
-"""Profiles: one named, frozen set of parameters per scale of run.
+"""Profiles: one named, frozen set of parameters per scale of run, composed of the stages' own
+configurations.
 
 ``smoke``  tests and CI: a few dozen small synthetic images; every notebook runs in seconds.
 ``cpu``    the default main job on a laptop or this project's 2-core build machines, no GPU, no
@@ -6,97 +7,105 @@
            size (see the profile's ``notes`` for the budget).
 ``paper``  the real Kaggle Severstal data at full size on a GPU with the paper's settings.
 
-Anything can be overridden: ``get_profile("cpu", epochs=3)``; an unknown name or field is an error
-that lists the valid ones. Later stages read their settings from here, so a notebook's parameters
-cell only names the profile and the few values a reader is likely to change.
+A :class:`Profile` holds what every stage shares (``seed``, ``device``, ``n_folds``) and one
+configuration per stage, each defined by the stage that uses it: ``data`` (:class:`DataConfig`,
+below), ``classifier`` (:class:`classify.TrainConfig`), ``segmentation``
+(:class:`seg_stage.SegStageConfig`, whose ``net`` is a :class:`segment.SegConfig`) and ``grid``
+(:class:`experiments.GridConfig`). Anything can be overridden, by section or with dotted names::
+
+    get_profile("cpu", seed=1, classifier={"epochs": 3})
+    get_profile("cpu", **{"classifier.epochs": 3, "segmentation.net.loss": "focal"})
+
+An unknown name or field is an error that lists the valid ones. Later stages read their settings
+from here, so a notebook's parameters cell only names the profile and the few values a reader is
+likely to change.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .utils import repo_root
+from .classify import TrainConfig
+from .data import DatasetIndex, load_dataset
+from .experiments import GridConfig
+from .seg_stage import SegStageConfig
+from .segment import SegConfig
+from .synth import ensure_synthetic
+from .utils import ConfigError, repo_root
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The classifier's training settings; the defaults are the paper's (section IV)."""
+class DataConfig:
+    """Which data a profile runs on: a folder (``data_dir``, Severstal or generic format) or, when
+    None, a synthetic set of ``synthetic_n`` images of ``synthetic_size`` generated on first use."""
 
-    encoder: str = "efficientnet_b0"
-    image_size: tuple[int, int] = (256, 1600)
-    epochs: int = 30
-    batch_size: int = 64
-    lr_encoder: float = 1e-4
-    lr_head: float = 1e-3
-    plateau_patience: int = 3
-    plateau_factor: float = 0.5
-    hflip: bool = True
-    vflip: bool = False
-    hidden: int = 256
-    dropout: float = 0.2
-    top_k: int = 3
-    pretrained: bool = False
-    weights_path: str | None = None
-    allow_random_init: bool = True
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    cache_images: bool = True
-    channels_last: bool = True  # ~1.5x faster on CPU for MobileNet/EfficientNet
-
-    @classmethod
-    def from_profile(cls, profile, **overrides) -> "TrainConfig":
-        keys = set(cls.__dataclass_fields__)
-        vals = {k: getattr(profile, k) for k in keys if hasattr(profile, k)}
-        vals.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(vals) - keys)
-        if unknown:
-            raise KeyError(f"unknown training parameter(s) {unknown}; valid: {sorted(keys)}")
-        vals["image_size"] = tuple(int(v) for v in vals.get("image_size", cls.image_size))
-        return cls(**vals)
-
-    def key(self) -> dict:
-        """What the trained weights depend on (not where or how fast they are computed)."""
-        d = dataclasses.asdict(self)
-        for k in ("device", "num_workers", "cache_images"):
-            d.pop(k)
-        return d
-
-
-@dataclass(frozen=True)
-class Profile(TrainConfig):
-    """A training configuration plus the data it runs on and the number of folds."""
-
-    name: str = ""
-    notes: str = ""
-    # data: None = the synthetic set below, generated into the artifacts folder on first use
     data_dir: str | None = None
     synthetic_n: int = 800
     synthetic_size: tuple[int, int] = (256, 1600)
-    n_folds: int = 5
-    # the segmentation stage (notebooks 04-05; see segment.SegConfig for the seg_* fields)
-    seg_size: tuple[int, int] | None = None  # network input (sides divisible by 32); None: image_size
-    seg_arch: str = "unet"
-    seg_encoder: str = "efficientnet-b0"
-    seg_slim: bool = False
-    seg_epochs: int = 20
-    seg_batch_size: int = 16
-    seg_lr: float = 1e-3
-    seg_encoder_init: str | None = None  # "classifier": start from the fold's classifier encoder
-    seg_folds: tuple[int, ...] | None = None  # folds held out and scored (None: every fold)
-    seg_defective_only: bool = False  # train on images with at least one defect only
-    seg_max_train: int | None = None  # cap on training images per fold (None: all)
-    grid_epochs: int | None = None  # notebook 05's runs (None: seg_epochs)
-    grid_size: tuple[int, int] | None = None  # notebook 05's input (None: seg_size)
-    grid_encoder: str | None = "resnet34"  # the thesis's ResNet (None: the classifier's encoder)
-    grid_max_train: int | None = None  # notebook 05: training images per run (None: all)
+
+    def __post_init__(self):
+        object.__setattr__(self, "synthetic_size", tuple(int(v) for v in self.synthetic_size))
 
     def describe(self) -> str:
-        data = self.data_dir or (f"synthetic n={self.synthetic_n} "
+        return self.data_dir or (f"synthetic n={self.synthetic_n} "
                                  f"{self.synthetic_size[0]}x{self.synthetic_size[1]}")
-        return (f"profile {self.name!r}: data {data}, input {self.image_size[0]}x"
+
+
+SECTIONS = {"data": DataConfig, "classifier": TrainConfig, "segmentation": SegStageConfig,
+            "grid": GridConfig}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What every stage shares (``seed``, ``device``: copied into the stage configurations that
+    train; ``n_folds``) and one configuration per stage."""
+
+    name: str = ""
+    notes: str = ""
+    seed: int = 0
+    device: str = "auto"
+    n_folds: int = 5
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: TrainConfig = field(default_factory=TrainConfig)
+    segmentation: SegStageConfig = field(default_factory=SegStageConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+
+    def __post_init__(self):
+        if self.n_folds < 2:
+            raise ConfigError(f"profile {self.name!r}: n_folds={self.n_folds}; cross-validation "
+                             f"needs at least 2 folds")
+        shared = dict(seed=self.seed, device=self.device)
+        object.__setattr__(self, "classifier", dataclasses.replace(self.classifier, **shared))
+        seg = self.segmentation
+        object.__setattr__(self, "segmentation",
+                           dataclasses.replace(seg, net=dataclasses.replace(seg.net, **shared)))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The classifier's input size: also the CAMs' size and the resolution masks are scored
+        at."""
+        return self.classifier.image_size
+
+    def describe(self) -> str:
+        return (f"profile {self.name!r}: data {self.data.describe()}, input {self.image_size[0]}x"
                 f"{self.image_size[1]}, {self.n_folds} folds, seed {self.seed}")
+
+
+def _cpu_scale(n: int, made_at, read_at, epochs: int, batch: int, seg_size, seg_epochs: int
+               ) -> dict:
+    """What the CPU profiles share (see the cpu profile's notes for why): ``n`` synthetic images
+    made at ``made_at`` and read at ``read_at``, 3 folds, timm's MobileNetV3 from random weights
+    with a raised encoder learning rate, and a U-Net with the same encoder (started from the
+    fold's classifier) and a slim decoder, trained on the defective images of folds 1-2."""
+    return dict(
+        n_folds=3, data=DataConfig(synthetic_n=n, synthetic_size=made_at),
+        classifier=TrainConfig(encoder="mobilenetv3_small_050", image_size=read_at, epochs=epochs,
+                               batch_size=batch, lr_encoder=2e-3, lr_head=2e-3),
+        segmentation=SegStageConfig(
+            net=SegConfig(arch="unet", encoder="tu-mobilenetv3_small_050", slim=True, lr=3e-3,
+                          epochs=seg_epochs, batch_size=batch, encoder_init="classifier"),
+            size=seg_size, folds=(0,), defective_only=True))
 
 
 PROFILES: dict[str, Profile] = {
@@ -105,11 +114,9 @@ PROFILES: dict[str, Profile] = {
         notes="Tests and CI. 40 synthetic images made at 128x800 and read at 64x400, 3 folds, "
               "2 epochs of a tiny encoder, so that every notebook finishes in seconds. Its numbers "
               "show that the code runs, not what the method is worth.",
-        synthetic_n=40, synthetic_size=(128, 800), image_size=(64, 400), n_folds=3,
-        encoder="mobilenetv3_small_050", epochs=2, batch_size=8, lr_encoder=2e-3, lr_head=2e-3,
-        seg_size=(32, 192), seg_encoder="tu-mobilenetv3_small_050", seg_slim=True, seg_epochs=1,
-        seg_batch_size=8, seg_lr=3e-3, seg_encoder_init="classifier", seg_folds=(0,),
-        seg_defective_only=True, grid_encoder=None),
+        **_cpu_scale(n=40, made_at=(128, 800), read_at=(64, 400), epochs=2, batch=8,
+                     seg_size=(32, 192), seg_epochs=1),
+        grid=GridConfig(encoder=None)),
     "cpu": Profile(
         name="cpu",
         notes="Default: 2 CPU cores, no GPU, no internet. 1600 synthetic images at Severstal's "
@@ -131,11 +138,9 @@ PROFILES: dict[str, Profile] = {
               "scored on fold 0: 3 epochs per network in Table 3 (~20 s each); the grid uses 2 "
               "epochs on 160 images per run (17 runs in ~2 min). Sized so that the whole default "
               "run stays within 15 minutes on 2 cores.",
-        synthetic_n=1600, synthetic_size=(256, 1600), image_size=(128, 800), n_folds=3,
-        encoder="mobilenetv3_small_050", epochs=10, batch_size=16, lr_encoder=2e-3, lr_head=2e-3,
-        seg_size=(64, 384), seg_encoder="tu-mobilenetv3_small_050", seg_slim=True, seg_epochs=3,
-        seg_batch_size=16, seg_lr=3e-3, seg_encoder_init="classifier", seg_folds=(0,),
-        seg_defective_only=True, grid_epochs=2, grid_max_train=160, grid_encoder=None),
+        **_cpu_scale(n=1600, made_at=(256, 1600), read_at=(128, 800), epochs=10, batch=16,
+                     seg_size=(64, 384), seg_epochs=3),
+        grid=GridConfig(epochs=2, max_train=160, encoder=None)),
     "paper": Profile(
         name="paper",
         notes="The paper: Kaggle Severstal (12,568 images, put train.csv and train_images/ in "
@@ -144,30 +149,72 @@ PROFILES: dict[str, Profile] = {
               "EfficientNet-b0 encoder at 256x1600, 20 epochs on every fold; the grid's ResNet is an "
               "ImageNet ResNet34. Needs a GPU (16 s per batch of 8 on "
               "a CPU). Images are decoded per batch by DataLoader workers, not cached.",
-        synthetic_n=0, image_size=(256, 1600), n_folds=5, encoder="efficientnet_b0",
-        pretrained=True, allow_random_init=False, epochs=30, batch_size=64, num_workers=8,
-        cache_images=False, seg_size=(256, 1600), seg_encoder="efficientnet-b0", seg_epochs=20,
-        seg_batch_size=16, seg_lr=1e-3, grid_encoder="resnet34"),
+        n_folds=5,
+        data=DataConfig(synthetic_n=0),
+        classifier=TrainConfig(encoder="efficientnet_b0", image_size=(256, 1600), pretrained=True,
+                               allow_random_init=False, epochs=30, batch_size=64, num_workers=8,
+                               cache_images=False),
+        segmentation=SegStageConfig(
+            net=SegConfig(arch="unet", encoder="efficientnet-b0", epochs=20, batch_size=16,
+                          lr=1e-3, pretrained=True),
+            size=(256, 1600)),
+        grid=GridConfig(encoder="resnet34")),
 }
 
 
+def _nest(overrides: dict) -> dict:
+    """``{"classifier.epochs": 3, "seed": 1}`` -> ``{"classifier": {"epochs": 3}, "seed": 1}``."""
+    out: dict = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"profile override {key!r} goes inside {p!r}, which is also given "
+                               f"a plain value")
+        if isinstance(value, dict) and isinstance(d.get(parts[-1]), dict):
+            d[parts[-1]].update(value)
+        else:
+            d[parts[-1]] = value
+    return out
+
+
+def _replace(obj, changes: dict, where: str):
+    """A frozen dataclass with ``changes`` (nested dicts for nested dataclasses); None values are
+    ignored; an unknown field is a KeyError that lists the valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    valid = sorted(set(fields) - {"name", "notes"}) if isinstance(obj, Profile) else sorted(fields)
+    unknown = sorted(k for k in changes if k not in valid)
+    if unknown:
+        raise ConfigError(f"unknown {where} field(s) {unknown}; valid fields: {valid}")
+    vals = {}
+    for k, v in changes.items():
+        if v is None:
+            continue
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where} field {k!r} is a section; give a dict of its fields "
+                               f"({sorted(f.name for f in dataclasses.fields(cur))}) or dotted "
+                               f"names such as '{k}.{dataclasses.fields(cur)[0].name}'")
+            v = _replace(cur, v, f"{where}.{k}" if where != "profile" else k)
+        elif isinstance(cur, tuple) or (k.endswith("size") or k == "folds") and isinstance(v, list):
+            v = tuple(int(x) for x in v)
+        vals[k] = v
+    return dataclasses.replace(obj, **vals)
+
+
 def get_profile(name: str | Profile = "cpu", **overrides) -> Profile:
-    """The named profile with ``overrides`` applied (``None`` values are ignored)."""
+    """The named profile with ``overrides`` applied (top-level fields, section dicts, or dotted
+    names; ``None`` values are ignored)."""
     if isinstance(name, Profile):
         prof = name
     else:
         if name not in PROFILES:
-            raise KeyError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+            raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
         prof = PROFILES[name]
-    fields = {f.name for f in dataclasses.fields(Profile)} - {"name", "notes"}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise KeyError(f"unknown profile field(s) {unknown}; valid fields: {sorted(fields)}")
-    for key in ("image_size", "synthetic_size", "seg_size", "seg_folds", "grid_size"):
-        if overrides.get(key) is not None:
-            overrides[key] = tuple(int(v) for v in overrides[key])
-    return dataclasses.replace(prof, **overrides)
+    return _replace(prof, _nest(overrides), "profile")
 
 
 def artifacts_dir(profile: Profile | str, root: str | Path | None = None) -> Path:
@@ -183,25 +230,22 @@ def figures_dir(profile: Profile | str, root: str | Path | None = None) -> Path:
 
 
 def load_data(profile: Profile, data_dir: str | Path | None = None,
-              artifacts: str | Path | None = None, progress: bool = True):
+              artifacts: str | Path | None = None, progress: bool = True) -> DatasetIndex:
     """The profile's dataset as a :class:`~cam2mask_lib.data.DatasetIndex`.
 
     ``data_dir`` (or the profile's) names a Severstal- or generic-format folder; without one the
     synthetic set is generated under ``artifacts/data`` on first use and reused afterwards. The
     ``paper`` profile refuses to run on synthetic data.
     """
-    from .data import load_dataset
-    from .synth import ensure_synthetic
-
-    data_dir = data_dir or profile.data_dir
+    data_dir = data_dir or profile.data.data_dir
     if data_dir is not None:
         return load_dataset(data_dir)
-    if profile.synthetic_n <= 0:
-        raise ValueError(
+    if profile.data.synthetic_n <= 0:
+        raise ConfigError(
             f"profile {profile.name!r} needs real data: pass data_dir= (or --data-dir) pointing at "
             f"the Kaggle Severstal folder (train.csv + train_images/) or a generic-format folder")
     folder = artifacts_dir(profile, artifacts) / "data"
-    h, w = profile.synthetic_size
-    path = ensure_synthetic(folder, n=profile.synthetic_n, seed=profile.seed, height=h, width=w,
-                            progress=progress)
+    h, w = profile.data.synthetic_size
+    path = ensure_synthetic(folder, n=profile.data.synthetic_n, seed=profile.seed, height=h,
+                            width=w, progress=progress)
     return load_dataset(path)

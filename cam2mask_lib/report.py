@@ -6,28 +6,75 @@ real), the seed and the cam2mask version. No timestamps: the same run twice give
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import os
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from . import __version__
 from .utils import atomic_write_bytes, atomic_write_text
 
+# the packages whose versions can move a number (the rest of the environment is in the lock file)
+VERSIONED = ("torch", "timm", "segmentation-models-pytorch", "grad-cam", "numpy")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    """What computes: the GPU's name on CUDA, else the CPU's model, with torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        what = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        what = f"CPU {cpu_model()}"
+    return f"{what}, {torch.get_num_threads()} torch threads"
+
+
+def software() -> str:
+    """The versions of the packages that make the numbers."""
+    return ", ".join(f"{p} {_version(p)}" for p in VERSIONED)
+
 
 @dataclass
 class Provenance:
+    """What made a table: profile, data, seed, cam2mask's and the key packages' versions, and the
+    machine (a reviewer whose numbers differ can tell a different machine from a bug)."""
+
     profile: str
     data: str
     seed: int
+    software: str = field(default_factory=software)
+    machine: str = field(default_factory=machine)
 
     def line(self) -> str:
         return (f"_Profile `{self.profile}`, data: {self.data}, seed {self.seed}, "
-                f"cam2mask {__version__}._")
+                f"cam2mask {__version__}; {self.software}; {self.machine}._")
 
 
-def provenance(profile, index) -> Provenance:
-    """Provenance of results computed on ``index`` (a DatasetIndex) under ``profile``."""
+def provenance(profile, index, device: torch.device | str = "cpu") -> Provenance:
+    """Provenance of results computed on ``index`` (a DatasetIndex) under ``profile``, on
+    ``device``."""
     if index.is_synthetic:
         p = index.info.get("params", {})
         data = (f"SYNTHETIC steel-defect set (cam2mask synth, {len(index)} images "
@@ -35,7 +82,8 @@ def provenance(profile, index) -> Provenance:
                 f"v{index.info.get('generator_version')}), not Kaggle Severstal")
     else:
         data = f"{index.format}-format data at {index.root.name}/ ({len(index)} images)"
-    return Provenance(profile=profile.name, data=data, seed=profile.seed)
+    return Provenance(profile=profile.name, data=data, seed=profile.seed,
+                      machine=machine(device))
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -67,8 +115,6 @@ def save_table(df: pd.DataFrame, folder: str | Path, name: str, title: str,
 
 def save_figure(fig, folder: str | Path, name: str, dpi: int = 110) -> Path:
     """Save a matplotlib figure as ``name.png`` (deterministic: no date metadata)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return atomic_write_bytes(Path(folder) / f"{name}.png", buf.getvalue())
@@ -93,8 +139,6 @@ def build_report(figures: str | Path, out: str | Path, title: str, header: str,
     """Assemble ``out`` (Markdown) from the tables (``<name>.md``) and figures (``<name>.png``)
     the notebooks wrote under ``figures``, section by section (:data:`REPORT_SECTIONS`), with the
     wall time of each notebook. A missing table or figure is named as missing, never invented."""
-    import os
-
     figures, out = Path(figures), Path(out)
     lines = [f"# {title}", "", header, ""]
     if timings:

@@ -16,13 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import nbformat
+import papermill as pm
+from papermill.exceptions import PapermillExecutionError
+from tqdm import tqdm
+
 from .profiles import artifacts_dir, figures_dir, get_profile
-from .utils import read_json, repo_root, write_json
+from .utils import UserError, read_json, repo_root, write_json
 
 DEFAULT_PROFILE = "cpu"
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(UserError, RuntimeError):
     """A notebook failed; the message names it, the cell and the error."""
 
 
@@ -55,8 +60,6 @@ def list_notebooks(folder: str | Path | None = None, only: Iterable[str] | None 
 
 def _strip_volatile(path: Path, final: Path) -> None:
     """Drop timestamps and temp paths papermill records, so re-running gives small diffs."""
-    import nbformat
-
     nb = nbformat.read(path, as_version=4)
     meta = nb.metadata.get("papermill", {})
     for k in ("start_time", "end_time", "duration", "input_path", "environment_variables"):
@@ -73,9 +76,6 @@ def _strip_volatile(path: Path, final: Path) -> None:
 def run_notebook(nb: Path, out: Path, parameters: dict, failed_dir: Path,
                  kernel_name: str | None = None, progress: bool = True) -> float:
     """Execute one notebook into ``out`` (atomically); returns its wall time in seconds."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.running.ipynb")
     t0 = time.perf_counter()
@@ -105,11 +105,12 @@ def reproduce(profile: str = DEFAULT_PROFILE, only: Iterable[str] | None = None,
               data_dir: str | None = None, notebooks_dir: str | Path | None = None,
               output_dir: str | Path | None = None, figures: str | Path | None = None,
               artifacts: str | Path | None = None, extra: dict | None = None,
-              kernel_name: str | None = None, progress: bool = True) -> list[NotebookRun]:
-    """Execute the notebooks in order in ``profile``; stop at the first failure."""
-    from tqdm import tqdm
-
-    prof = get_profile(profile)
+              kernel_name: str | None = None, progress: bool = True,
+              overrides: dict | None = None) -> list[NotebookRun]:
+    """Execute the notebooks in order in ``profile``; stop at the first failure. ``overrides``:
+    profile fields (dotted names, see :func:`profiles.get_profile`), checked before any notebook
+    runs and passed to every notebook."""
+    prof = get_profile(profile, **(overrides or {}))
     books = list_notebooks(notebooks_dir, only)
     art = artifacts_dir(prof, artifacts).resolve()
     figs = figures_dir(prof, figures).resolve()
@@ -117,8 +118,14 @@ def reproduce(profile: str = DEFAULT_PROFILE, only: Iterable[str] | None = None,
         output_dir = (Path(notebooks_dir or repo_root() / "notebooks") if prof.name == DEFAULT_PROFILE
                       else art / "notebooks")
     output_dir = Path(output_dir).resolve()
+    # folders are passed only when they are not the profile's defaults, which every notebook
+    # resolves itself: the committed notebooks then carry no absolute path of the machine
+    # that executed them
     params = {"profile": prof.name, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-              "seed": prof.seed, "figures_dir": str(figs), "artifacts_dir": str(art)}
+              "seed": prof.seed,
+              "figures_dir": None if figs == figures_dir(prof).resolve() else str(figs),
+              "artifacts_dir": None if art == artifacts_dir(prof).resolve() else str(art),
+              "overrides": dict(overrides or {})}
     params.update(extra or {})
     runs: list[NotebookRun] = []
     timings_path = art / "timings.json"

@@ -1,4 +1,5 @@
-"""Segmentation networks and losses: the paper's U-Net, the thesis's grid, the lecture's toolbox.
+"""Segmentation networks and their training: the paper's U-Net, the thesis's grid, the lecture's
+toolbox.
 
 Models (``build_segmenter``): every segmentation-models-pytorch architecture by name (``unet``,
 ``unetplusplus``, ``fpn``, ``deeplabv3plus``, ``linknet``, ``pspnet``, ...; timm encoders with the
@@ -6,18 +7,10 @@ Models (``build_segmenter``): every segmentation-models-pytorch architecture by 
 U-Net, 32-64-128-256-512 filters, BatchNorm, transposed-convolution decoder) and
 ``resnet_encdec`` (a ResNet encoder with a mirrored decoder and no skip connections).
 
-Losses (``make_loss``): all take logits ``[N, C(+1), H, W]`` and uint8 masks ``[N, C, H, W]``
-where ``IGNORE`` (255) marks pixels that do not count (pseudo-labels):
-
-* ``bce_dice``: the thesis's 0.7 BCE - Dice (4 sigmoid masks);
-* ``cce_dice``: the thesis's 0.7 CCE - 0.25 Dice over 5 softmax masks (background first), with
-  class weights (default 2, 2.5, 1, 2 for the classes, 1 for the background);
-* ``focal``: focal loss, ``FL = -(1 - p_t)^gamma log p_t`` (gamma 2);
-* ``bce_logdice``: the lecture's BCE - ln(Dice);
-* ``lovasz``: Lovasz hinge (for fine-tuning);
-* ``bce_smooth``: BCE with label smoothing ``y_ls = y (1 - a) + a / 2`` (a = 0.1).
-
-Dice terms are smp's soft Dice: per class over the batch, classes without true pixels left out.
+Losses are in :mod:`cam2mask_lib.losses` (one class each, by name). Training
+(:func:`train_segmenter`) is the shared resumable loop of :mod:`cam2mask_lib.trainer` with an
+optional EMA or SWA of the weights; :func:`pseudo_labels` makes training targets from CAMs that
+only trust confident pixels.
 """
 from __future__ import annotations
 
@@ -25,11 +18,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import segmentation_models_pytorch as smp
+import timm
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-IGNORE = 255
-THESIS_CLASS_WEIGHTS = (2.0, 2.5, 1.0, 2.0)
+from .device import model_device, resolve_device
+from .losses import IGNORE, LOSSES, make_loss, output_channels, probabilities
+from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
+from .utils import ConfigError, write_json
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +74,6 @@ class ResNetEncDec(nn.Module):
 
     def __init__(self, encoder: str = "resnet18", classes: int = 4, pretrained: bool = False):
         super().__init__()
-        import timm
-
         self.encoder = timm.create_model(encoder, pretrained=pretrained, features_only=True,
                                          out_indices=(4,))
         c = self.encoder.feature_info.channels()[-1]
@@ -116,8 +112,6 @@ def build_segmenter(arch: str, encoder: str = "resnet18", classes: int = 4,
         return ThesisUNet(classes=classes, **kwargs)
     if arch == "resnet_encdec":
         return ResNetEncDec(encoder=encoder, classes=classes, pretrained=pretrained)
-    import segmentation_models_pytorch as smp
-
     try:
         return smp.create_model(arch, encoder_name=encoder,
                                 encoder_weights="imagenet" if pretrained else None,
@@ -128,90 +122,6 @@ def build_segmenter(arch: str, encoder: str = "resnet18", classes: int = 4,
         raise RuntimeError(f"could not load ImageNet weights for the {arch} encoder {encoder!r} "
                            f"({type(e).__name__}: {e}); without internet pass pretrained=False "
                            f"(random init) or put the weights in the torch hub cache") from e
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-
-def _masked_bce(logits, target, smooth: float = 0.0):
-    """BCE over the pixels that are not IGNORE, with optional label smoothing towards 1/2."""
-    valid = target != IGNORE
-    y = torch.where(valid, target, torch.zeros_like(target)).float()
-    if smooth:
-        y = y * (1 - smooth) + smooth / 2
-    per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    return (per * valid).sum() / valid.sum().clamp_min(1)
-
-
-def _masked_focal(logits, target, gamma: float = 2.0):
-    """Sigmoid focal loss ``-(1 - p_t)^gamma log p_t`` averaged over non-IGNORE pixels. Written
-    here because smp's FocalLoss fails in multilabel mode with ignore_index (it indexes a class
-    slice with the full mask); tests check it equals smp's where nothing is ignored."""
-    valid = target != IGNORE
-    y = torch.where(valid, target, torch.zeros_like(target)).float()
-    logp = -nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    per = -((1 - logp.exp()) ** gamma) * logp
-    return (per * valid).sum() / valid.sum().clamp_min(1)
-
-
-class _Loss(nn.Module):
-    def __init__(self, kind: str, num_classes: int, class_weights=None, gamma: float = 2.0,
-                 smoothing: float = 0.1):
-        super().__init__()
-        import segmentation_models_pytorch as smp
-
-        self.kind, self.num_classes = kind, num_classes
-        self.gamma, self.smoothing = gamma, smoothing
-        self.dice = smp.losses.DiceLoss("multilabel", from_logits=True, ignore_index=IGNORE)
-        self.sm_dice = smp.losses.DiceLoss("multiclass", from_logits=True, ignore_index=IGNORE)
-        self.lovasz = smp.losses.LovaszLoss("multilabel", ignore_index=IGNORE)
-        w = list(class_weights) if class_weights is not None else (
-            list(THESIS_CLASS_WEIGHTS) if num_classes == 4 else [1.0] * num_classes)
-        self.register_buffer("ce_weights", torch.tensor([1.0] + w, dtype=torch.float32))
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = target.to(torch.long if self.kind == "cce_dice" else logits.dtype)
-        if self.kind == "bce_dice":
-            return 0.7 * _masked_bce(logits, target) - (1 - self.dice(logits, target))
-        if self.kind == "bce_logdice":
-            dice = (1 - self.dice(logits, target)).clamp_min(1e-7)
-            return _masked_bce(logits, target) - torch.log(dice)
-        if self.kind == "bce_smooth":
-            return _masked_bce(logits, target, self.smoothing)
-        if self.kind == "focal":
-            return _masked_focal(logits, target, self.gamma)
-        if self.kind == "lovasz":
-            return self.lovasz(logits, target)
-        if self.kind == "cce_dice":
-            idx = to_class_index(target)
-            ce = nn.functional.cross_entropy(logits, idx, weight=self.ce_weights,
-                                             ignore_index=IGNORE)
-            return 0.7 * ce - 0.25 * (1 - self.sm_dice(logits, idx))
-        raise ValueError(self.kind)
-
-
-LOSSES = ("bce_dice", "cce_dice", "focal", "bce_logdice", "lovasz", "bce_smooth")
-
-
-def make_loss(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """A loss by name (see :data:`LOSSES`); ``cce_dice`` expects ``num_classes + 1`` logits."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
-    return _Loss(name, num_classes, **kwargs)
-
-
-def to_class_index(masks: torch.Tensor) -> torch.Tensor:
-    """Per-class masks ``[N, C, H, W]`` -> class index ``[N, H, W]`` (0 = background, c + 1 =
-    class c; where classes overlap the last wins; IGNORE anywhere -> IGNORE)."""
-    m = masks.long()
-    ignore = (m == IGNORE).any(1)
-    fg = (m == 1)
-    idx = torch.zeros(m.shape[0], *m.shape[2:], dtype=torch.long, device=m.device)
-    for c in range(m.shape[1]):
-        idx[fg[:, c]] = c + 1
-    idx[ignore] = IGNORE
-    return idx
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,31 +175,15 @@ class SegConfig:
 
     def __post_init__(self):
         if self.encoder_init not in (None, "classifier"):
-            raise ValueError(f"encoder_init must be None or 'classifier', got {self.encoder_init!r}")
+            raise ConfigError(f"encoder_init must be None or 'classifier', got {self.encoder_init!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
+            raise ConfigError(f"unknown loss {self.loss!r}; choose one of {tuple(LOSSES)}")
         if self.ema is not None and self.swa_start is not None:
-            raise ValueError("choose ema or swa_start, not both")
+            raise ConfigError("choose ema or swa_start, not both")
         if self.ema is not None and not 0 < self.ema < 1:
-            raise ValueError(f"ema is a decay in (0, 1), got {self.ema}")
+            raise ConfigError(f"ema is a decay in (0, 1), got {self.ema}")
         if self.swa_start is not None and not 0 <= self.swa_start < self.epochs:
-            raise ValueError(f"swa_start must be an epoch in [0, {self.epochs}), got {self.swa_start}")
-
-    @classmethod
-    def from_profile(cls, profile, **overrides) -> "SegConfig":
-        """The profile's ``seg_*`` fields (``seg_epochs`` -> ``epochs``) plus its seed, device and
-        ``pretrained``; ``overrides`` win."""
-        import dataclasses
-
-        names = {f.name for f in dataclasses.fields(cls)}
-        vals = {k[4:]: getattr(profile, k) for k in dir(profile)
-                if k.startswith("seg_") and k[4:] in names}
-        vals.update(seed=profile.seed, device=profile.device, pretrained=profile.pretrained)
-        vals.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(vals) - names)
-        if unknown:
-            raise KeyError(f"unknown segmentation parameter(s) {unknown}; valid: {sorted(names)}")
-        return cls(**vals)
+            raise ConfigError(f"swa_start must be an epoch in [0, {self.epochs}), got {self.swa_start}")
 
     def key(self) -> dict:
         """What the trained weights depend on."""
@@ -315,6 +209,91 @@ def load_encoder(model: nn.Module, state: dict) -> None:
     target.load_state_dict({k: state[k] for k in own})
 
 
+class SegmenterTrainer(ResumableTrainer):
+    """A segmentation network trained on ``rows`` of ``ds`` with ``targets(rows)``; keeps an EMA
+    (updated every step) or SWA (updated at the end of every epoch from ``swa_start``) average."""
+
+    def __init__(self, ds, targets, rows, num_classes: int, cfg: SegConfig, out: Path,
+                 progress: bool = True, fold: int = 0, encoder_state: dict | None = None):
+        super().__init__(out, cfg.epochs, cfg.seed, fold, desc=f"{cfg.arch}/{cfg.loss}",
+                         progress=progress)
+        self.ds, self.targets, self.cfg = ds, targets, cfg
+        self.rows = np.asarray(rows)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_segmenter(cfg.arch, cfg.encoder,
+                                     classes=output_channels(cfg.loss, num_classes),
+                                     pretrained=cfg.pretrained, slim=cfg.slim)
+        if encoder_state is not None:
+            load_encoder(self.model, encoder_state)
+        self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.fmt)
+        self.avg = None
+        if cfg.ema:
+            self.avg = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                     use_buffers=True)
+        elif cfg.swa_start is not None:
+            self.avg = AveragedModel(self.model)
+        self.loss_fn = make_loss(cfg.loss, num_classes).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+
+    @property
+    def result(self) -> nn.Module:
+        """The network evaluated: the EMA / SWA average when there is one."""
+        return self.avg.module if self.avg is not None else self.model
+
+    def batch(self, b, gen=None):
+        """Images (and, with ``gen``, flipped together with their targets) on the device."""
+        x = torch.stack([self.ds[int(i)]["image"] for i in b])
+        if gen is None:
+            return x.to(self.device, memory_format=self.fmt)
+        y = torch.from_numpy(np.ascontiguousarray(self.targets(b)))
+        if self.cfg.hflip:
+            f = torch.rand(len(b), generator=gen) < 0.5
+            x = torch.where(f[:, None, None, None], x.flip(-1), x)
+            y = torch.where(f[:, None, None, None], y.flip(-1), y)
+        return x.to(self.device, memory_format=self.fmt), y.to(self.device)
+
+    def run_epoch(self, epoch, gen):
+        cfg, model = self.cfg, self.model
+        model.train()
+        order = self.rows[torch.randperm(len(self.rows), generator=gen).numpy()]
+        tot, n = 0.0, 0
+        for s in range(0, len(order), cfg.batch_size):
+            b = order[s:s + cfg.batch_size]
+            x, y = self.batch(b, gen)
+            loss = self.loss_fn(model(x), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            if cfg.ema:
+                self.avg.update_parameters(model)
+            tot += float(loss.detach()) * len(b)
+            n += len(b)
+        if cfg.swa_start is not None and epoch >= cfg.swa_start:
+            self.avg.update_parameters(model)
+        return {"epoch": epoch, "loss": tot / max(n, 1)}
+
+    def state(self):
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "avg": self.avg.state_dict() if self.avg is not None else None}
+
+    def load_state(self, st):
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        if self.avg is not None:
+            self.avg.load_state_dict(st["avg"])
+
+    def finish(self) -> nn.Module:
+        """BatchNorm statistics of the SWA average (recomputed on the training images)."""
+        if self.cfg.swa_start is not None:
+            bs = self.cfg.batch_size
+            with torch.no_grad():
+                update_bn((self.batch(self.rows[s:s + bs]) for s in range(0, len(self.rows), bs)),
+                          self.avg, device=self.device)
+        return self.result
+
+
 def train_segmenter(ds, targets, rows, num_classes: int, cfg: SegConfig, out: str | Path,
                     progress: bool = True, fold: int = 0,
                     encoder_state: dict | None = None) -> nn.Module:
@@ -324,102 +303,29 @@ def train_segmenter(ds, targets, rows, num_classes: int, cfg: SegConfig, out: st
     (``out/final.pt``) is loaded, not retrained. ``encoder_state``: initial encoder weights (see
     :func:`load_encoder`). Returns the model (the EMA or SWA average when asked for) in eval
     mode, on the training device."""
-    from tqdm import tqdm
-
-    from .classify import _load, _rng_for, _save, resolve_device
-    from .utils import write_json
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    classes = num_classes + 1 if cfg.loss == "cce_dice" else num_classes
-    torch.manual_seed(cfg.seed)
-    model = build_segmenter(cfg.arch, cfg.encoder, classes=classes, pretrained=cfg.pretrained,
-                            slim=cfg.slim)
-    if encoder_state is not None:
-        load_encoder(model, encoder_state)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=fmt)
-    avg = None
-    if cfg.ema or cfg.swa_start is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        avg = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-               if cfg.ema else AveragedModel(model))
+    trainer = SegmenterTrainer(ds, targets, rows, num_classes, cfg, out, progress, fold,
+                               encoder_state)
     final = out / "final.pt"
-    result = avg.module if avg is not None else model
     if final.is_file():
-        result.load_state_dict(_load(final))
-        return result.to(device).eval()
-    loss_fn = make_loss(cfg.loss, num_classes).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start, history = 0, []
-    state = out / "state.pt"
-    if state.is_file():
-        st = _load(state)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        if avg is not None:
-            avg.load_state_dict(st["avg"])
-        start, history = st["epoch"] + 1, st["history"]
-    rows = np.asarray(rows)
-
-    def batch(b, gen=None):
-        x = torch.stack([ds[int(i)]["image"] for i in b])
-        if gen is None:
-            return x.to(device, memory_format=fmt)
-        y = torch.from_numpy(np.ascontiguousarray(targets(b)))
-        if cfg.hflip:
-            f = torch.rand(len(b), generator=gen) < 0.5
-            x = torch.where(f[:, None, None, None], x.flip(-1), x)
-            y = torch.where(f[:, None, None, None], y.flip(-1), y)
-        return x.to(device, memory_format=fmt), y.to(device)
-
-    for epoch in tqdm(range(start, cfg.epochs), desc=f"{cfg.arch}/{cfg.loss}", disable=not progress,
-                      initial=start, total=cfg.epochs, leave=False):
-        gen = _rng_for(cfg, fold, epoch)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        model.train()
-        order = rows[torch.randperm(len(rows), generator=gen).numpy()]
-        tot, n = 0.0, 0
-        for s in range(0, len(order), cfg.batch_size):
-            b = order[s:s + cfg.batch_size]
-            x, y = batch(b, gen)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if cfg.ema:
-                avg.update_parameters(model)
-            tot += float(loss.detach()) * len(b)
-            n += len(b)
-        if cfg.swa_start is not None and epoch >= cfg.swa_start:
-            avg.update_parameters(model)
-        history.append({"epoch": epoch, "loss": tot / max(n, 1)})
-        _save(state, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                      "history": history, "avg": avg.state_dict() if avg is not None else None})
-    if cfg.swa_start is not None:  # BatchNorm statistics of the averaged weights
-        from torch.optim.swa_utils import update_bn
-
-        with torch.no_grad():
-            update_bn((batch(rows[s:s + cfg.batch_size]) for s in range(0, len(rows), cfg.batch_size)),
-                      avg, device=device)
-    result = avg.module if avg is not None else model
-    _save(final, result.state_dict())
+        trainer.result.load_state_dict(load_checkpoint(final))
+        return trainer.result.to(trainer.device).eval()
+    history = trainer.fit()
+    result = trainer.finish()
+    save_checkpoint(final, result.state_dict())
     write_json(out / "done.json", {"config": asdict(cfg), "history": history})
     return result.eval()
 
 
 @torch.no_grad()
 def predict_masks(model: nn.Module, ds, rows, loss: str = "bce_dice", batch_size: int = 16):
-    """Yield ``(rows, probabilities [b, C, H, W])`` per batch: sigmoid of the logits, or for a
-    softmax model (``cce_dice``) the softmax without the background channel."""
+    """Yield ``(rows, probabilities [b, C, H, W])`` per batch on the model's device (see
+    :func:`losses.probabilities`), as numpy arrays."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     rows = np.asarray(rows)
     for s in range(0, len(rows), batch_size):
         b = rows[s:s + batch_size]
         x = torch.stack([ds[int(i)]["image"] for i in b])
         z = model(x.to(device, memory_format=torch.channels_last)).float()
-        p = z.softmax(1)[:, 1:] if loss == "cce_dice" else z.sigmoid()
-        yield b, p.cpu().numpy()
+        yield b, probabilities(loss, z).cpu().numpy()

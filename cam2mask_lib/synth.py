@@ -7,7 +7,8 @@ non-empty masks only), read by the same loader as the real data. ``cam2mask_data
 them records that the set is synthetic, with the seed and generator version, so every table can
 say what made its numbers.
 
-What it imitates (``shared/PAPER.md`` section 4, measured on real Severstal images):
+What it imitates (statistics measured on real Severstal images, quoted in :mod:`cam2mask_lib.paper`
+(``TEXTURE_RANGES``) from the project's brief, which is not part of this repository):
 
 * sheet texture: mean intensity 43-110, fine grain (neighbour differences of a few grey levels),
   faint vertical streaks along the rolling direction, mottled low-frequency patches, a brightness
@@ -30,6 +31,7 @@ same bytes, an interrupted run resumes where it stopped, and images can be made 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -39,10 +41,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
+from tqdm import tqdm
 
 from . import paper
-from .data import INFO_FILE, DataError, rle_encode
-from .utils import atomic_write_bytes, atomic_write_text, write_json
+from .data import INFO_FILE, rle_encode
+from .utils import ConfigError, atomic_write_bytes, atomic_write_text, bars, write_json
 
 GENERATOR_VERSION = 2
 CLASS_NAMES = ("1", "2", "3", "4")
@@ -63,11 +66,11 @@ class SynthParams:
 
     def check(self) -> None:
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise ConfigError(f"n must be >= 1, got {self.n}")
         if self.height < 32 or self.width < 32:
-            raise ValueError(f"height and width must be >= 32, got {self.height}x{self.width}")
+            raise ConfigError(f"height and width must be >= 32, got {self.height}x{self.width}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+            raise ConfigError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
     def as_dict(self) -> dict:
         return {"n": self.n, "seed": self.seed, "height": self.height, "width": self.width,
@@ -254,7 +257,6 @@ class _Sheet:
     def pits(self):
         """Class 1: loose clusters of small bright or dark pits."""
         rng, s = self.rng, self.s
-        pts_all = []
         for _ in range(1 if rng.random() < 0.75 else 2):
             cy = rng.uniform(20 * self.sy, self.h - 20 * self.sy)
             cx = self._x(30 * self.sx)
@@ -270,7 +272,6 @@ class _Sheet:
             pts = np.concatenate(pts)
             if len(pts):
                 self.masks[0] |= _hull_mask(pts, (self.h, self.w), rng.uniform(5, 10) * s)
-                pts_all.append(pts)
 
     def marks(self):
         """Class 2: one to three short thin near-vertical marks."""
@@ -395,7 +396,6 @@ def generate(out: str | Path, n: int, seed: int = 0, height: int = 256, width: i
     ``out.partial/`` first: images are written atomically and logged, so an interrupted run resumes
     there, and the folder is renamed to ``out`` only when complete.
     """
-    from tqdm.auto import tqdm
 
     params = SynthParams(n=n, seed=seed, height=height, width=width, jpeg_quality=jpeg_quality)
     params.check()
@@ -437,7 +437,7 @@ def generate(out: str | Path, n: int, seed: int = 0, height: int = 256, width: i
                 done[rec["i"]] = rec
     labels = assign_labels(n, seed)
     with open(log, "a", encoding="utf-8") as logf:
-        for i in tqdm(range(n), desc=f"synth {out.name}", disable=not progress,
+        for i in tqdm(range(n), desc=f"synth {out.name}", disable=not bars(progress),
                       initial=0, unit="img"):
             if i in done:
                 continue
@@ -472,7 +472,6 @@ def generate(out: str | Path, n: int, seed: int = 0, height: int = 256, width: i
 
 
 def _jpeg_bytes(gray: np.ndarray, quality: int) -> bytes:
-    import io
 
     buf = io.BytesIO()
     Image.fromarray(gray).convert("RGB").save(buf, format="JPEG", quality=quality)
@@ -487,5 +486,4 @@ def ensure_synthetic(folder: str | Path, n: int, seed: int, height: int, width: 
                     progress=progress)
 
 
-__all__ = ["generate", "ensure_synthetic", "assign_labels", "render_image", "SynthParams",
-           "DataError"]
+__all__ = ["generate", "ensure_synthetic", "assign_labels", "render_image", "SynthParams"]

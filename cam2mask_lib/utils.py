@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """A path as printed in notebooks and reports: relative to the repository when inside it
+    (executed notebooks then carry no machine's absolute paths), else as given."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(repo_root()))
+    except ValueError:
+        return str(p)
+
+
 def repo_root(start: str | os.PathLike | None = None) -> Path:
     """The cam2mask checkout containing ``start`` (default: the working directory), found by
     walking up to a folder holding both ``pyproject.toml`` and ``cam2mask_lib/``. Falls back to the
@@ -55,3 +66,26 @@ def repo_root(start: str | os.PathLike | None = None) -> Path:
     if (pkg_parent / "pyproject.toml").is_file():
         return pkg_parent
     return here
+
+
+class UserError(Exception):
+    """Something the user gave cannot work (data, a setting, an existing output). The command
+    line reports these as a one-line message naming the file or option; any other exception is a
+    bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting or option that cannot work: an unknown name, a value out of range."""
+
+
+def bars(progress) -> bool:
+    """Progress bars only on a terminal: ``progress`` is True, False or ``"lines"``."""
+    return progress is True and sys.stderr.isatty()
+
+
+def say(progress, message: str) -> None:
+    """One plain progress line (stage, fold, epoch) where no bar is drawn but progress is wanted:
+    ``progress="lines"`` (``--no-progress``), or True without a terminal (CI, a batch queue, a
+    log file)."""
+    if progress == "lines" or (progress is True and not sys.stderr.isatty()):
+        print(message, file=sys.stderr, flush=True)

@@ -1,7 +1,9 @@
 """Pictures of CAMs and masks: the paper's Figures 10-13, a per-class gallery, Guided Grad-CAM."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 
 from .eda import CLASS_COLORS
 
@@ -28,7 +30,6 @@ def plot_cam_steps(image, truth, cam_before, cam_after, label_before, label_afte
                    thresholds=(0.75, 0.3), title=None):
     """As the paper's Figures 10-13: a CAM over its image, binarised at 0.75 and at 0.3, before
     and after the improvements. Green outline: the true mask."""
-    import matplotlib.pyplot as plt
 
     h, w = truth.shape
     rows = 1 + 2 * (1 + len(thresholds))
@@ -50,7 +51,6 @@ def plot_cam_steps(image, truth, cam_before, cam_after, label_before, label_afte
 def plot_gallery(items, class_names):
     """Per item (image, class, true mask, CAM, predicted mask, Dice): image with the CAM, then the
     predicted mask (class colour) with the true mask outlined in green."""
-    import matplotlib.pyplot as plt
 
     n = len(items)
     if n == 0:
@@ -71,7 +71,6 @@ def plot_gallery(items, class_names):
 
 
 def plot_guided(image, truth, cam, guided, label):
-    import matplotlib.pyplot as plt
 
     h, w = truth.shape
     fig, axes = plt.subplots(3, 1, figsize=(12, 3 * (12 * h / w + 0.35)))
@@ -89,7 +88,6 @@ def plot_guided(image, truth, cam, guided, label):
 def plot_predictions(image, truth, preds: dict, class_names, title=None):
     """One image, its true masks and each model's predicted masks: a strip per entry, every
     class in its colour (filled: predicted; outlined in the same colour: true)."""
-    import matplotlib.pyplot as plt
 
     h, w = truth.shape[-2:]
     rows = 1 + len(preds)
@@ -116,8 +114,6 @@ def plot_class_bars(per_class, ylabel="Dice (non-empty masks)", reference=None):
     """Grouped bars: one group per class, one bar per row of ``per_class`` (a DataFrame with a
     first column naming the model and one column per class); ``reference`` adds those values as
     black markers (e.g. the thesis's)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     long = per_class.melt(id_vars=per_class.columns[0], var_name="class", value_name=ylabel)
     fig, ax = plt.subplots(figsize=(12, 4))

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+
+from cam2mask_lib.utils import ConfigError
 import torch
 from torch import nn
 
@@ -106,18 +108,18 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path, mo
         train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
     monkeypatch.setattr(classify, "_augment", real)
     res = train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
-    a = torch.load(ref["dir"] / "fold0" / "final.pt")
-    b = torch.load(res["dir"] / "fold0" / "final.pt")
+    a = torch.load(ref.dir / "fold0" / "final.pt")
+    b = torch.load(res.dir / "fold0" / "final.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert np.array_equal(ref["oof"][folds == 0], res["oof"][folds == 0])
-    assert np.isnan(res["oof"][folds != 0]).all() and not res["complete"]
+    assert np.array_equal(ref.oof[folds == 0], res.oof[folds == 0])
+    assert np.isnan(res.oof[folds != 0]).all() and not res.complete
     # a finished fold is reused, not retrained
     again = train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
-    assert np.array_equal(again["oof"][folds == 0], res["oof"][folds == 0])
+    assert np.array_equal(again.oof[folds == 0], res.oof[folds == 0])
     # other parameters: another run folder
     other = train_cv(idx, folds, TrainConfig(**{**cfg.__dict__, "epochs": 2}), tmp_path / "res",
                      only_folds=[0], progress=False)
-    assert other["dir"] != res["dir"]
+    assert other.dir != res.dir
 
 
 def test_missing_weights_message(monkeypatch, tmp_path):
@@ -137,10 +139,15 @@ def test_missing_weights_message(monkeypatch, tmp_path):
         build_classifier(TINY, 4, weights_path=tmp_path / "nope.pth")
 
 
-def test_config_from_profile():
+def test_config_of_the_paper_profile_and_bad_values():
     from cam2mask_lib.profiles import get_profile
-    cfg = TrainConfig.from_profile(get_profile("paper"))
+    cfg = get_profile("paper").classifier
     assert (cfg.encoder, cfg.lr_encoder, cfg.lr_head, cfg.batch_size, cfg.plateau_patience,
             cfg.plateau_factor, cfg.top_k) == ("efficientnet_b0", 1e-4, 1e-3, 64, 3, 0.5, 3)
-    with pytest.raises(KeyError, match="unknown training parameter"):
-        TrainConfig.from_profile(get_profile("cpu"), learning_rate=1)
+    with pytest.raises(ConfigError, match=r"unknown classifier field\(s\) \['learning_rate'\]"):
+        get_profile("cpu", classifier={"learning_rate": 1})
+    for bad in (0, -1):  # no epoch trained must not pass as "trained with cross-validation"
+        with pytest.raises(ValueError, match=f"classifier epochs={bad}: must be at least 1"):
+            TrainConfig(epochs=bad)
+    with pytest.raises(ValueError, match="image_size"):
+        TrainConfig(image_size=(0, 0))

@@ -33,6 +33,9 @@ def test_generic_with_masks_any_classes_any_size(tmp_path):
     assert np.array_equal(idx.mask(0)[0], m) and idx.mask(1).sum() == 0
     item = ImageDataset(idx, (16, 24))[0]
     assert item["masks"].shape == (2, 16, 24) and item["masks"][0].sum() > 0
+    # the quickest check still reads each image's own size: nothing assumes Severstal's 256x1600
+    fast = load_dataset(root, check="none")
+    assert fast.shapes.tolist() == idx.shapes.tolist() and np.array_equal(fast.mask(0)[0], m)
 
 
 def test_generic_without_masks(tmp_path):
@@ -74,17 +77,36 @@ def test_generic_bad_masks(tmp_path):
     with pytest.raises(DataError, match=r"ghost.png: no image 'ghost' is listed"):
         load_generic(root)
     root = make_generic(tmp_path / "d", "image,a\np,1\nq,0\n", {"p.png": (10, 10), "q.png": (10, 12)},
-                        {("a", "q"): np.ones((10, 12))})
+                        {("a", "q"): np.zeros((10, 12))})
     with pytest.raises(DataError, match=r"line 2: image 'p' has class 'a' = 1 but .*p.png is missing"):
         load_generic(root)
+    # a mask contradicting its label fails when the data is read, before any work starts
     root = make_generic(tmp_path / "e", "image,a\np,1\nq,0\n", {"p.png": (10, 10), "q.png": (10, 12)},
                         {("a", "p"): ok, ("a", "q"): np.ones((10, 12))})
-    idx = load_generic(root)
-    with pytest.raises(DataError, match=r"q.png: mask has defect pixels but labels.csv gives class 'a' = 0"):
-        idx.mask(1)
+    with pytest.raises(DataError, match=r"q.png: mask has defect pixels but .*labels.csv, line 3 "
+                                        r"gives class 'a' = 0"):
+        load_generic(root)
+    root = make_generic(tmp_path / "f", "image,a\np,1\nq,0\n", {"p.png": (10, 10), "q.png": (10, 12)},
+                        {("a", "p"): np.zeros((10, 10))})
+    with pytest.raises(DataError, match=r"p.png: mask is all black .* line 2 gives class 'a' = 1"):
+        load_generic(root)
 
 
 def test_ambiguous_image_name(tmp_path):
     root = make_generic(tmp_path / "g", "image,a\np,1\n", {"p.png": (10, 10), "p.jpg": (10, 10)})
     with pytest.raises(DataError, match="ambiguous"):
         load_generic(root)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG of mean 85.7 (in 8-bit terms) reads as mean ~85.7, not near-white."""
+    from cam2mask_lib.data import read_image
+
+    rng = np.random.default_rng(0)
+    a8 = rng.integers(40, 130, (20, 30))
+    Image.fromarray((a8 * 257).astype(np.uint16)).save(tmp_path / "x16.png")
+    with Image.open(tmp_path / "x16.png") as im:
+        assert im.mode.startswith("I")  # really 16-bit on disk
+    img = read_image(tmp_path / "x16.png")
+    assert img.dtype == np.uint8 and img.shape == (20, 30, 3)
+    assert np.array_equal(img[..., 0], a8) and abs(img.mean() - a8.mean()) < 1e-9

@@ -43,12 +43,26 @@ def test_image_not_in_csv_is_defect_free(severstal_dir):
     ("ImageId,ClassId,EncodedPixels\nc.jpg,3,630 20\n", r"line 2 \(image 'c.jpg', class '3', image 16x40\).*past the image end \(640 pixels\)"),
     ("Image,Class,RLE\na.jpg,1,1 3\n", r"header is \['Image', 'Class', 'RLE'\]; expected"),
     ("ImageId_ClassId,EncodedPixels\na.jpg1,1 3\n", r"line 2: ImageId_ClassId 'a.jpg1' has no '_'"),
+    ("ImageId,ClassId,EncodedPixels\nb.jpg,2,1 99999999999999999999\n", r"line 2 .*too large: the image has 640 pixels"),
+    ("ImageId_ClassId,EncodedPixels\na.jpg_1,1 3\na.jpg_2,\na.jpg_3,\na.jpg_4,\n",
+     r"b.jpg has no row in .*train.csv \(2 such images\); the original competition layout"),
 ])
 def test_bad_rows_name_file_line_and_problem(severstal_dir, csv, message):
     root = severstal_dir(csv, IMAGES)
     with pytest.raises(DataError, match=message) as e:
         load_severstal(root)
     assert "train.csv" in str(e.value)
+
+
+def test_no_image_size_is_assumed(severstal_dir):
+    """The RLE's pixel numbering depends on the height: even the quickest check reads each
+    image's own size, so a 16x40 image's mask is decoded at 16x40."""
+    root = severstal_dir("ImageId,ClassId,EncodedPixels\nc.jpg,3,17 16\n", IMAGES)
+    for check in ("none", "header"):
+        idx = load_severstal(root, check=check)
+        c = idx.image_ids.index("c.jpg")
+        assert tuple(idx.shapes[c]) == (16, 40)
+        assert idx.mask(c)[2, :, 1].all() and idx.mask(c)[2].sum() == 16  # the second column
 
 
 def test_mask_that_does_not_fit_a_smaller_image(severstal_dir):

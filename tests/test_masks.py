@@ -127,3 +127,82 @@ def test_masks_with_a_trained_model(generic, tmp_path, capsys):
     assert main(["masks", "--data", str(generic), "--out", str(tmp_path / "z"), "--model",
                  str(run), "--epochs", "3", "--no-progress"]) == 2
     assert "--model fixes the classifier" in capsys.readouterr().err
+
+
+def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, tmp_path, capsys):
+    """Caches follow the files' contents: an image replaced in place makes the same command
+    train again and write new masks. A data set without any positive label makes no masks and
+    says why; a class that is never positive gets none and is named."""
+    import shutil
+    data = tmp_path / "d"
+    shutil.copytree(generic, data)
+    out = tmp_path / "o"
+    args = ["masks", "--data", str(data), "--out", str(out), "--profile", "smoke",
+            "--image-size", "32", "64", "--epochs", "1", "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = (out / "previews" / "im03.jpg").read_bytes()
+    img = np.asarray(Image.open(data / "images" / "im03.png"))
+    Image.fromarray(255 - img).save(data / "images" / "im03.png")  # same name, new content
+    assert main(args) == 0
+    capsys.readouterr()
+    assert len(list((out / "work" / "classifier").glob("*/config.json"))) == 2  # retrained
+    assert (out / "previews" / "im03.jpg").read_bytes() != before
+    # a class that no image has: no masks for it, and it is said
+    labels = (data / "labels.csv").read_text().splitlines()
+    (data / "labels.csv").write_text("\n".join([labels[0]] + [",".join(l.split(",")[:2] + ["0"])
+                                                              for l in labels[1:]]) + "\n")
+    shutil.rmtree(data / "masks" / "bright")
+    out2 = tmp_path / "o2"
+    assert main(["masks", "--data", str(data), "--out", str(out2), "--profile", "smoke",
+                 "--image-size", "32", "64", "--epochs", "1"]) == 0
+    assert "['bright']: no image is labelled with them" in capsys.readouterr().out
+    assert "bright" not in (out2 / "masks.csv").read_text()
+    # no positive label at all: refused before anything is written, with the reason
+    (data / "labels.csv").write_text("\n".join([labels[0]] + [l.split(",")[0] + ",0,0"
+                                                              for l in labels[1:]]) + "\n")
+    shutil.rmtree(data / "masks")
+    assert main(["masks", "--data", str(data), "--out", str(tmp_path / "o3"), "--profile",
+                 "smoke", "--no-progress"]) == 2
+    assert "no image is labelled with any class" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
+
+
+def test_bad_options_fail_before_the_output_is_claimed(generic, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["masks", "--data", str(generic), "--out", str(out), "--profile", "smoke", "--no-progress"]
+    for extra, said in ((["--epochs", "0"], "epochs=0: must be at least 1"),
+                        (["--epochs", "-1"], "epochs=-1: must be at least 1"),
+                        (["--image-size", "0", "0"], "image_size"),
+                        (["--folds", "1"], "--folds 1: cross-validation needs at least 2 folds"),
+                        (["--folds", "50"], "--folds 50: .* has only 24 images"),
+                        (["--encoder", "not_a_net"], "not_a_net")):
+        assert main(base + extra) == 2, extra
+        import re
+        assert re.search(said, capsys.readouterr().err), extra
+        assert not out.exists(), extra  # nothing claimed: the corrected command just works
+    (tmp_path / "file").write_text("x")
+    assert main(base[:4] + [str(tmp_path / "file")] + base[5:]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+
+
+def test_input_size_follows_the_data(tmp_path, capsys):
+    """Square 200x200 images get a square input (not the profile's 4x wider one), and it is said."""
+    from cam2mask_lib.masks import fit_input_size
+
+    assert fit_input_size(np.array([[256, 1600]] * 3), (128, 800)) == (128, 800)  # Severstal
+    assert fit_input_size(np.array([[200, 200]] * 3), (128, 800)) == (320, 320)
+    root = tmp_path / "sq"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    rows = ["image,spot"]
+    for k in range(12):
+        img = rng.normal(120, 10, (200, 200)).clip(0, 255).astype(np.uint8)
+        if k % 2:
+            img[50:90, 60:100] = 20
+        Image.fromarray(img).convert("RGB").save(root / "images" / f"s{k}.png")
+        rows.append(f"s{k},{k % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert main(["masks", "--data", str(root), "--out", str(tmp_path / "o"), "--profile", "smoke",
+                 "--epochs", "1", "--no-progress"]) == 0
+    assert "input size 160x160: the images' median shape 200x200" in capsys.readouterr().out

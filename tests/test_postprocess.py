@@ -114,3 +114,31 @@ def test_write_predictions_round_trip(synth_dir, tmp_path):
     png = tmp_path / "out" / "masks" / "3" / (idx.image_ids[0].rsplit(".", 1)[0] + ".png")
     assert png.is_file()
     assert not (tmp_path / "out" / "masks" / "1").exists()  # empty masks: no PNG
+
+
+def test_predictions_csv_is_quoted_and_class_names_stay_inside_masks(tmp_path):
+    """An image or class name with a comma is quoted in the CSV (read back: 3 fields per row); a
+    class name that would write outside masks/ is refused when the data is read."""
+    import csv
+
+    from PIL import Image
+
+    from cam2mask_lib.data import DataError, load_generic
+    from cam2mask_lib.postprocess import write_predictions
+
+    root = tmp_path / "g"
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(np.full((8, 10, 3), 90, np.uint8)).save(root / "images" / "a,b.png")
+    (root / "labels.csv").write_text('image,"pit,dent"\n"a,b",1\n')
+    idx = load_generic(root)
+    masks = np.zeros((1, 1, 8, 10), np.uint8)
+    masks[0, 0, 2:4, 3:6] = 1
+    out = write_predictions(idx, [(np.array([0]), masks)], tmp_path / "out")
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["ImageId", "ClassId", "EncodedPixels"]
+    assert rows[1][:2] == ["a,b", "pit,dent"] and len(rows[1]) == 3
+    assert (tmp_path / "out" / "masks" / "pit,dent" / "a,b.png").is_file()
+    for bad in ("..", "pit/dent"):
+        (root / "labels.csv").write_text(f'image,{bad}\n"a,b",1\n')
+        with pytest.raises(DataError, match=r"labels.csv, line 1: class name .* cannot name a folder"):
+            load_generic(root)

@@ -3,19 +3,30 @@ import sys
 
 import pytest
 
+from cam2mask_lib.utils import ConfigError
+
 from cam2mask_lib.cli import main
 from cam2mask_lib.profiles import PROFILES, get_profile, load_data
 
 
 def test_profiles_and_overrides():
     assert {"smoke", "cpu", "paper"} <= set(PROFILES)
-    p = get_profile("cpu", epochs=3, image_size=[64, 400])
-    assert p.epochs == 3 and p.image_size == (64, 400) and p.name == "cpu"
-    assert get_profile("cpu").epochs == PROFILES["cpu"].epochs  # frozen, not mutated
-    with pytest.raises(KeyError, match="unknown profile 'gpu'"):
+    p = get_profile("cpu", classifier={"epochs": 3, "image_size": [64, 400]})
+    assert p.classifier.epochs == 3 and p.image_size == (64, 400) and p.name == "cpu"
+    assert get_profile("cpu").classifier.epochs == PROFILES["cpu"].classifier.epochs  # not mutated
+    # dotted names reach nested sections; the profile's seed and device reach every stage
+    q = get_profile("cpu", seed=5, **{"segmentation.net.loss": "focal", "grid.epochs": 4})
+    assert q.segmentation.net.loss == "focal" and q.grid.epochs == 4
+    assert q.classifier.seed == q.segmentation.net.seed == 5
+    assert q.segmentation.size == PROFILES["cpu"].segmentation.size  # the rest kept
+    with pytest.raises(ConfigError, match="unknown profile 'gpu'"):
         get_profile("gpu")
-    with pytest.raises(KeyError, match=r"unknown profile field\(s\) \['epoch'\]"):
+    with pytest.raises(ConfigError, match=r"unknown profile field\(s\) \['epoch'\]"):
         get_profile("cpu", epoch=3)
+    with pytest.raises(ConfigError, match=r"unknown segmentation.net field\(s\) \['los'\]"):
+        get_profile("cpu", **{"segmentation.net.los": "focal"})
+    with pytest.raises(ValueError, match="n_folds=1"):
+        get_profile("cpu", n_folds=1)
 
 
 def test_paper_profile_needs_real_data(tmp_path):

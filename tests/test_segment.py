@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cam2mask_lib.profiles import get_profile
-from cam2mask_lib.segment import (IGNORE, build_segmenter, make_loss, pseudo_labels,
-                                  to_class_index)
+from cam2mask_lib.losses import IGNORE, LOSSES, make_loss, to_class_index
+from cam2mask_lib.segment import build_segmenter, pseudo_labels
 
 LOGITS = torch.tensor([[[[0.0, 2.0], [-1.0, 1.0]]]])  # [1, 1, 2, 2]
 TARGET = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.uint8)
@@ -109,9 +109,7 @@ CPU_ARCHS = [("unet", "resnet18"), ("unet", "tu-mobilenetv3_small_050"),
                          [(a, e, "cpu") for a, e in CPU_ARCHS] + [("unet", "resnet18", "paper")])
 def test_output_shape_at_the_profile_size(arch, encoder, profile):
     """Every architecture at the cpu profile's segmentation size; one at the paper's 256x1600."""
-    from cam2mask_lib.pipeline import seg_size
-
-    h, w = seg_size(get_profile(profile))
+    h, w = get_profile(profile).segmentation.size
     model = build_segmenter(arch, encoder or "resnet18", classes=4, slim=True).eval()
     with torch.no_grad():
         out = model(torch.zeros(1, 3, h, w))
@@ -119,10 +117,18 @@ def test_output_shape_at_the_profile_size(arch, encoder, profile):
 
 
 def test_seg_size_must_be_divisible_by_32():
-    from cam2mask_lib.pipeline import seg_size
+    with pytest.raises(ValueError, match="segmentation size 64x400 has a side not divisible by 32.*64x384"):
+        get_profile("cpu", **{"segmentation.size": (64, 400)})
+    with pytest.raises(ValueError, match="grid size 50x50 .* 32x32"):
+        get_profile("cpu", **{"grid.size": (50, 50)})
 
-    with pytest.raises(ValueError, match="not divisible by 32; set seg_size .*64x384"):
-        seg_size(get_profile("cpu", seg_size=(64, 400)))
+
+def test_losses_are_a_registry_of_small_classes():
+    assert set(LOSSES) == {"bce_dice", "cce_dice", "focal", "bce_logdice", "lovasz", "bce_smooth"}
+    for name, cls in LOSSES.items():
+        loss = make_loss(name, 2)
+        assert type(loss) is cls and loss.name == name
+    assert LOSSES["cce_dice"].softmax and not LOSSES["bce_dice"].softmax
 
 
 def test_encoder_starts_from_the_classifier():

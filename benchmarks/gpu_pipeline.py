@@ -1,0 +1,182 @@
+"""The pipeline's images/s beside the bare network's, stage by stage, on one device; and the
+paper profile's wall time projected from the measured rates.
+
+For each stage the same network, input shape, batch size, precision (bf16 autocast on CUDA) and
+memory layout are timed twice in the same run: through the pipeline (data from the dataset
+object, the stage's own loop) and bare (a batch already on the device, the same computation).
+Their ratio is what the input pipeline and the stage's bookkeeping cost.
+
+    .venv/bin/python benchmarks/gpu_pipeline.py                       # CPU: small, ~2 minutes
+    python benchmarks/gpu_pipeline.py --encoder efficientnet_b0 --size 256 1600 --images 512 \\
+        --batch 64 --seg-batch 16 --workers 8                         # one GPU, the paper's shapes
+
+Data: a synthetic Severstal-format set generated in a temporary folder (``cam2mask synth``).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cam2mask_lib import paper
+from cam2mask_lib.cams import cam_dataset
+from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, predict_logits
+from cam2mask_lib.data import ImageDataset, image_array, load_dataset, resize_mask
+from cam2mask_lib.device import autocast, resolve_device
+from cam2mask_lib.losses import make_loss
+from cam2mask_lib.report import machine, software
+from cam2mask_lib.segment import SegConfig, SegmenterTrainer
+from cam2mask_lib.synth import generate
+from cam2mask_lib.trainer import epoch_generator
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def bare_train(model, loss_fn, x, y, opt, steps, device):
+    """forward + backward + Adam on a batch already on the device."""
+    def run():
+        for _ in range(steps):
+            with autocast(device):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return run
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--encoder", default="mobilenetv3_small_050", help="timm classifier encoder")
+    ap.add_argument("--size", type=int, nargs=2, default=(64, 400), metavar=("H", "W"))
+    ap.add_argument("--images", type=int, default=64, help="images per timed pass")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seg-batch", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    size, n = tuple(args.size), args.images
+    fmt = torch.channels_last
+    print(f"device: {machine(device)}; {software()}")
+    print(f"shapes: {args.encoder} at {size[0]}x{size[1]}, batch {args.batch} (segmentation "
+          f"{args.seg_batch}), {n} images per pass, {args.workers} workers; synthetic data")
+    rows_out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = generate(tmp / "data", n=n, seed=0, height=size[0], width=size[1], progress=False)
+        index = load_dataset(data)
+        ds = ImageDataset(index, size, with_masks=False,
+                          array=image_array(index, size, tmp / "images", progress=False))
+        labels = index.labels
+        folds = np.where(np.arange(n) < n // 2, 0, 1)  # train on the second half: n/2 images
+        cfg = TrainConfig(encoder=args.encoder, image_size=size, epochs=1, batch_size=args.batch,
+                          device=str(device), num_workers=args.workers, seed=0)
+
+        # 1. classifier training: one epoch of the stage vs bare steps on a resident batch
+        tr = ClassifierTrainer(ds, labels, folds, 0, cfg, tmp / "cls", progress=False)
+        tr.run_epoch(0, epoch_generator(0, 0, 0))  # warm-up (cudnn autotune, allocator)
+        t_pipe = timed(lambda: tr.run_epoch(1, epoch_generator(0, 0, 1)), device)
+        n_pipe = len(tr.train_rows) + len(tr.val_rows)  # an epoch validates too
+        x = torch.randn(args.batch, 3, *size, device=device).contiguous(memory_format=fmt)
+        y = torch.from_numpy(labels[:args.batch].astype(np.float32)).to(device)
+        steps = max(1, len(tr.train_rows) // args.batch)
+        run = bare_train(tr.model, tr.loss_fn, x, y, tr.opt, steps, device)
+        run()
+        t_bare = timed(run, device)
+        rows_out.append(("classifier training (epoch incl. validation)", n_pipe / t_pipe,
+                         steps * args.batch / t_bare))
+
+        # 2. out-of-fold prediction
+        model = tr.model.eval()
+        rows = np.arange(n)
+        predict_logits(model, ds, rows, args.batch * 2, args.workers)
+        t_pipe = timed(lambda: predict_logits(model, ds, rows, args.batch * 2, args.workers), device)
+        xb = torch.randn(args.batch * 2, 3, *size, device=device).contiguous(memory_format=fmt)
+
+        def fwd(k=max(1, n // (args.batch * 2))):
+            with torch.no_grad(), autocast(device):
+                for _ in range(k):
+                    model(xb)
+        fwd()
+        t_bare = timed(fwd, device)
+        rows_out.append(("out-of-fold prediction", n / t_pipe,
+                         max(1, n // (args.batch * 2)) * args.batch * 2 / t_bare))
+
+        # 3. CAM stage: Grad-CAM++ with aug smoothing (6 views) vs 6 bare forward passes
+        models = {0: model, 1: model}
+        cam_dir = tmp / "cams"
+        cam_dataset(models, ds, folds, tmp / "cams_warm", batch_size=32, progress=False)
+        t_pipe = timed(lambda: cam_dataset(models, ds, folds, cam_dir, batch_size=32,
+                                           progress=False), device)
+        x32 = torch.randn(32, 3, *size, device=device).contiguous(memory_format=fmt)
+
+        def six(k=max(1, n // 32)):
+            with torch.no_grad(), autocast(device):
+                for _ in range(6 * k):
+                    model.features(x32)
+        six()
+        t_bare = timed(six, device)
+        rows_out.append(("CAM stage (Grad-CAM++, aug smoothing)", n / t_pipe,
+                         max(1, n // 32) * 32 / t_bare))
+
+        # 4. segmentation training: a U-Net with the classifier's encoder on the true masks
+        seg = SegConfig(arch="unet", encoder=f"tu-{args.encoder}", epochs=1,
+                        batch_size=args.seg_batch, device=str(device), slim=device.type == "cpu")
+        masks = {int(i): m for i, m in enumerate(np.stack([index.mask(i) for i in range(n)]))}
+        seg_ds = ImageDataset(index, size, with_masks=False, array=ds.array)
+
+        def targets(b):
+            return np.stack([resize_mask(masks[int(i)], size) for i in b])
+
+        st = SegmenterTrainer(seg_ds, targets, np.arange(n), index.num_classes, seg, tmp / "seg",
+                              progress=False)
+        st.run_epoch(0, epoch_generator(0, 0, 0))
+        t_pipe = timed(lambda: st.run_epoch(1, epoch_generator(0, 0, 1)), device)
+        xs = torch.randn(args.seg_batch, 3, *size, device=device).contiguous(memory_format=fmt)
+        ys = torch.from_numpy(targets(np.arange(args.seg_batch))).to(device)
+        loss = make_loss("bce_dice", index.num_classes).to(device)
+        steps = max(1, n // args.seg_batch)
+        run = bare_train(st.model, loss, xs, ys, st.opt, steps, device)
+        run()
+        t_bare = timed(run, device)
+        rows_out.append(("segmentation training", n / t_pipe, steps * args.seg_batch / t_bare))
+
+    print()
+    print("| stage | pipeline images/s | bare network images/s | ratio |")
+    print("| --- | --- | --- | --- |")
+    for name, p, b in rows_out:
+        print(f"| {name} | {p:.1f} | {b:.1f} | {p / b:.0%} |")
+    rate = {name.split(" (")[0]: p for name, p, _ in rows_out}
+    # the paper profile's counts: 12,568 images, 5 folds x 30 epochs (4/5 trained, 1/5 validated
+    # per epoch), 3 CAM variants (one with 6 views: counted at its measured rate, the others at
+    # 6x it), 4 training sets x 5 folds x 20 epochs of U-Net on ~4/5 of the defective images,
+    # 17 grid runs of the same size
+    N = paper.TOTAL_IMAGES
+    defective = paper.TOTAL_IMAGES - paper.DEFECT_FREE_IMAGES
+    cls_s = 5 * 30 * N / rate["classifier training"]
+    oof_s = 5 * N / rate["out-of-fold prediction"]
+    cam_s = N / rate["CAM stage"] * (1 + 2 / 6)
+    seg_s = (4 + 17) * 5 * 20 * defective * 4 / 5 / rate["segmentation training"]
+    total = cls_s + oof_s + cam_s + seg_s
+    print(f"\nprojected paper profile on this device at these shapes: classifier {cls_s / 3600:.2f} h, "
+          f"out-of-fold {oof_s / 60:.1f} min, CAMs {cam_s / 60:.1f} min, segmentation + grid "
+          f"{seg_s / 3600:.2f} h; total {total / 3600:.2f} h")
+
+
+if __name__ == "__main__":
+    main()

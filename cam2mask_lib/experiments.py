@@ -1,0 +1,525 @@
+"""The experiments behind the paper's tables, built from the stages of :mod:`pipeline`.
+
+* Table 2 (:func:`postprocessing_stage`): every CAM variant with tuned post-processing, the
+  paper's parameters, other CAM methods and two baselines.
+* Table 3 (:func:`segmentation_stage`): one segmentation network trained on true masks, on CAM
+  masks and on confident CAM pixels, beside the CAM masks themselves.
+* Table 4 (:func:`grid_stage`): the thesis's architectures x losses and the lecture's toolbox.
+
+Each returns a small dataclass holding its table and what the notebook draws from.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from . import paper
+from .cams import FAST_METHODS, CamCache, compute_cams
+from .classify import ClassifierRun
+from .data import resize_image
+from .device import to_model
+from .metrics import DiceReport
+from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
+                          report, search, write_predictions)
+from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
+                        confident_targets, eval_rows, predict_masks_at, seg_stats,
+                        train_segmenters, true_targets)
+from .segment import SegConfig
+from .utils import ConfigError, bars, read_json, write_json
+
+if TYPE_CHECKING:  # annotations only: pipeline imports this module's configuration
+    from .pipeline import Context
+
+# ------------------------------------------------------------------------------------------------
+# Table 2: masks from CAMs
+# ------------------------------------------------------------------------------------------------
+
+# the CAM variants of Table 2: name -> (method, aug smoothing, weights)
+VARIANTS = {
+    "Grad-CAM": ("gradcam", False, "best_epoch"),
+    "Grad-CAM++": ("gradcam++", False, "best_epoch"),
+    "Grad-CAM++ + SWA + aug smooth": ("gradcam++", True, "averaged"),
+}
+BEST_VARIANT = "Grad-CAM++ + SWA + aug smooth"
+# 0.1 steps plus the paper's 0.75 and a low 0.05 (each threshold costs a pass over all maps)
+THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+CONFIDENCES = tuple(round(c, 2) for c in np.arange(0.1, 0.91, 0.1))
+MIN_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.0025, 0.005, 0.01)
+
+
+def min_areas(ctx: Context) -> list[int]:
+    """The minimum-area grid in pixels at the scoring resolution (the classifier's input)."""
+    h, w = ctx.profile.image_size
+    return [round(f * h * w) for f in MIN_AREA_FRACTIONS]
+
+
+def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth: bool,
+                     batch: int = 32, progress: bool = False) -> Stats:
+    """Post-processing statistics (see :func:`postprocess.collect_stats`) of cached CAMs."""
+    rows = np.asarray(rows)
+    chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
+    maps = (cache.maps(c, ctx.profile.image_size, aug_smooth=aug_smooth)
+            for c in tqdm(chunks, desc="scoring", disable=not bars(progress)))
+    trues = (ctx.true_masks(c) for c in chunks)
+    return collect_stats(maps, trues, thresholds, rows=rows)
+
+
+def stats_from_method(ctx: Context, run: ClassifierRun, method: str, rows, thresholds,
+                      weights: str = "averaged", batch: int = 16, progress: bool = False) -> Stats:
+    """Statistics for a CAM method computed directly (e.g. through pytorch-grad-cam), no cache."""
+    rows = np.asarray(rows)
+    ds = ctx.images()
+    models = ctx.fold_models(run, weights)
+    rows = rows[np.argsort(ctx.folds[rows], kind="stable")]
+    chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
+
+    def maps():
+        for c in tqdm(chunks, desc=method, disable=not bars(progress)):
+            out = np.empty((len(c), ctx.index.num_classes, *ctx.profile.image_size), np.float32)
+            for f in np.unique(ctx.folds[c]):
+                sel = np.flatnonzero(ctx.folds[c] == f)
+                model = models[int(f)]
+                x = to_model(ds.batch(c[sel]), model)
+                out[sel] = compute_cams(model, x, method=method)
+            yield out
+
+    return collect_stats(maps(), (ctx.true_masks(c) for c in chunks), thresholds, rows=rows)
+
+
+@dataclass
+class PostprocessingResult:
+    """Table 2 and what its pictures need: statistics and reports per variant, tuned
+    parameters (``params["per class"]`` is the best variant's per-class search), probabilities."""
+
+    table: pd.DataFrame
+    stats: dict[str, Stats]
+    params: dict[str, Params]
+    reports: dict[str, DiceReport]
+    probs: np.ndarray
+
+
+def postprocessing_stage(ctx: Context, run: ClassifierRun, caches: dict[str, CamCache],
+                         other_methods=("layercam",), progress: bool = True) -> PostprocessingResult:
+    """Table 2: every CAM variant with tuned post-processing, the paper's parameters, the other
+    grad-cam methods, and two baselines, scored with the paper's protocol (defective images) and
+    on all images and non-empty masks."""
+    probs = run.oof
+    names = ctx.index.class_names
+    all_rows = np.arange(len(ctx.index))
+    mins = min_areas(ctx)
+    stats = {name: stats_from_cache(ctx, caches[name], all_rows, THRESHOLDS, VARIANTS[name][1],
+                                    progress=progress) for name in caches}
+    rows, tuned, reports = [], {}, {}
+
+    def add(name, rep, params, paper_value=None, note="", all_images=True):
+        s = rep.summary()
+        rows.append({"experiment": name, "post-processing": params, "Dice (defective images)":
+                     s["dice_defective_images"], "Dice (all images)":
+                     s["dice_all_images"] if all_images else float("nan"),
+                     "Dice (non-empty masks)": s["dice_nonempty_masks"],
+                     "paper Dice": paper_value, "note": note})
+
+    st0 = next(iter(stats.values()))
+    add("baseline: no mask anywhere", baseline_empty(st0, names), "-")
+    fill_scores = {c: baseline_fill(st0, probs, c, names).summary()["dice_defective_images"]
+                   for c in CONFIDENCES}
+    best_c = max(fill_scores, key=fill_scores.get)
+    add("baseline: whole image where the classifier fires", baseline_fill(st0, probs, best_c, names),
+        f"confidence={best_c:g} (tuned)")
+    for name, st in stats.items():
+        params, _ = search(st, probs, CONFIDENCES, mins)
+        tuned[name] = params
+        reports[name] = report(st, probs, params, names)
+        add(f"{name} + {run.config.encoder}", reports[name], params.describe() + " (tuned)",
+            paper.TABLE2.get(name))
+    best = stats[BEST_VARIANT] if BEST_VARIANT in stats else st0
+    pc, _ = search(best, probs, CONFIDENCES, mins, per_class=True)
+    tuned["per class"] = pc
+    reports["per class"] = report(best, probs, pc, names)
+    add(f"{BEST_VARIANT}, per-class post-processing", reports["per class"],
+        pc.describe() + " (tuned per class)")
+    pp_paper = Params(**paper.PAPER_POSTPROCESS)
+    key = "Grad-CAM++ + SWA + aug smooth, confidence=0.5, min_seg_len=0, threshold=0.3"
+    add(f"{BEST_VARIANT}, the paper's parameters", report(best, probs, pp_paper, names),
+        pp_paper.describe(), paper.TABLE2[key])
+    defective = np.flatnonzero(ctx.index.labels.any(1))
+    for m in other_methods:
+        fast = m in FAST_METHODS  # cheap: every image; else pytorch-grad-cam on defective images
+        st = stats_from_method(ctx, run, m, all_rows if fast else defective, THRESHOLDS,
+                               progress=progress)
+        params, _ = search(st, probs[st.rows], CONFIDENCES, mins, rows=np.arange(len(st.rows)))
+        add(f"{m} ({'fast path, equal to ' if fast else 'through '}pytorch-grad-cam) + "
+            f"{run.config.encoder}", report(st, probs[st.rows], params, names),
+            params.describe() + " (tuned)", all_images=fast,
+            note="SWA weights, no aug smoothing" + ("" if fast else ", defective images only"))
+    return PostprocessingResult(pd.DataFrame(rows), stats, tuned, reports, probs)
+
+
+def per_class_table(rep: DiceReport, class_names) -> pd.DataFrame:
+    s = rep.summary()
+    return pd.DataFrame([{"class": c, "Dice (defective images)": s[f"class {c} (defective images)"],
+                          "Dice (non-empty masks)": s[f"class {c} (non-empty masks)"],
+                          "non-empty masks": int(rep.true_nonempty[:, k].sum())}
+                         for k, c in enumerate(class_names)])
+
+
+def _params_path(ctx: Context, run: ClassifierRun) -> Path:
+    return ctx.artifacts / "predictions" / Path(run.dir).name / "postprocess_params.json"
+
+
+def export_predictions(ctx: Context, run: ClassifierRun, post: PostprocessingResult,
+                       cache: CamCache) -> Path:
+    """Write the best variant's masks with its per-class parameters (Kaggle RLE CSV and PNGs
+    under ``artifacts/<profile>/predictions/<classifier run>/``) and every tuned parameter set
+    (``postprocess_params.json``, which :func:`tuned_params` reads). Returns the CSV path."""
+    params = post.params["per class"]
+    aug = VARIANTS[BEST_VARIANT][1]
+    out = _params_path(ctx, run).parent
+    chunks = np.array_split(np.arange(len(ctx.index)), max(1, len(ctx.index) // 64))
+    batches = ((c, apply(cache.maps(c, ctx.profile.image_size, aug_smooth=aug), run.oof[c], params))
+               for c in chunks)
+    csv = write_predictions(ctx.index, batches, out)
+    write_json(_params_path(ctx, run), {k: vars(v) for k, v in post.params.items()})
+    return csv
+
+
+def tuned_params(ctx: Context, run: ClassifierRun, cache: CamCache,
+                 progress: bool = False) -> dict[str, Params]:
+    """The CAM stage's tuned post-processing (``{"global", "per class"}``) of the best CAM
+    variant: read from :func:`export_predictions`' file, or searched again (and saved) when that
+    is missing."""
+    path = _params_path(ctx, run)
+    saved = read_json(path) if path.is_file() else {}
+    if BEST_VARIANT in saved and "per class" in saved:
+        return {"global": Params(**saved[BEST_VARIANT]), "per class": Params(**saved["per class"])}
+    st = stats_from_cache(ctx, cache, np.arange(len(ctx.index)), THRESHOLDS,
+                          VARIANTS[BEST_VARIANT][1], progress=progress)
+    out = {"global": search(st, run.oof, CONFIDENCES, min_areas(ctx))[0],
+           "per class": search(st, run.oof, CONFIDENCES, min_areas(ctx), per_class=True)[0]}
+    write_json(path, {**saved, BEST_VARIANT: vars(out["global"]), "per class": vars(out["per class"])})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Table 3: segmentation networks on true vs CAM masks
+# ------------------------------------------------------------------------------------------------
+
+# the training sets of Table 3 (the row "network on <set>" and "network on <set> + classifier gate")
+TRUE_MASKS = "true masks"
+CAM_MASKS_PAPER = "CAM masks (threshold 0.2)"
+CAM_MASKS_TUNED = "CAM masks (tuned per class)"
+CONFIDENT_PIXELS = "confident CAM pixels"
+# rows of the raw CAM masks
+CAM_PAPER_ROW = "CAM masks, the paper's parameters"
+CAM_TUNED_ROW = "CAM masks, tuned per class"
+
+
+def network_row(training_set: str, gate: bool = False) -> str:
+    """The Table 3 row of a network trained on ``training_set``, with or without the gate."""
+    return f"network on {training_set}" + (" + classifier gate" if gate else "")
+
+
+SUPERVISED_ROW = network_row(TRUE_MASKS, gate=True)  # the reference of every ratio
+
+
+@dataclass
+class SegmentationResult:
+    """Table 3, its per-class table, and what the pictures need."""
+
+    table: pd.DataFrame
+    per_class: pd.DataFrame
+    reports: dict[str, DiceReport]
+    trained: dict[str, SegRun]
+    targets: dict[str, Targets]
+    stats: dict[str, Stats]
+    cam_stats: Stats
+    params: dict[str, Params]
+    config: SegConfig
+    rows: np.ndarray
+
+    def gate(self) -> Params:
+        """The post-processing of the gated network rows: the tuned per-class confidence on the
+        classifier's probability, the paper's output threshold, no minimum area."""
+        return Params(self.params["per class"].confidence, SEG_THRESHOLD, 0)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def segmentation_stage(ctx: Context, run: ClassifierRun, cache: CamCache, high: float = 0.6,
+                       low: float = 0.2, progress: bool = True) -> SegmentationResult:
+    """Table 3: the same segmentation network (the profile's ``segmentation``) trained on the
+    true masks, on CAM masks (the paper's threshold 0.2; our tuned per-class post-processing)
+    and on confident CAM pixels only, each scored on its held-out folds exactly as the CAM masks
+    (:func:`seg_stage.seg_stats`), without and with the classifier's gate (a class's mask is
+    kept only where the out-of-fold probability reaches the tuned confidence); the raw CAM masks
+    of the same images beside them, and the ratio of each to the supervised network (gated, as
+    the CAM masks are; the paper's ratio is to its ungated U-Net)."""
+    names = ctx.index.class_names
+    probs = run.oof
+    aug = VARIANTS[BEST_VARIANT][1]
+    tuned = tuned_params(ctx, run, cache)
+    pc = tuned["per class"]
+    h, w = ctx.profile.image_size
+    _, thr, mina = pc.per_class(len(names))
+    sets = {
+        TRUE_MASKS: true_targets(ctx),
+        CAM_MASKS_PAPER: cam_targets(ctx, cache, SEG_THRESHOLD, 0.0, aug, "cam_paper"),
+        CAM_MASKS_TUNED: cam_targets(ctx, cache, thr, mina / (h * w), aug, "cam_tuned"),
+        CONFIDENT_PIXELS: confident_targets(ctx, cache, high, low, aug),
+    }
+    trained = {k: train_segmenters(ctx, t, classifier=run, progress=progress)
+               for k, t in sets.items()}
+    rows_eval = eval_rows(ctx)
+    used = sorted({paper.PAPER_POSTPROCESS["threshold"], *map(float, thr)})  # the thresholds scored
+    cam_st = stats_from_cache(ctx, cache, rows_eval, used, aug)
+    truth: dict = {}
+    stats = {k: seg_stats(ctx, tr, truth=truth) for k, tr in trained.items()}
+    gate = Params(pc.confidence, SEG_THRESHOLD, 0)
+    plain = Params(0.0, SEG_THRESHOLD, 0)
+    reports = {CAM_PAPER_ROW: report(cam_st, probs[cam_st.rows],
+                                     Params(**paper.PAPER_POSTPROCESS), names),
+               CAM_TUNED_ROW: report(cam_st, probs[cam_st.rows], pc, names)}
+    for k, st in stats.items():
+        reports[network_row(k)] = report(st, probs[st.rows], plain, names)
+        reports[network_row(k, gate=True)] = report(st, probs[st.rows], gate, names)
+    ref = {CAM_PAPER_ROW: paper.TABLE3["CAM masks (Grad-CAM++ + improvements)"],
+           network_row(TRUE_MASKS): paper.TABLE3["U-Net on true masks (threshold 0.2, min_seg_len 0)"],
+           network_row(CAM_MASKS_PAPER):
+               paper.TABLE3["U-Net on CAM masks (threshold 0.2, min_seg_len 0)"]}
+    # the reference: the supervised network as it is best used, with the same gate as the CAM masks
+    sup = reports[SUPERVISED_ROW].summary()
+    rows = []
+    for k, rep in reports.items():
+        s = rep.summary()
+        rows.append({"experiment": k, "Dice (defective images)": s["dice_defective_images"],
+                     "Dice (all images)": s["dice_all_images"],
+                     "Dice (non-empty masks)": s["dice_nonempty_masks"],
+                     "ratio to supervised (defective)": _ratio(s["dice_defective_images"],
+                                                               sup["dice_defective_images"]),
+                     "ratio to supervised (non-empty)": _ratio(s["dice_nonempty_masks"],
+                                                               sup["dice_nonempty_masks"]),
+                     "paper Dice": ref.get(k),
+                     "paper ratio": ref[k] / ref[network_row(TRUE_MASKS)] if k in ref else None})
+    per_class = pd.DataFrame([{"experiment": k, **{f"class {c}": rep.summary()[
+        f"class {c} (non-empty masks)"] for c in names}} for k, rep in reports.items()])
+    cfg = next(iter(trained.values())).config
+    return SegmentationResult(pd.DataFrame(rows), per_class, reports, trained, sets, stats, cam_st,
+                              tuned, cfg, rows_eval)
+
+
+def first_example_per_class(ctx: Context, rows) -> list[tuple[int, int]]:
+    """``(class, row)``: for every class, the first of ``rows`` whose label has it."""
+    rows = np.asarray(rows)
+    out = []
+    for c in range(ctx.index.num_classes):
+        cand = rows[ctx.index.labels[rows, c] > 0]
+        if len(cand):
+            out.append((c, int(cand[0])))
+    return out
+
+
+def segmentation_examples(ctx: Context, run: ClassifierRun, seg: SegmentationResult,
+                          cache: CamCache) -> list[dict]:
+    """One held-out image per class with its true masks, the tuned CAM masks and every gated
+    network's masks at the scoring size: ``[{"row", "class", "image", "truth", "preds"}]``."""
+    size = ctx.profile.image_size
+    pc = seg.params["per class"]
+    aug = VARIANTS[BEST_VARIANT][1]
+    out = []
+    for c, r in first_example_per_class(ctx, seg.rows):
+        preds = {CAM_MASKS_TUNED: apply(cache.maps([r], size, aug_smooth=aug),
+                                             run.oof[[r]], pc)[0]}
+        preds.update({f"network on {k} (gated)": predict_masks_at(ctx, tr, [r], seg.gate(),
+                                                                  run.oof[[r]])[0]
+                      for k, tr in seg.trained.items()})
+        out.append({"row": r, "class": ctx.index.class_names[c], "preds": preds,
+                    "image": resize_image(ctx.index.image(r), size),
+                    "truth": ctx.true_masks([r])[0]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Table 4: the thesis's grid and the lecture's toolbox
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Notebook 05's runs: ``epochs`` and input ``size`` (None: the segmentation stage's),
+    training images per run (``max_train``, None: the stage's), and the thesis's ResNet encoder
+    (``encoder``, a timm name; None: the classifier's encoder, started from the classifier)."""
+
+    epochs: int | None = None
+    size: tuple[int, int] | None = None
+    encoder: str | None = "resnet34"
+    max_train: int | None = None
+
+    def __post_init__(self):
+        if self.size is not None:
+            object.__setattr__(self, "size", check_size(tuple(int(v) for v in self.size),
+                                                        "grid size"))
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"grid epochs={self.epochs}: must be >= 1 or None")
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of the grid. ``encoder``: ``"classifier"`` (the classifier's own timm encoder,
+    started from the fold's classifier), ``"thesis"`` (the grid's ResNet, :class:`GridConfig`'s
+    ``encoder``; where that is None, the classifier's again) or None (the thesis's plain U-Net
+    has no encoder). ``swa_from``: average the weights of the epochs from this fraction of the
+    run on (0.5: the second half)."""
+
+    arch: str
+    encoder: str | None = "classifier"
+    loss: str = "bce_dice"
+    ema: float | None = None
+    swa_from: float | None = None
+
+
+THESIS_ARCHS = {"U-Net": GridRun("thesis_unet", encoder=None),
+                "U-Net with ResNet encoder": GridRun("unet", encoder="thesis"),
+                "ResNet encoder-decoder": GridRun("resnet_encdec", encoder="thesis")}
+THESIS_LOSSES = {"BCE": "bce_dice", "CCE": "cce_dice", "Focal loss": "focal"}
+LECTURE_RUNS = {
+    "FPN": GridRun("fpn"),
+    "DeepLabV3+": GridRun("deeplabv3plus"),
+    "U-Net++": GridRun("unetplusplus"),
+    "U-Net (TernausNet-style)": GridRun("unet"),
+    "U-Net (TernausNet-style), BCE - ln(Dice)": GridRun("unet", loss="bce_logdice"),
+    "U-Net (TernausNet-style), Lovasz": GridRun("unet", loss="lovasz"),
+    "U-Net (TernausNet-style), BCE + label smoothing": GridRun("unet", loss="bce_smooth"),
+    # decay 0.9 (an average over the last ~10 steps): short CPU runs have only ~40 steps, where
+    # 0.99 keeps two thirds of the random initial decoder in the average
+    "U-Net (TernausNet-style), EMA 0.9": GridRun("unet", ema=0.9),
+    "U-Net (TernausNet-style), SWA": GridRun("unet", swa_from=0.5),
+}
+
+
+def grid_runs(thesis: bool = True, lecture=tuple(LECTURE_RUNS)) -> dict[str, GridRun]:
+    """The runs of notebook 05 by name: the thesis's 3 architectures x 3 losses, then the named
+    lecture runs."""
+    runs = {}
+    if thesis:
+        for a, arch in THESIS_ARCHS.items():
+            for lname, loss in THESIS_LOSSES.items():
+                runs[f"{a} {lname}"] = dataclasses.replace(arch, loss=loss)
+    for name in lecture:
+        if name not in LECTURE_RUNS:
+            raise ConfigError(f"unknown lecture run {name!r}; choose from {list(LECTURE_RUNS)}")
+        runs[name] = LECTURE_RUNS[name]
+    return runs
+
+
+def grid_context(ctx: Context) -> Context:
+    """The context of notebook 05: the grid's input size, epochs and training images, trained on
+    defective images only as in the thesis."""
+    seg, g = ctx.profile.segmentation, ctx.profile.grid
+    stage = dataclasses.replace(
+        seg, size=g.size or seg.size, defective_only=True, max_train=g.max_train or seg.max_train,
+        net=dataclasses.replace(seg.net, epochs=g.epochs or seg.net.epochs))
+    return dataclasses.replace(ctx, profile=dataclasses.replace(ctx.profile, segmentation=stage))
+
+
+def grid_config(gctx: Context, spec: GridRun, classifier: ClassifierRun) -> SegConfig:
+    """The segmentation configuration of one grid run: encoders resolved (networks with the
+    classifier's encoder start from it; the rest from ImageNet weights where the profile has
+    them, else from random weights), SWA's first epoch from ``swa_from``."""
+    net = gctx.profile.segmentation.net
+    own = "tu-" + classifier.config.encoder
+    thesis = gctx.profile.grid.encoder or own
+    encoder = {"classifier": own, "thesis": thesis, None: net.encoder}[spec.encoder]
+    if spec.arch == "resnet_encdec":
+        encoder = encoder.removeprefix("tu-")  # the thesis's network takes a plain timm name
+    init = ("classifier" if spec.arch != "thesis_unet" and
+            encoder in (own, own.removeprefix("tu-")) else None)
+    swa = None if spec.swa_from is None else int(net.epochs * spec.swa_from)
+    return dataclasses.replace(net, arch=spec.arch, encoder=encoder, loss=spec.loss, ema=spec.ema,
+                               swa_start=swa, encoder_init=init)
+
+
+@dataclass
+class GridResult:
+    """Table 4, a report and trained networks per run, and the grid's context."""
+
+    table: pd.DataFrame
+    reports: dict[str, DiceReport]
+    trained: dict[str, SegRun]
+    context: Context
+
+
+def grid_stage(ctx: Context, runs: dict[str, GridRun], classifier: ClassifierRun,
+               threshold: float = 0.5, progress: bool = True) -> GridResult:
+    """Train (or reuse) every run of ``runs`` (see :func:`grid_runs`) on the true masks of the
+    defective training images, score each on the defective held-out images at ``threshold``
+    (the thesis's protocol: it removed clean images), at the networks' input size (these rows
+    are compared with each other only), and return the table like the thesis's Table 4."""
+    gctx = grid_context(ctx)
+    names = ctx.index.class_names
+    targets = true_targets(gctx)
+    rows, reports, trained, truth = [], {}, {}, {}
+    for name, spec in tqdm(runs.items(), desc="grid", disable=not bars(progress)):
+        cfg = grid_config(gctx, spec, classifier)
+        tr = train_segmenters(gctx, targets, cfg, classifier=classifier, progress=False)
+        st = seg_stats(gctx, tr, thresholds=(threshold,), defective_only=True, truth=truth,
+                       score_size=gctx.seg_size)
+        rep = report(st, np.ones_like(st.true_area, float), Params(0.0, threshold, 0), names)
+        s = rep.summary()
+        lost = [c for c in names if s[f"class {c} (non-empty masks)"] < 0.05]
+        ref = paper.TABLE4.get(name)
+        row = {"model": name, "arch": cfg.arch, "encoder": "-" if cfg.arch == "thesis_unet"
+               else cfg.encoder, "loss": cfg.loss, "Dice (all)": s["dice_defective_images"]}
+        row.update({f"Dice class {c}": s[f"class {c} (defective images)"] for c in names})
+        row["Dice (non-empty masks)"] = s["dice_nonempty_masks"]
+        row.update({f"non-empty class {c}": s[f"class {c} (non-empty masks)"] for c in names})
+        row["lost classes"] = ", ".join(lost) or "-"
+        row["thesis Dice (all)"] = ref["all"] if ref else None
+        row["thesis Dice (non-empty)"] = ref["full"] if ref else None
+        row["thesis lost classes"] = (ref["lost"] or "-") if ref else None
+        row["train s (this session)"] = round(tr.seconds, 1)
+        rows.append(row)
+        reports[name], trained[name] = rep, tr
+    return GridResult(pd.DataFrame(rows), reports, trained, gctx)
+
+
+def grid_examples(ctx: Context, grid: GridResult, threshold: float = 0.5, n: int = 2) -> list[dict]:
+    """Up to ``n`` held-out images (the first of each class) with every grid run's masks at the
+    scoring size: ``[{"row", "image", "truth", "preds"}]``."""
+    size = ctx.profile.image_size
+    shown = list(dict.fromkeys(r for _, r in first_example_per_class(ctx, eval_rows(ctx))))[:n]
+    ones = np.ones((1, ctx.index.num_classes))
+    out = []
+    for r in shown:
+        preds = {name: predict_masks_at(grid.context, tr, [r], Params(0.0, threshold, 0), ones,
+                                        size)[0] for name, tr in grid.trained.items()}
+        out.append({"row": r, "image": resize_image(ctx.index.image(r), size),
+                    "truth": ctx.true_masks([r])[0], "preds": preds})
+    return out
+
+
+def gallery_items(ctx: Context, run: ClassifierRun, cache: CamCache, rep: DiceReport,
+                  params: Params) -> list[dict]:
+    """For every class, the defective image with the median Dice under ``params``: the image,
+    its true mask, CAM, post-processed mask, probability and Dice (for ``viz.plot_gallery``)."""
+    size = ctx.profile.image_size
+    aug = VARIANTS[BEST_VARIANT][1]
+    items = []
+    for c in range(ctx.index.num_classes):
+        rows = np.flatnonzero(ctx.index.labels[:, c])
+        if not len(rows):
+            continue
+        r = int(rows[np.argsort(rep.values[rows, c])[len(rows) // 2]])
+        cam = cache.maps([r], size, aug_smooth=aug)[0]
+        pred = apply(cam[None], run.oof[[r]], params)[0]
+        items.append({"image": resize_image(ctx.index.image(r), size), "cls": c,
+                      "image_id": ctx.index.image_ids[r], "truth": ctx.true_masks([r])[0, c],
+                      "cam": cam[c], "pred": pred[c], "prob": run.oof[r, c],
+                      "dice": rep.values[r, c]})
+    return items

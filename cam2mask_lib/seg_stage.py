@@ -1,0 +1,276 @@
+"""The segmentation stage on a context: training targets, one network per held-out fold, scoring.
+
+Training targets (:class:`Targets`): the true masks (:func:`true_targets`), masks made from the
+out-of-fold CAMs (:func:`cam_targets`) and confident CAM pixels with an ignored band
+(:func:`confident_targets`). :func:`train_segmenters` trains one network (:mod:`segment`) per
+held-out fold on the other folds' images, cached by what the weights depend on;
+:func:`predict_probs` gives each held-out image's probabilities from its own fold's network at any
+size, and :func:`seg_stats` scores them exactly as the CAM masks are scored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .postprocess import Params, Stats, apply, collect_stats
+from .segment import SegConfig, predict_masks, pseudo_labels, train_segmenter
+from .utils import ConfigError, stable_hash
+
+if TYPE_CHECKING:  # annotations only: pipeline imports this module's configuration
+    from .cams import CamCache
+    from .classify import ClassifierRun
+    from .pipeline import Context
+
+SEG_THRESHOLD = 0.2  # the paper's binarisation of the U-Net's output (with min_seg_len 0)
+
+
+@dataclass(frozen=True)
+class SegStageConfig:
+    """The segmentation stage: the network and its training (``net``), its input ``size`` (sides
+    divisible by 32; None: the classifier's input size), the ``folds`` held out and scored (None:
+    every fold), whether to train on defective images only, and a cap on training images per fold
+    (``max_train``, None: all)."""
+
+    net: SegConfig = field(default_factory=SegConfig)
+    size: tuple[int, int] | None = None
+    folds: tuple[int, ...] | None = None
+    defective_only: bool = False
+    max_train: int | None = None
+
+    def __post_init__(self):
+        if self.size is not None:
+            size = tuple(int(v) for v in self.size)
+            object.__setattr__(self, "size", check_size(size, "segmentation size"))
+        if self.folds is not None:
+            object.__setattr__(self, "folds", tuple(int(f) for f in self.folds))
+        if self.max_train is not None and self.max_train < 1:
+            raise ConfigError(f"segmentation max_train={self.max_train}: must be >= 1 or None")
+
+
+def check_size(size: tuple[int, int], what: str) -> tuple[int, int]:
+    """``size`` when both sides are positive multiples of 32 (five 2x poolings in every smp
+    encoder), else a ValueError that suggests the nearest smaller size."""
+    if len(size) != 2 or min(size) < 32 or size[0] % 32 or size[1] % 32:
+        hint = "x".join(str(max(32, v // 32 * 32)) for v in size)
+        raise ConfigError(f"{what} {'x'.join(map(str, size))} has a side not divisible by 32 (or "
+                         f"below 32); choose e.g. {hint}")
+    return size
+
+
+# ------------------------------------------------------------------------------------------------
+# Training targets
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Targets:
+    """Training masks for a segmentation network: ``targets(rows)`` is uint8 ``[len(rows), C, H,
+    W]`` at the segmentation input size (0/1, ``losses.IGNORE`` where a pixel does not count).
+    ``name`` labels the run folder, ``key`` is what the masks depend on (part of the cache key)."""
+
+    name: str
+    key: dict
+    fn: Callable[[np.ndarray], np.ndarray]
+    memo: dict | None = None  # per-row results kept in memory (small profiles)
+
+    def __call__(self, rows):
+        if self.memo is None:
+            return self.fn(rows)
+        todo = [int(i) for i in rows if int(i) not in self.memo]
+        if todo:
+            self.memo.update(zip(todo, self.fn(np.asarray(todo))))
+        return np.stack([self.memo[int(i)] for i in rows])
+
+
+def _memo(ctx: Context) -> dict | None:
+    return {} if ctx.profile.classifier.cache_images else None
+
+
+def true_targets(ctx: Context) -> Targets:
+    """The true masks (supervised training)."""
+    size = ctx.seg_size
+    return Targets("true", {"masks": "true"}, lambda rows: ctx.true_masks(rows, size), _memo(ctx))
+
+
+def _cam_key(ctx: Context, cache: CamCache, aug_smooth: bool) -> dict:
+    return {"cams": str(Path(cache.path).relative_to(ctx.artifacts)), "aug_smooth": aug_smooth}
+
+
+def cam_targets(ctx: Context, cache: CamCache, threshold=SEG_THRESHOLD, min_area_fraction=0.0,
+                aug_smooth: bool = True, name: str = "cam") -> Targets:
+    """Masks made from the (out-of-fold) CAMs of each training image: the CAM above
+    ``threshold`` for every class in the image's label (the only supervision a labelled image
+    has; absent classes get empty masks), emptied when smaller than ``min_area_fraction`` of the
+    image. ``threshold`` and ``min_area_fraction`` may be per class."""
+    labels = ctx.index.labels.astype(bool)
+    h, w = ctx.seg_size
+    params = Params(confidence=0.5, threshold=threshold,
+                    min_area=np.asarray(min_area_fraction, float) * h * w)
+    key = {"masks": "cam", **_cam_key(ctx, cache, aug_smooth), "params": params.describe()}
+
+    def fn(rows):
+        rows = np.asarray(rows)
+        return apply(cache.maps(rows, (h, w), aug_smooth=aug_smooth), labels[rows], params)
+
+    return Targets(name, key, fn, _memo(ctx))
+
+
+def confident_targets(ctx: Context, cache: CamCache, high: float = 0.6, low: float = 0.2,
+                      aug_smooth: bool = True) -> Targets:
+    """Confident-pixel pseudo-labels (:func:`segment.pseudo_labels`): for a class in the image's
+    label, defect above ``high``, background below ``low``, ignored in between; absent classes
+    are background everywhere."""
+    labels = ctx.index.labels.astype(bool)
+    key = {"masks": "confident", **_cam_key(ctx, cache, aug_smooth), "high": high, "low": low}
+
+    def fn(rows):
+        rows = np.asarray(rows)
+        maps = cache.maps(rows, ctx.seg_size, aug_smooth=aug_smooth)
+        return pseudo_labels(maps, labels[rows], high, low)
+
+    return Targets("confident", key, fn, _memo(ctx))
+
+
+# ------------------------------------------------------------------------------------------------
+# One network per held-out fold
+# ------------------------------------------------------------------------------------------------
+
+def seg_folds(ctx: Context) -> list[int]:
+    """The folds whose images are held out and scored (each by a network trained on the rest)."""
+    folds = ctx.profile.segmentation.folds
+    folds = list(range(ctx.profile.n_folds)) if folds is None else list(folds)
+    bad = [f for f in folds if not 0 <= f < ctx.profile.n_folds]
+    if bad:
+        raise ConfigError(f"segmentation folds {bad} out of range for {ctx.profile.n_folds} folds")
+    return folds
+
+
+def eval_rows(ctx: Context) -> np.ndarray:
+    """The images scored in the segmentation stage: those of the held-out folds."""
+    return np.flatnonzero(np.isin(ctx.folds, seg_folds(ctx)))
+
+
+@dataclass
+class SegRun:
+    """Trained networks of one training set-up: ``models`` by held-out fold, their configuration,
+    run folder and the seconds spent training in this session (0 when every fold was reused)."""
+
+    models: dict[int, torch.nn.Module]
+    config: SegConfig
+    dir: Path
+    seconds: float
+
+
+def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = None,
+                     classifier: ClassifierRun | None = None, progress: bool = True,
+                     **overrides) -> SegRun:
+    """One segmentation network per held-out fold (:func:`seg_folds`), trained on the other
+    folds' images (defective ones only with ``defective_only``) with ``targets``. ``cfg``: the
+    profile's ``segmentation.net`` unless given (``overrides`` change its fields). With
+    ``encoder_init="classifier"`` each fold's encoder starts from the ``classifier`` stage's
+    model of the same fold (trained on the same training folds, so nothing held out leaks in).
+    Cached and resumable under ``artifacts/<profile>/segmentation/<targets>_<arch>_<hash>/
+    fold<k>``."""
+    stage = ctx.profile.segmentation
+    cfg = dataclasses.replace(cfg or stage.net, **{k: v for k, v in overrides.items()
+                                                   if v is not None})
+    ds = ctx.seg_images()
+    train_ok = ctx.index.labels.any(1) if stage.defective_only else np.ones(len(ctx.index), bool)
+    key = {"data": ctx.index.fingerprint(), "folds": stable_hash(ctx.folds.tolist()),
+           "labels": stable_hash(ctx.index.labels.tolist()), "size": ctx.seg_size,
+           "defective_only": stage.defective_only, "targets": targets.key,
+           "max_train": stage.max_train, "train": cfg.key()}
+    encoders = {}
+    if cfg.encoder_init == "classifier":
+        if classifier is None:
+            raise ValueError("encoder_init='classifier' needs the classifier stage's result "
+                             "(classifier=pipeline.classifier_stage(ctx))")
+        key["classifier"] = Path(classifier.dir).name
+        encoders = {k: m.encoder.state_dict() for k, m in ctx.fold_models(classifier).items()}
+    enc = "" if cfg.arch == "thesis_unet" else "_" + cfg.encoder.replace("tu-", "")
+    run = ctx.artifacts / "segmentation" / f"{targets.name}_{cfg.arch}{enc}_{cfg.loss}_{stable_hash(key)}"
+    t0 = time.perf_counter()
+    models = {}
+    for k in seg_folds(ctx):
+        rows = np.flatnonzero((ctx.folds != k) & train_ok)
+        if stage.max_train and len(rows) > stage.max_train:
+            pick = np.random.default_rng(ctx.profile.seed + k).choice(
+                len(rows), stage.max_train, replace=False)
+            rows = rows[np.sort(pick)]
+        models[k] = train_segmenter(ds, targets, rows, ctx.index.num_classes, cfg, run / f"fold{k}",
+                                    progress=progress, fold=k, encoder_state=encoders.get(k))
+    return SegRun(models=models, config=cfg, dir=run, seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction and scoring
+# ------------------------------------------------------------------------------------------------
+
+def predict_probs(ctx: Context, run: SegRun, rows, size=None, batch: int = 32
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, probabilities [b, C, H, W])`` per batch: each held-out image by the network of
+    its own fold, upsampled (bilinear) to ``size`` (default: the scoring size, the classifier's
+    input). Rows come fold by fold, in the order of ``run.models``."""
+    ds = ctx.seg_images()
+    size = tuple(size or ctx.profile.image_size)
+    rows = np.asarray(rows)
+    for k, model in run.models.items():
+        for b, p in predict_masks(model, ds, rows[ctx.folds[rows] == k], loss=run.config.loss,
+                                  batch_size=batch):
+            if p.shape[-2:] != size:
+                p = torch.nn.functional.interpolate(torch.from_numpy(p), size=size,
+                                                    mode="bilinear", align_corners=False).numpy()
+            yield b, p
+
+
+def predict_masks_at(ctx: Context, run: SegRun, rows, params: Params, probs: np.ndarray,
+                     size=None) -> np.ndarray:
+    """Binary masks ``[len(rows), C, H, W]`` of ``rows`` (held-out images) at ``size``: the
+    network's probabilities post-processed with ``params``; ``probs`` ``[len(rows), C]`` are the
+    classifier's probabilities of those rows (the confidence gate)."""
+    rows = np.asarray(rows)
+    pos = {int(r): i for i, r in enumerate(rows)}
+    out = [None] * len(rows)
+    for b, p in predict_probs(ctx, run, rows, size):
+        idx = [pos[int(r)] for r in b]
+        for i, m in zip(idx, apply(p, probs[idx], params)):
+            out[i] = m
+    return np.stack(out)
+
+
+def seg_stats(ctx: Context, run: SegRun, thresholds=(SEG_THRESHOLD,), batch: int = 32,
+              defective_only: bool = False, truth: dict | None = None, score_size=None) -> Stats:
+    """Post-processing statistics of the networks' probabilities on their held-out images, scored
+    exactly as the CAM masks: upsampled to the scoring size (the classifier's input) and
+    compared with the true masks there. ``truth``: a dict shared between calls that keeps the
+    (bit-packed) true masks of each batch. ``score_size``: score at another size (e.g. the
+    network's own input, for comparisons between networks only). Score with
+    ``postprocess.report``."""
+    size = tuple(score_size or ctx.profile.image_size)
+    keep = ctx.index.labels.any(1) | (not defective_only)
+    rows = np.flatnonzero(np.isin(ctx.folds, list(run.models)) & keep)
+    order = np.concatenate([rows[ctx.folds[rows] == k] for k in run.models])  # as predict_probs
+    batches = []  # zip() in collect_stats takes a batch of maps before its true masks
+
+    def maps():
+        for b, p in predict_probs(ctx, run, rows, size, batch):
+            batches.append(b)
+            yield p
+
+    def trues():
+        for i in itertools.count():
+            if truth is None:
+                yield ctx.true_masks(batches[i], size)
+                continue
+            key = (size, tuple(int(r) for r in batches[i]))
+            if key not in truth:  # the same batches recur for every network scored
+                truth[key] = np.packbits(ctx.true_masks(batches[i], size), axis=-1)
+            yield np.unpackbits(truth[key], axis=-1, count=size[1])
+
+    return collect_stats(maps(), trues(), thresholds, rows=order)

@@ -1,0 +1,43 @@
+"""The stages on a CUDA device (skipped on machines without one, as CI's): CAMs computed on the GPU
+equal pytorch-grad-cam's within 1e-3 in fp32, and the smoke profile's stages run end to end on
+the device the context resolves."""
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+@pytest.mark.parametrize("aug", [False, True])
+def test_cams_on_cuda_equal_grad_cam(method, aug):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cam2mask_lib.cams import compute_cams
+    from cam2mask_lib.classify import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("efficientnet_b0", 4).eval().cuda()
+    x = torch.randn(3, 3, 64, 160, device="cuda")
+    ours = compute_cams(model, x, method=method, aug_smooth=aug)
+    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
+    with cls(model=model, target_layers=[model.target_layer]) as cam:
+        for c in range(4):
+            ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * 3, aug_smooth=aug)
+            assert np.abs(ours[:, c] - ref).max() < 1e-3
+
+
+def test_smoke_stages_on_cuda(tmp_path):
+    from cam2mask_lib import experiments, pipeline
+
+    ctx = pipeline.context("smoke", artifacts_dir=tmp_path / "a", figures_dir=tmp_path / "f",
+                           device="cuda")
+    assert ctx.device.type == "cuda"
+    run = pipeline.classifier_stage(ctx, progress=False)
+    assert run.complete and np.isfinite(run.oof).all()
+    assert all(next(m.parameters()).is_cuda for m in ctx.fold_models(run).values())
+    cache = pipeline.cam_stage(ctx, run, progress=False)
+    assert np.isfinite(np.asarray(cache.low())).all()
+    seg = experiments.segmentation_stage(ctx, run, cache, progress=False)
+    assert seg.table["Dice (defective images)"].between(0, 1).all()
