@@ -215,7 +215,7 @@ def library_cams(model, images, method, aug_smooth, target_layer, target, classe
         def __call__(self, out):
             return torch.sigmoid(out)[..., self.c] if out.ndim == 1 else torch.sigmoid(out)[:, self.c]
 
-    images = images.to(model_device(model))
+    images = to_model(images, model)
     cam = table[method](model=model, target_layers=[target_layer])
     try:
         maps = []
@@ -289,7 +289,7 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
     V = len(AUG_VIEWS) if aug_smooth else 1
     any_model = next(iter(models_by_fold.values()))
     with torch.no_grad():
-        probe = any_model.eval().features(to_model(ds[0]["image"][None], any_model))
+        probe = any_model.eval().features(to_model(ds.uint8_batch([0]), any_model))
     C, (h, w) = any_model.num_classes, probe.shape[-2:]
     settings = {"method": method, "aug_smooth": aug_smooth, "target": target, "n": n,
                 "shape": [n, V, C, h, w]}
@@ -314,7 +314,7 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
         say(progress, f"CAMs ({method}): fold {f}, {len(rows)} images")
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            x = ds.batch(chunk)
+            x = ds.uint8_batch(chunk)  # normalised on the model's device
             arr[chunk] = low_res_views(model, x, method, aug_smooth, target).astype(np.float16)
             arr.flush()
             done_rows.update(chunk)

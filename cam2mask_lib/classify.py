@@ -219,18 +219,21 @@ def averaged_model(model: Classifier, states: Sequence[dict], bn_batches: Iterab
 # --------------------------------------------------------------------------------------------
 
 def _batches(ds, rows: np.ndarray, batch_size: int, gen: torch.Generator | None, num_workers: int):
-    """Images and labels of ``ds`` in batches; shuffled with ``gen`` when given."""
+    """uint8 images ``[B, 3, H, W]`` (normalised on the model's device by ``to_model``) and
+    labels of ``ds`` in batches; shuffled with ``gen`` when given. With ``num_workers`` the
+    workers decode and resize, and batches arrive in pinned memory when CUDA is present."""
     order = rows if gen is None else rows[torch.randperm(len(rows), generator=gen).numpy()]
     if num_workers > 0:
-        loader = DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, persistent_workers=False, pin_memory=True)
+        loader = DataLoader(Subset(ds.raw(), order.tolist()), batch_size=batch_size,
+                            shuffle=False, num_workers=num_workers,
+                            pin_memory=torch.cuda.is_available())
         for b in loader:
             yield b["image"], b["labels"]
         return
+    labels = torch.from_numpy(ds.index.labels.astype(np.float32))
     for s in range(0, len(order), batch_size):
-        items = [ds[int(i)] for i in order[s:s + batch_size]]
-        yield (torch.stack([it["image"] for it in items]),
-               torch.stack([it["labels"] for it in items]))
+        b = order[s:s + batch_size]
+        yield ds.uint8_batch(b), labels[ds.rows[b]]
 
 
 def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -344,7 +347,7 @@ class ClassifierTrainer(ResumableTrainer):
         images): the fold's final model."""
         states = [load_checkpoint(self.out / f"epoch{e}.pt") for _, e in self.top]
         bn_gen = torch.Generator().manual_seed(self.cfg.seed + self.fold)
-        bn_batches = (x.contiguous(memory_format=self.memory_format)
+        bn_batches = (to_model(x, self.model)
                       for x, _ in _batches(self.ds, self.train_rows, self.cfg.batch_size, bn_gen,
                                            self.cfg.num_workers))
         return averaged_model(self.model, states, bn_batches, self.device)

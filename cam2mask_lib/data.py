@@ -19,6 +19,7 @@ and what was expected. Nothing is skipped silently.
 """
 from __future__ import annotations
 
+import copy
 import csv as _csv
 import hashlib
 import json
@@ -592,6 +593,20 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.reshape(*mask.shape[:-2], h, w)
 
 
+def _chw(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``[..., 3, H, W]`` -> float32 in [0, 1], ImageNet-normalised, on ``x``'s
+    device; the same operations in the same order for one image or a batch, so a batch
+    normalised on the device equals the dataset's float items bit for bit (tested)."""
+    x = x.float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 class ImageDataset:
     """A torch-style dataset over a :class:`DatasetIndex` at a fixed input size.
 
@@ -632,17 +647,26 @@ class ImageDataset:
             self._cache[i] = (img, masks)
         return img, masks
 
-    def batch(self, ks) -> "torch.Tensor":
+    def batch(self, ks) -> torch.Tensor:
         """The images of items ``ks`` stacked into one float32 tensor ``[len(ks), 3, H, W]``."""
         return torch.stack([self[int(k)]["image"] for k in ks])
 
+    def uint8_batch(self, ks) -> torch.Tensor:
+        """The images of items ``ks`` as uint8 ``[len(ks), 3, H, W]``: a quarter of the bytes to
+        move, normalised where the network runs (:func:`normalize_images`, ``device.to_model``)."""
+        return torch.stack([_chw(self.arrays(int(k))[0]) for k in ks])
+
+    def raw(self) -> "ImageDataset":
+        """The same dataset whose items carry uint8 images (for DataLoader workers)."""
+        twin = copy.copy(self)
+        twin._raw = True
+        return twin
+
     def __getitem__(self, k: int) -> dict:
         img, masks = self.arrays(k)
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-        if self.normalize:
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-            x = (x - mean) / std
+        x = _chw(img)
+        if not getattr(self, "_raw", False):
+            x = normalize_images(x) if self.normalize else x.float().div_(255.0)
         i = int(self.rows[k])
         item = {"image": x, "labels": torch.from_numpy(self.index.labels[i].astype(np.float32)),
                 "index": i, "image_id": self.index.image_ids[i]}

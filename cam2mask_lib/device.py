@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from .data import normalize_images
 from .utils import ConfigError
 
 
@@ -52,8 +53,11 @@ def memory_format(model: torch.nn.Module) -> torch.memory_format:
 
 def to_model(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     """``x`` on the model's device, in the model's memory layout (non-blocking from pinned
-    memory)."""
-    return x.to(model_device(model), non_blocking=True).contiguous(memory_format=memory_format(model))
+    memory); uint8 images cross as uint8 and are normalised there."""
+    x = x.to(model_device(model), non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = normalize_images(x)
+    return x.contiguous(memory_format=memory_format(model))
 
 
 def autocast(device: torch.device):

@@ -85,7 +85,7 @@ def stats_from_method(ctx: Context, run: ClassifierRun, method: str, rows, thres
             for f in np.unique(ctx.folds[c]):
                 sel = np.flatnonzero(ctx.folds[c] == f)
                 model = models[int(f)]
-                x = to_model(ds.batch(c[sel]), model)
+                x = to_model(ds.uint8_batch(c[sel]), model)
                 out[sel] = compute_cams(model, x, method=method)
             yield out
 

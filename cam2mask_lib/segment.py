@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from .device import model_device, resolve_device
+from .device import resolve_device, to_model
 from .losses import IGNORE, LOSSES, make_loss, output_channels, probabilities
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
 from .utils import ConfigError, write_json
@@ -244,15 +244,15 @@ class SegmenterTrainer(ResumableTrainer):
 
     def batch(self, b, gen=None):
         """Images (and, with ``gen``, flipped together with their targets) on the device."""
-        x = torch.stack([self.ds[int(i)]["image"] for i in b])
+        x = self.ds.uint8_batch(b)  # normalised on the device by to_model
         if gen is None:
-            return x.to(self.device, memory_format=self.fmt)
+            return to_model(x, self.model)
         y = torch.from_numpy(np.ascontiguousarray(self.targets(b)))
         if self.cfg.hflip:
             f = torch.rand(len(b), generator=gen) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
             y = torch.where(f[:, None, None, None], y.flip(-1), y)
-        return x.to(self.device, memory_format=self.fmt), y.to(self.device)
+        return to_model(x, self.model), y.to(self.device)
 
     def run_epoch(self, epoch, gen):
         cfg, model = self.cfg, self.model
@@ -322,10 +322,8 @@ def predict_masks(model: nn.Module, ds, rows, loss: str = "bce_dice", batch_size
     """Yield ``(rows, probabilities [b, C, H, W])`` per batch on the model's device (see
     :func:`losses.probabilities`), as numpy arrays."""
     model.eval()
-    device = model_device(model)
     rows = np.asarray(rows)
     for s in range(0, len(rows), batch_size):
         b = rows[s:s + batch_size]
-        x = torch.stack([ds[int(i)]["image"] for i in b])
-        z = model(x.to(device, memory_format=torch.channels_last)).float()
+        z = model(to_model(ds.uint8_batch(b), model)).float()
         yield b, probabilities(loss, z).cpu().numpy()

@@ -145,3 +145,22 @@ def test_image_array_is_the_resized_images_and_is_reused(synth_dir, tmp_path):
         assert torch.equal(plain[k]["masks"], backed[k]["masks"])
     with pytest.raises(ValueError, match="expected \\(30, 16, 100, 3\\)"):
         ImageDataset(idx, (16, 100), array=arr)
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_float_items(synth_dir):
+    """Batches cross as uint8 and are normalised where the network runs: bit for bit the
+    dataset's own float items, so moving the work changes no number."""
+    import torch
+
+    from cam2mask_lib.data import ImageDataset, normalize_images
+    from cam2mask_lib.device import to_model
+
+    ds = ImageDataset(load_dataset(synth_dir), (32, 200), with_masks=False)
+    rows = [3, 0, 7, 5]
+    u8 = ds.uint8_batch(rows)
+    assert u8.dtype == torch.uint8 and u8.shape == (4, 3, 32, 200)
+    assert torch.equal(normalize_images(u8), ds.batch(rows))
+    conv = torch.nn.Conv2d(3, 2, 3).to(memory_format=torch.channels_last)
+    x = to_model(u8, conv)
+    assert torch.equal(x, ds.batch(rows)) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ds.raw()[7]["image"], u8[2]) and ds[7]["image"].dtype == torch.float32
