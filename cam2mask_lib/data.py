@@ -326,6 +326,20 @@ def check_class_name(name: str, where: str) -> str:
     return name
 
 
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV as strings: a byte-order mark (Excel's "CSV UTF-8") is accepted, a trailing comma
+    on a row does not shift its columns, and an empty or unreadable file is a DataError naming
+    it."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                           index_col=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; expected a header line and one row per "
+                        f"image (or per mask)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+
+
 def _line(row: int) -> int:
     """CSV line number of data row ``row`` (0-based): line 1 is the header."""
     return row + 2
@@ -352,10 +366,7 @@ def load_severstal(root: str | Path, csv: str = "train.csv", images: str = "trai
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: folder not found; expected the images next to {csv}")
     class_names = [str(c) for c in class_names]
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{csv_path}: not a readable CSV file ({e})") from None
+    df = _read_csv(csv_path)
     cols = list(df.columns)
     if cols == CURRENT_COLUMNS:
         image_col = df["ImageId"].str.strip()
@@ -435,11 +446,8 @@ def load_generic(root: str | Path, check: str = "header") -> DatasetIndex:
                         f"and images/ (and optionally masks/<class>/)")
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: folder not found; expected the images next to labels.csv")
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{csv_path}: not a readable CSV file ({e})") from None
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    df = _read_csv(csv_path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         header = next(_csv.reader(f), [])  # pandas would rename a repeated column silently
     cols = [c.strip() for c in header]
     if not cols or cols[0] != "image":

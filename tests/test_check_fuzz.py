@@ -66,6 +66,8 @@ def _corrupt_csv(text: str, data) -> str:
 
 def _corrupt_bytes(raw: bytes, data) -> bytes:
     kind = data.draw(st.sampled_from(["truncate", "flip", "empty", "garbage"]), label="bytes")
+    if not raw and kind in ("truncate", "flip"):  # already emptied by an earlier corruption
+        kind = "garbage"
     if kind == "truncate":
         return raw[:data.draw(st.integers(0, max(0, len(raw) - 1)))]
     if kind == "flip":

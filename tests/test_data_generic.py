@@ -110,3 +110,19 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     img = read_image(tmp_path / "x16.png")
     assert img.dtype == np.uint8 and img.shape == (20, 30, 3)
     assert np.array_equal(img[..., 0], a8) and abs(img.mean() - a8.mean()) < 1e-9
+
+
+def test_excel_bom_empty_file_and_trailing_comma(tmp_path, severstal_dir):
+    """labels.csv saved as Excel's "CSV UTF-8" (a byte-order mark) reads as train.csv does; an
+    empty CSV names its file; a trailing comma does not shift a row's columns."""
+    root = make_generic(tmp_path / "bom", "\ufeffimage,a\np,1\nq,0\n", {"p.png": (10, 10), "q.png": (10, 12)})
+    assert load_generic(root).class_names == ["a"]
+    (root / "labels.csv").write_text("")
+    with pytest.raises(DataError, match=r"labels.csv: the file is empty"):
+        load_generic(root)
+    from cam2mask_lib.data import load_severstal
+    sev = severstal_dir("", {"a.jpg": (16, 40)})
+    with pytest.raises(DataError, match=r"train.csv: the file is empty"):
+        load_severstal(sev)
+    (sev / "train.csv").write_text("ImageId,ClassId,EncodedPixels\na.jpg,1,1 3,\n")
+    assert load_severstal(sev).rles[0] == {0: "1 3"}
