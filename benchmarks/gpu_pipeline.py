@@ -141,12 +141,10 @@ def main(argv=None) -> None:
         seg = SegConfig(arch="unet", encoder=f"tu-{args.encoder}", epochs=1,
                         batch_size=args.seg_batch, device=str(device), slim=device.type == "cpu")
         masks = {int(i): m for i, m in enumerate(np.stack([index.mask(i) for i in range(n)]))}
-        seg_ds = ImageDataset(index, size, with_masks=False, array=ds.array)
-
         def targets(b):
             return np.stack([resize_mask(masks[int(i)], size) for i in b])
 
-        st = SegmenterTrainer(seg_ds, targets, np.arange(n), index.num_classes, seg, tmp / "seg",
+        st = SegmenterTrainer(ds, targets, np.arange(n), index.num_classes, seg, tmp / "seg",
                               progress=False)
         st.run_epoch(0, epoch_generator(0, 0, 0))
         t_pipe = timed(lambda: st.run_epoch(1, epoch_generator(0, 0, 1)), device)

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's mistake (bad data, a bad option, an existing output) is one line
     on stderr and exit code 2; Ctrl-C says how to resume and exits with 130; anything else is a
     bug and keeps its traceback. The stages are imported in the branch that needs them, on
-    purpose: ``cam2mask --help`` and ``cam2mask check`` then start without loading torch."""
+    purpose: ``cam2mask --help`` then answers without loading torch."""
     args = build_parser().parse_args(argv)
     try:
         return _run(args)

@@ -525,13 +525,15 @@ def load_generic(root: str | Path, check: str = "header") -> DatasetIndex:
                 if mp.stem not in pos:
                     raise DataError(f"{mp}: no image {mp.stem!r} is listed in {csv_path}")
                 k = pos[mp.stem]
-                mh, mw = image_size(mp)
+                # read whole now (not only its header), so that a mask contradicting its label
+                # fails before any work starts
+                mask = read_mask_png(mp)
+                mh, mw = mask.shape
                 if (mh, mw) != tuple(int(v) for v in shapes[k]):
                     raise DataError(f"{mp}: mask is {mh}x{mw} (HxW) but image {paths[k]} is "
                                     f"{shapes[k][0]}x{shapes[k][1]}; a mask must have its "
                                     f"image's size")
-                # read now, so that a mask contradicting its label fails before any work
-                has_defect = bool(read_mask_png(mp).any())
+                has_defect = bool(mask.any())
                 line = _line(seen[ids[k]])
                 if has_defect and not labels[k, c]:
                     raise DataError(f"{mp}: mask has defect pixels but {csv_path}, line {line} "

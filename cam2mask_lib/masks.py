@@ -88,7 +88,7 @@ class _Ensemble:
 
     def maps(self, rows) -> np.ndarray:
         """``[len(rows), C, H, W]``: the mean of the fold models' Grad-CAM++ (aug smoothing)."""
-        x = self.ds.batch(np.asarray(rows))
+        x = self.ds.uint8_batch(np.asarray(rows))  # normalised on each model's device
         return np.mean([compute_cams(m, x, "gradcam++", aug_smooth=True, batch_size=self.batch)
                         for m in self.models], axis=0)
 
@@ -144,13 +144,13 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         run = load_run(model, index.class_names)
         overrides["image_size"] = run["config"].image_size
     asked_folds = overrides.pop("n_folds", None)
+    base = get_profile(profile)
     fitted = None
     if "image_size" not in overrides:  # follow the data, not the profile's Severstal shape
-        fitted = fit_input_size(index.shapes, get_profile(profile).image_size)
+        fitted = fit_input_size(index.shapes, base.image_size)
         overrides["image_size"] = fitted
-    prof = get_profile(profile, classifier=overrides)  # every option checked before any work
-    n_folds = _folds(asked_folds, prof.n_folds, len(index), data)
-    prof = get_profile(prof, n_folds=n_folds)
+    n_folds = _folds(asked_folds, base.n_folds, len(index), data)
+    prof = get_profile(base, n_folds=n_folds, classifier=overrides)  # options checked before work
     settings = {"data": str(data.resolve()), "profile": prof.name,
                 "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in sorted(overrides.items())},

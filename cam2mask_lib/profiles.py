@@ -182,7 +182,8 @@ def _nest(overrides: dict) -> dict:
 
 def _replace(obj, changes: dict, where: str):
     """A frozen dataclass with ``changes`` (nested dicts for nested dataclasses); None values are
-    ignored; an unknown field is a KeyError that lists the valid ones."""
+    ignored; an unknown field is a ConfigError that lists the valid ones. Sizes and folds given as
+    lists become tuples in the configurations' own ``__post_init__``."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
     valid = sorted(set(fields) - {"name", "notes"}) if isinstance(obj, Profile) else sorted(fields)
     unknown = sorted(k for k in changes if k not in valid)
@@ -199,8 +200,6 @@ def _replace(obj, changes: dict, where: str):
                                f"({sorted(f.name for f in dataclasses.fields(cur))}) or dotted "
                                f"names such as '{k}.{dataclasses.fields(cur)[0].name}'")
             v = _replace(cur, v, f"{where}.{k}" if where != "profile" else k)
-        elif isinstance(cur, tuple) or (k.endswith("size") or k == "folds") and isinstance(v, list):
-            v = tuple(int(x) for x in v)
         vals[k] = v
     return dataclasses.replace(obj, **vals)
 
