@@ -5,7 +5,7 @@
     cam2mask train [--profile P] [--data-dir DIR] [--fold K ...] [--encoder NAME] [--epochs N]
     cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
                        [--override FIELD=VALUE ...]
-    cam2mask masks --data DIR --out OUT [--profile P] [--model RUN] [--image-size H W] [--epochs N] [--force]
+    cam2mask masks --data DIR --out OUT [--profile P] [--method refined|paper] [--model RUN] [--image-size H W] [--epochs N] [--force]
 """
 from __future__ import annotations
 
@@ -77,11 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="turn a labelled image folder into segmentation masks",
                        description="Train the classifier with cross-validation on the image labels "
                                    "of DIR (generic: images/ + labels.csv [+ masks/], or Severstal "
-                                   "format), compute out-of-fold Grad-CAM++ maps, tune the "
-                                   "post-processing on DIR/masks when it exists (otherwise the "
-                                   "paper's defaults), and write masks/<class>/<image>.png at each "
-                                   "image's own size, masks.csv (Kaggle RLE), previews/ and, with "
-                                   "true masks, dice_report.md. An interrupted run resumes.")
+                                   "format), compute out-of-fold Grad-CAM++ maps, turn them into "
+                                   "masks (default --method refined: label-only refinement and a "
+                                   "self-trained U-Net, nothing tuned on true masks; --method "
+                                   "paper: the paper's post-processing, tuned on DIR/masks when it "
+                                   "exists, otherwise its defaults), and write "
+                                   "masks/<class>/<image>.png at each image's own size, masks.csv "
+                                   "(Kaggle RLE), previews/ and, with true masks, dice_report.md. "
+                                   "An interrupted run resumes.")
     m.add_argument("--data", required=True, help="dataset folder")
     m.add_argument("--out", required=True, help="output folder (new, or this command's own)")
     m.add_argument("--profile", default="cpu", help="smoke, cpu or paper: the training recipe")
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fold*/final.pt, e.g. artifacts/cpu/classifier/<encoder>_<hash> or another "
                         "OUT/work/classifier/...) instead of training; its fold models are "
                         "averaged (default: train with cross-validation)")
+    m.add_argument("--method", default="refined", choices=("refined", "paper"),
+                   help="refined: label-only refinement + self-trained U-Net (default); paper: "
+                        "the paper's CAM post-processing")
     m.add_argument("--force", action="store_true", help="replace an --out holding something else")
     m.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
 
@@ -200,7 +206,7 @@ def _run(args) -> int:
         from .masks import make_masks
 
         summary = make_masks(args.data, args.out, profile=args.profile, force=args.force,
-                             progress=_progress(args), model=args.model,
+                             progress=_progress(args), model=args.model, method=args.method,
                              image_size=args.image_size,
                              epochs=args.epochs, encoder=args.encoder, n_folds=args.folds)
         print(f"masks of {summary['images']} images, classes {summary['classes']} -> "

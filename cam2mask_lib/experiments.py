@@ -5,12 +5,15 @@
 * Table 3 (:func:`segmentation_stage`): one segmentation network trained on true masks, on CAM
   masks and on confident CAM pixels, beside the CAM masks themselves.
 * Table 4 (:func:`grid_stage`): the thesis's architectures x losses and the lecture's toolbox.
+* Beyond the paper (:func:`refinement_stage`): the label-only refinement techniques, a network
+  self-trained on the best, and a supervised network of the same budget.
 
 Each returns a small dataclass holding its table and what the notebook draws from.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,14 +27,15 @@ from .cams import FAST_METHODS, CamCache, compute_cams
 from .classify import ClassifierRun
 from .data import resize_image
 from .device import to_model
-from .metrics import DiceReport
+from .metrics import DiceReport, dice_pairs
 from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
                           report, search, write_predictions)
+from .refine import Refined, RefineConfig, refine_stage
 from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
-                        confident_targets, eval_rows, predict_masks_at, seg_stats,
-                        train_segmenters, true_targets)
+                        confident_targets, eval_rows, predict_masks_at, refined_targets,
+                        seg_stats, train_segmenters, true_targets)
 from .segment import SegConfig
-from .utils import ConfigError, bars, read_json, write_json
+from .utils import ConfigError, bars, read_json, say, write_json
 
 if TYPE_CHECKING:  # annotations only: pipeline imports this module's configuration
     from .pipeline import Context
@@ -523,3 +527,136 @@ def gallery_items(ctx: Context, run: ClassifierRun, cache: CamCache, rep: DiceRe
                       "cam": cam[c], "pred": pred[c], "prob": run.oof[r, c],
                       "dice": rep.values[r, c]})
     return items
+
+
+# ------------------------------------------------------------------------------------------------
+# Beyond the paper: label-only refinement (notebook 07, benchmarks/real_quality.py)
+# ------------------------------------------------------------------------------------------------
+
+# each row changes one thing against the paper's post-processing or against the default
+TECHNIQUES = {
+    "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)":
+        RefineConfig(region="image", deviation=None),
+    "absolute CAMs, cut at the negatives' median peak":
+        RefineConfig(region="negatives", deviation=None),
+    "Otsu threshold per image": RefineConfig(region="otsu", deviation=None),
+    "PAR (10 iterations), then > 0.3": RefineConfig(region="image", deviation=None,
+                                                    par_iterations=10),
+    "grey-level departure > 1 robust sd inside the CAM > 0.3 (the default)": RefineConfig(),
+    "grey-level departure inside the negatives-calibrated region":
+        RefineConfig(region="negatives"),
+}
+PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
+DEFAULT_TECHNIQUE = "grey-level departure > 1 robust sd inside the CAM > 0.3 (the default)"
+NO_MASK = "no mask"
+SELF_TRAINED = "U-Net self-trained on the default's masks, + classifier gate"
+SUPERVISED_NET = "supervised U-Net (true masks), same encoder and budget"
+
+
+@dataclass
+class RefinementResult:
+    """The techniques' and networks' Dice on the held-out rows, the gap to the supervised network
+    each closes, and what the pictures need."""
+
+    table: pd.DataFrame
+    reports: dict[str, DiceReport]
+    refined: Refined
+    nets: dict[str, SegRun]
+    rows: np.ndarray
+    seconds: dict[str, float]
+
+
+def _masks_report(ctx: Context, masks: dict, rows, size) -> DiceReport:
+    true = ctx.true_masks(rows, size) != 0
+    pred = np.stack([masks[int(r)] for r in rows]) != 0
+    ta = true.sum((-2, -1))
+    return DiceReport(dice_pairs((pred & true).sum((-2, -1)), pred.sum((-2, -1)), ta), ta > 0,
+                      ctx.index.class_names)
+
+
+def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
+                     techniques: dict[str, RefineConfig] | None = None,
+                     progress: bool = True) -> RefinementResult:
+    """Every technique of :mod:`refine` on the held-out rows of the segmentation stage
+    (:func:`seg_stage.eval_rows`), label-only, scored at the segmentation input size; a U-Net
+    self-trained on the default combination's masks (:func:`seg_stage.refined_targets`), gated
+    by the classifier; and the same U-Net trained on the true masks (the reference, ungated).
+    "gap closed" = (Dice - no mask) / (supervised - no mask), on defective images."""
+    techniques = TECHNIQUES if techniques is None else techniques
+    rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof
+    reports: dict[str, DiceReport] = {}
+    seconds: dict[str, float] = {}
+    empty = np.zeros((ctx.index.num_classes, *size), np.uint8)
+    reports[NO_MASK] = _masks_report(ctx, {int(r): empty for r in rows}, rows, size)
+    default = None
+    for name, cfg in techniques.items():
+        t = time.perf_counter()
+        ref = refine_stage(ctx, cache, cfg)
+        masks = {int(r): m for b, _, ms in ref.batches(rows, probs) for r, m in zip(b, ms)}
+        reports[name] = _masks_report(ctx, masks, rows, size)
+        seconds[name] = time.perf_counter() - t
+        say(progress, f"refinement: {name}: {seconds[name]:.0f} s")
+        if cfg == RefineConfig():
+            default = ref
+    default = default or refine_stage(ctx, cache, RefineConfig())
+    targets = {SELF_TRAINED: refined_targets(ctx, default), SUPERVISED_NET: true_targets(ctx)}
+    nets = {}
+    for name, tg in targets.items():
+        t = time.perf_counter()
+        nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress)
+        st = seg_stats(ctx, nets[name], thresholds=(0.5,), score_size=size)
+        gate = default.config.confidence if name == SELF_TRAINED else 0.0
+        reports[name] = report(st, probs[st.rows], Params(gate, 0.5, 0), ctx.index.class_names)
+        seconds[name] = time.perf_counter() - t
+    return RefinementResult(refinement_table(reports, ctx.index.class_names), reports, default,
+                            nets, rows, seconds)
+
+
+def refinement_table(reports: dict[str, DiceReport], class_names) -> pd.DataFrame:
+    """One row per report: Dice on defective images, the share of the no-mask -> supervised gap
+    closed, Dice on non-empty masks and its share of the supervised network's, per class too."""
+    sup = reports[SUPERVISED_NET].summary()
+    empty = reports[NO_MASK].summary()["dice_defective_images"]
+    gap = sup["dice_defective_images"] - empty
+    table = []
+    for name, rep in reports.items():
+        s = rep.summary()
+        table.append({
+            "masks": name, "Dice (defective images)": s["dice_defective_images"],
+            "gap closed": _ratio(s["dice_defective_images"] - empty, gap),
+            "Dice (non-empty masks)": s["dice_nonempty_masks"],
+            "non-empty, share of supervised": _ratio(s["dice_nonempty_masks"],
+                                                     sup["dice_nonempty_masks"]),
+            **{f"{c}, share of supervised": _ratio(s[f"class {c} (non-empty masks)"],
+                                                   sup[f"class {c} (non-empty masks)"])
+               for c in class_names}})
+    return pd.DataFrame(table)
+
+
+def refinement_markdown_table(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`refinement_table` for reading: Dice to 3 decimals, shares as percentages."""
+    out = table.copy()
+    for col in out.columns[1:]:
+        pct = "share" in col or "gap" in col
+        out[col] = [f"{v:.0%}" if pct else f"{v:.3f}" for v in out[col]]
+    return out
+
+
+def refinement_examples(ctx: Context, run: ClassifierRun, res: RefinementResult,
+                        cache: CamCache) -> list[dict]:
+    """One held-out image per class: the image, its true masks, the paper's CAM masks, the
+    default refinement's masks and the self-trained network's (gated), at the segmentation size:
+    ``[{"row", "class", "image", "truth", "preds"}]``."""
+    size = ctx.seg_size
+    paper_ref = refine_stage(ctx, cache, TECHNIQUES[PAPER_TECHNIQUE])
+    gate = Params(res.refined.config.confidence, 0.5, 0)
+    out = []
+    for c, r in first_example_per_class(ctx, res.rows):
+        preds = {"CAM masks (the paper's)": next(paper_ref.batches([r], run.oof))[2][0],
+                 "refined (the default)": next(res.refined.batches([r], run.oof))[2][0],
+                 "self-trained U-Net": predict_masks_at(ctx, res.nets[SELF_TRAINED], [r], gate,
+                                                        run.oof[[r]], size)[0]}
+        out.append({"row": r, "class": ctx.index.class_names[c], "preds": preds,
+                    "image": resize_image(ctx.index.image(r), size),
+                    "truth": ctx.true_masks([r], size)[0]})
+    return out

@@ -7,8 +7,15 @@ Given a dataset folder (generic ``images/`` + ``labels.csv`` [+ ``masks/``], or 
    probabilities and the CAMs are the means over the folds' models, no training, and the labels
    of the data are then only needed for tuning and scoring);
 2. compute out-of-fold Grad-CAM++ maps (averaged weights, aug smoothing) for every image;
-3. choose the post-processing: tuned per class on the data when true masks exist, otherwise the
-   paper's defaults (confidence 0.5, threshold 0.3, no minimum area), and say which;
+3. turn them into masks, with ``method``:
+   * "refined" (the default, label-only, :mod:`refine`): the CAM's region narrowed to the pixels
+     whose grey level departs from the image's own, then one U-Net per fold self-trained on those
+     masks (an ignored band between defect and background); each image's mask is its held-out
+     network's output where the classifier fires. Nothing is tuned on true masks, with or
+     without them. With ``model`` (no folds to train on) the refined CAM masks are the result;
+   * "paper": the paper's post-processing, tuned per class on the data when true masks exist
+     (the untuned defaults' Dice reported beside it), otherwise the paper's defaults
+     (confidence 0.5, threshold 0.3, no minimum area); the run says which;
 4. write, at each image's own size: ``masks/<class>/<image>.png`` for every (image, class)
    (255 = defect, an all-black PNG = no mask), ``masks.csv`` (Kaggle RLE, non-empty masks),
    ``previews/`` (overlays of the first 100 images), ``params.json`` and, with true masks, ``dice_report.{md,csv}``.
@@ -24,6 +31,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import paper
@@ -35,11 +43,14 @@ from .eda import overlay
 from .experiments import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, min_areas,
                           per_class_table, stats_from_cache)
 from .pipeline import cam_stage, classifier_stage, context
+from .refine import RefineConfig, refine_stage
+from .seg_stage import predict_probs, refined_targets, seg_stats, train_segmenters
 from .profiles import get_profile
 from .report import markdown_table
 from .utils import ConfigError, atomic_write_bytes, atomic_write_text, write_json
 
 STATE_FILE = "cam2mask_masks.json"
+SEG_NET_THRESHOLD = 0.5  # the self-trained network's output cut (its targets are 0/1)
 MAX_PREVIEWS = 100
 
 
@@ -119,12 +130,48 @@ def _folds(asked: int | None, default: int, n_images: int, data: Path) -> int:
     return min(default, n_images)
 
 
+METHODS = ("refined", "paper")
+
+
+class _EnsembleMaps:
+    """The refinement's view of a loaded classifier run: its ensemble's maps at any size."""
+
+    def __init__(self, ens: _Ensemble, size):
+        self.ens, self.size = ens, tuple(size)
+
+    def maps(self, rows, size) -> np.ndarray:
+        m = self.ens.maps(np.asarray(rows))
+        if tuple(size) == tuple(m.shape[-2:]):
+            return m
+        return torch.nn.functional.interpolate(torch.from_numpy(m), size=tuple(size),
+                                               mode="bilinear", align_corners=False).numpy()
+
+
+def _settings_profile(base, index, n_folds, overrides, method):
+    """The profile of a masks run: the classifier's overrides, and for the refined method a
+    segmentation input fitted to the data like the classifier's (the profile's segmentation
+    pixel budget) with every fold held out once."""
+    seg = {}
+    if method == "refined":
+        budget = base.segmentation.size or base.image_size
+        seg = {"size": fit_input_size(index.shapes, budget), "folds": tuple(range(n_folds)),
+               "defective_only": False}
+        if "encoder" in overrides and base.segmentation.net.encoder_init == "classifier":
+            seg["net"] = {"encoder": f"tu-{overrides['encoder']}"}
+    return get_profile(base, n_folds=n_folds, classifier=overrides, segmentation=seg)
+
+
 def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: bool = False,
-               progress: bool = True, model: str | Path | None = None, **overrides) -> dict:
+               progress: bool = True, model: str | Path | None = None, method: str = "refined",
+               **overrides) -> dict:
     """Run the whole method on ``data`` and write masks to ``out``; returns a summary dict.
-    ``model``: a finished classifier run folder to use instead of training one. ``overrides``:
+    ``method``: "refined" (default: the label-only refinement of :mod:`refine` and a U-Net
+    self-trained on it) or "paper" (the paper's post-processing of the CAMs). ``model``: a
+    finished classifier run folder to use instead of training one. ``overrides``:
     ``image_size``, ``epochs``, ``encoder`` (the classifier's) and ``n_folds``."""
     data, out = Path(data), Path(out)
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: choose one of {METHODS}")
     index = load_dataset(data)  # fails early, naming the file, on bad input
     overrides = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(overrides) - {"image_size", "epochs", "encoder", "n_folds"})
@@ -150,8 +197,8 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         fitted = fit_input_size(index.shapes, base.image_size)
         overrides["image_size"] = fitted
     n_folds = _folds(asked_folds, base.n_folds, len(index), data)
-    prof = get_profile(base, n_folds=n_folds, classifier=overrides)  # options checked before work
-    settings = {"data": str(data.resolve()), "profile": prof.name,
+    prof = _settings_profile(base, index, n_folds, overrides, method)  # options checked first
+    settings = {"data": str(data.resolve()), "profile": prof.name, "method": method,
                 "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in sorted(overrides.items())},
                 "n_folds": n_folds, "model": str(Path(model).resolve()) if model else None}
@@ -165,16 +212,12 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         say(f"input size {fitted[0]}x{fitted[1]}: the images' median shape {h}x{w} at the "
             f"profile's pixel budget, sides multiples of 32 (--image-size H W to choose)")
     rows = np.arange(len(ctx.index))
-    size = ctx.profile.image_size
-    aug = VARIANTS[BEST_VARIANT][1]
+    cls = cache = ens = None
     if run is None:
         cls = classifier_stage(ctx, progress=progress)
-        method, _, weights = VARIANTS[BEST_VARIANT]
-        cache = cam_stage(ctx, cls, method, aug, weights, progress=progress)
+        method_, aug, weights = VARIANTS[BEST_VARIANT]
+        cache = cam_stage(ctx, cls, method_, aug, weights, progress=progress)
         probs, auc = cls.oof, cls.auc
-
-        def maps_of(c):
-            return cache.maps(c, size)
     else:
         say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
             f"mean), not trained")
@@ -182,8 +225,7 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         ens = _Ensemble(run, ctx.images())
         probs = ens.probs(rows)
         auc = roc_auc_per_class(ctx.index.labels, probs)
-        maps_of = ens.maps
-    summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names,
+    summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names, "method": method,
                      "classifier": str(run["dir"]) if run else "trained with cross-validation",
                      "classifier_auc": dict(zip(ctx.index.class_names, [float(a) for a in auc]))}
     never = [c for c, n in zip(ctx.index.class_names, positives) if n == 0]
@@ -193,49 +235,140 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         summary["classes_without_positives"] = never
         say(f"class(es) {never}: no image is labelled with them, so they get no masks and no "
             f"ROC-AUC (undefined without positives)")
-    if ctx.index.has_masks:
-        if run is None:
-            stats = stats_from_cache(ctx, cache, rows, THRESHOLDS, aug)
-        else:
-            chunks = np.array_split(rows, max(1, len(rows) // 32))
-            stats = pp.collect_stats((maps_of(c) for c in chunks),
-                                     (ctx.true_masks(c) for c in chunks), THRESHOLDS)
-        params, _ = pp.search(stats, probs, CONFIDENCES, min_areas(ctx), per_class=True)
-        rep = pp.report(stats, probs, params, ctx.index.class_names)
-        summary["postprocessing"] = ("tuned per class on the true masks (" +
-                                     ("out-of-fold CAMs)" if run is None else
-                                      "CAMs of the loaded classifier)"))
-        table = per_class_table(rep, ctx.index.class_names)
-        s = rep.summary()
-        table.loc[len(table)] = {"class": "all", "Dice (defective images)":
-                                 s["dice_defective_images"], "Dice (non-empty masks)":
-                                 s["dice_nonempty_masks"], "non-empty masks":
-                                 int(rep.true_nonempty.sum())}
-        truth = ctx.index.csv_path if ctx.index.format == "severstal" else data / "masks"
-        atomic_write_text(out / "dice_report.csv", table.to_csv(index=False))
-        atomic_write_text(out / "dice_report.md",
-            f"### Dice of the masks against {truth}\n\n"
-            f"Post-processing {params.describe()} (tuned per class on these masks: an optimistic "
-            f"estimate). Kaggle Dice per (image, class), 1 when both are empty, at "
-            f"{size[0]}x{size[1]}.\n\n{markdown_table(table)}\n")
-        summary["dice"] = {k: float(v) for k, v in s.items() if isinstance(v, float)}
+    if method == "paper":
+        batches = _paper(ctx, out, cls, cache, ens, probs, summary, say)
     else:
-        params = pp.Params(**paper.PAPER_POSTPROCESS)
-        summary["postprocessing"] = ("no true masks: the paper's defaults (confidence 0.5, "
-                                     "threshold 0.3, min area 0), not tuned")
-    say(f"post-processing: {params.describe()} - {summary['postprocessing']}")
-    write_json(out / "params.json", {"params": vars(params), "note": summary["postprocessing"]})
-    # masks at each image's own size: every (image, class) as PNG, non-empty ones in the CSV;
-    # batches are streamed, so memory does not grow with the number of images
-    def batches():
-        for c in np.array_split(rows, max(1, len(rows) // 32)):
-            m = pp.apply(maps_of(c), probs[c], params)
+        batches = _refined(ctx, out, cls, cache, ens, probs, summary, say, progress)
+
+    def with_previews():  # streamed: memory does not grow with the number of images
+        for c, m in batches():
             for k, i in enumerate(c):
                 if i < MAX_PREVIEWS:
                     _preview(ctx.index, int(i), m[k], out / "previews")
             yield c, m
 
-    pp.write_predictions(ctx.index, batches(), out, png=True, empty_png=True, csv_name="masks.csv")
+    pp.write_predictions(ctx.index, with_previews(), out, png=True, empty_png=True,
+                         csv_name="masks.csv")
     summary["out"] = str(out)
     write_json(out / STATE_FILE, {"settings": settings, "complete": True, "summary": summary})
     return summary
+
+
+def _chunks(rows):
+    return np.array_split(rows, max(1, len(rows) // 32))
+
+
+def _dice_report(ctx, out, rep, summary, heading: str, note: str, size, extra: str = "") -> None:
+    """``dice_report.{md,csv}``: per class and overall, with what was (not) tuned on the masks."""
+    names = ctx.index.class_names
+    table = per_class_table(rep, names)
+    s = rep.summary()
+    table.loc[len(table)] = {"class": "all", "Dice (defective images)": s["dice_defective_images"],
+                             "Dice (non-empty masks)": s["dice_nonempty_masks"],
+                             "non-empty masks": int(rep.true_nonempty.sum())}
+    truth = ctx.index.csv_path if ctx.index.format == "severstal" else ctx.index.root / "masks"
+    atomic_write_text(out / "dice_report.csv", table.to_csv(index=False))
+    atomic_write_text(out / "dice_report.md",
+        f"### Dice of the masks against {truth}\n\n{heading} ({note}). Kaggle Dice per "
+        f"(image, class), 1 when both are empty, at {size[0]}x{size[1]}.\n\n"
+        f"{markdown_table(table)}\n{extra}")
+    summary["dice"] = {k: float(v) for k, v in s.items() if isinstance(v, float)}
+
+
+def _paper(ctx, out, cls, cache, ens, probs, summary, say):
+    """The paper's post-processing of the CAMs: tuned per class on the true masks when there are
+    some (an optimistic estimate; the untuned defaults' Dice is reported beside it), otherwise
+    the paper's defaults. Returns the mask batches' generator."""
+    rows = np.arange(len(ctx.index))
+    size = ctx.profile.image_size
+    aug = VARIANTS[BEST_VARIANT][1]
+    maps_of = (lambda c: cache.maps(c, size)) if cache is not None else ens.maps
+    defaults = pp.Params(**paper.PAPER_POSTPROCESS)
+    if ctx.index.has_masks:
+        if cache is not None:
+            stats = stats_from_cache(ctx, cache, rows, THRESHOLDS, aug)
+        else:
+            stats = pp.collect_stats((maps_of(c) for c in _chunks(rows)),
+                                     (ctx.true_masks(c) for c in _chunks(rows)), THRESHOLDS)
+        params, _ = pp.search(stats, probs, CONFIDENCES, min_areas(ctx), per_class=True)
+        rep = pp.report(stats, probs, params, ctx.index.class_names)
+        untuned = pp.report(stats, probs, defaults, ctx.index.class_names).summary()
+        summary["postprocessing"] = ("the paper's post-processing, tuned per class on the true "
+                                     "masks (" + ("out-of-fold CAMs)" if cache is not None else
+                                                  "CAMs of the loaded classifier)"))
+        summary["dice_untuned"] = {k: float(v) for k, v in untuned.items()
+                                   if isinstance(v, float)}
+        _dice_report(ctx, out, rep, summary, f"Post-processing {params.describe()}",
+                     "tuned per class on these masks: an optimistic estimate", size,
+                     f"\nUntuned (the paper's defaults {defaults.describe()}): Dice "
+                     f"{untuned['dice_defective_images']:.4f} on defective images, "
+                     f"{untuned['dice_nonempty_masks']:.4f} on non-empty masks.\n")
+    else:
+        params = defaults
+        summary["postprocessing"] = ("no true masks: the paper's defaults (confidence 0.5, "
+                                     "threshold 0.3, min area 0), not tuned")
+    say(f"post-processing: {params.describe()} - {summary['postprocessing']}")
+    write_json(out / "params.json", {"method": "paper", "params": vars(params),
+                                     "note": summary["postprocessing"]})
+
+    def batches():
+        for c in _chunks(rows):
+            yield c, pp.apply(maps_of(c), probs[c], params)
+    return batches
+
+
+def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
+    """The label-only default: the CAM region narrowed to the pixels that depart from the
+    image's grey level (:mod:`refine`), then a U-Net per fold self-trained on those masks (an
+    ignored band between defect and background) whose held-out predictions, gated by the
+    classifier, are the masks. Nothing is tuned on true masks; with them, the Dice of the
+    refined CAM masks and of the network's masks are both reported. With a loaded classifier
+    (no folds to train on) the refined CAM masks are the result."""
+    rows = np.arange(len(ctx.index))
+    cfg = RefineConfig()
+    size = ctx.seg_size
+    source = cache if cache is not None else _EnsembleMaps(ens, ctx.profile.image_size)
+    refined = refine_stage(ctx, source, cfg, size)
+    gate = pp.Params(cfg.confidence, SEG_NET_THRESHOLD, 0)
+    net = None
+    if cls is not None:
+        net = train_segmenters(ctx, refined_targets(ctx, refined), classifier=cls,
+                               progress=progress)
+    summary["postprocessing"] = (
+        f"label-only refinement ({cfg.describe()})" +
+        (f", then a U-Net per fold self-trained on those masks, its output > "
+         f"{SEG_NET_THRESHOLD:g} where the classifier's probability >= {cfg.confidence:g}"
+         if net is not None else " (a loaded classifier: no self-training)") +
+        "; nothing tuned on true masks")
+    say(f"masks: {summary['postprocessing']}")
+    write_json(out / "params.json", {"method": "refined", "refine": refined.describe(),
+                                     "segmentation_size": list(size),
+                                     "network": str(net.dir) if net is not None else None,
+                                     "note": summary["postprocessing"]})
+    if ctx.index.has_masks:
+        names = ctx.index.class_names
+        cam = pp.collect_stats((m.astype(np.float32) for _, _, m in refined.batches(rows, probs)),
+                               (ctx.true_masks(rows[k:k + 32], size) for k in range(0, len(rows), 32)),
+                               (0.5,))
+        cam_rep = pp.report(cam, np.zeros_like(probs), pp.Params(0.0, 0.5, 0), names)
+        summary["dice_refined_cams"] = {k: float(v) for k, v in cam_rep.summary().items()
+                                        if isinstance(v, float)}
+        c = cam_rep.summary()
+        line = (f"\nThe refined CAM masks alone: Dice {c['dice_defective_images']:.4f} on "
+                f"defective images, {c['dice_nonempty_masks']:.4f} on non-empty masks.\n")
+        if net is not None:
+            st = seg_stats(ctx, net, thresholds=(SEG_NET_THRESHOLD,), score_size=size)
+            rep = pp.report(st, probs[st.rows], gate, names)
+        else:
+            rep, line = cam_rep, ""
+        _dice_report(ctx, out, rep, summary, summary["postprocessing"],
+                     "nothing tuned on these masks", size, line)
+
+    def batches():
+        if net is None:
+            for c, _, m in refined.batches(rows, probs):
+                yield c, m
+            return
+        for c, p in predict_probs(ctx, net, rows, size):
+            yield c, pp.apply(p, probs[c], gate)
+    return batches

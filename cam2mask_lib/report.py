@@ -131,6 +131,8 @@ REPORT_SECTIONS = [
                                                    "segmentation_predictions_class3"]),
     ("Architectures x losses (Table 4)", ["table4_architectures_losses"],
      ["table4_per_class_bars", "table4_predictions_0"]),
+    ("Beyond the paper: label-only refinement (Table 5)", ["table5_beyond_the_paper"],
+     ["refine_predictions_class1"]),
 ]
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # annotations only: pipeline imports this module's configurat
     from .cams import CamCache
     from .classify import ClassifierRun
     from .pipeline import Context
+    from .refine import Refined
 
 SEG_THRESHOLD = 0.2  # the paper's binarisation of the U-Net's output (with min_seg_len 0)
 
@@ -135,6 +136,22 @@ def confident_targets(ctx: Context, cache: CamCache, high: float = 0.6, low: flo
         return pseudo_labels(maps, labels[rows], high, low)
 
     return Targets("confident", key, fn, _memo(ctx))
+
+
+def refined_targets(ctx: Context, refined: Refined) -> Targets:
+    """Self-training targets from a calibrated refinement (:func:`refine.refine_stage`) at the
+    segmentation input size (:meth:`refine.Refined.targets`: defect where the refined mask is,
+    background well outside the region or where the grey level is the image's own, or where the
+    label says the class is absent; the band between ignored)."""
+    if tuple(refined.size) != tuple(ctx.seg_size):
+        raise ValueError(f"refined maps at {refined.size}; the segmentation input is {ctx.seg_size}")
+    cal = refined.calibration
+    key = {"masks": "refined", **_cam_key(ctx, refined.cache, True),
+           "refine": {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in dataclasses.asdict(refined.config).items()},
+           "scales": [float(v) for v in cal.scales],
+           "thresholds": [float(v) for v in cal.thresholds]}
+    return Targets("refined", key, refined.targets, _memo(ctx))
 
 
 # ------------------------------------------------------------------------------------------------

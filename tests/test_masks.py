@@ -42,7 +42,8 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
             "--image-size", "32", "64", "--epochs", "2", "--no-progress"]
     assert main(args) == 0
     said = capsys.readouterr().out
-    assert "tuned per class" in said and "Dice on defective images" in said
+    assert "self-trained on those masks" in said and "nothing tuned on true masks" in said
+    assert "Dice on defective images" in said
     for k in range(24):
         ext = "png" if k % 2 else "jpg"
         w, h = Image.open(generic / "images" / f"im{k:02d}.{ext}").size
@@ -57,6 +58,9 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
         assert np.array_equal(rle_decode(rle, png.shape).astype(bool), png)
     report = (out / "dice_report.md").read_text()
     assert "| dark |" in report and "| bright |" in report and "| all |" in report
+    assert "nothing tuned on these masks" in report and "refined CAM masks alone" in report
+    params = json.loads((out / "params.json").read_text())
+    assert params["method"] == "refined" and params["network"]
     assert len(list((out / "previews").glob("*.jpg"))) == 24
     state = json.loads((out / "cam2mask_masks.json").read_text())
     assert state["complete"]
@@ -69,17 +73,36 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
     assert (out / "masks.csv").read_text().splitlines() == lines
 
 
-def test_masks_without_true_masks_uses_the_papers_defaults(generic, tmp_path, capsys):
+def test_paper_method_reports_tuned_and_untuned_and_no_masks_means_its_defaults(generic, tmp_path,
+                                                                                   capsys):
     import shutil
+    out = tmp_path / "p"
+    common = ["--profile", "smoke", "--image-size", "32", "64", "--epochs", "1", "--no-progress"]
+    assert main(["masks", "--data", str(generic), "--out", str(out), "--method", "paper"]
+                + common) == 0
+    assert "tuned per class on the true masks" in capsys.readouterr().out
+    report = (out / "dice_report.md").read_text()
+    assert "an optimistic estimate" in report and "Untuned (the paper's defaults" in report
+    state = json.loads((out / "cam2mask_masks.json").read_text())
+    assert 0 <= state["summary"]["dice_untuned"]["dice_defective_images"] <= 1
+    # the same data with another method is another run: refused on the same folder
+    assert main(["masks", "--data", str(generic), "--out", str(out)] + common) == 2
+    assert "--force" in capsys.readouterr().err
     data = tmp_path / "nomasks"
     shutil.copytree(generic, data, ignore=shutil.ignore_patterns("masks"))
     out = tmp_path / "o"
-    assert main(["masks", "--data", str(data), "--out", str(out), "--profile", "smoke",
-                 "--image-size", "32", "64", "--epochs", "1", "--no-progress"]) == 0
+    assert main(["masks", "--data", str(data), "--out", str(out), "--method", "paper"]
+                + common) == 0
     assert "paper's defaults" in capsys.readouterr().out
     assert not (out / "dice_report.md").exists()
     params = json.loads((out / "params.json").read_text())["params"]
     assert params == {"confidence": 0.5, "threshold": 0.3, "min_area": 0}
+    # the default without true masks: the label-only refinement, not fixed thresholds
+    out = tmp_path / "r"
+    assert main(["masks", "--data", str(data), "--out", str(out)] + common) == 0
+    assert "label-only refinement" in capsys.readouterr().out
+    assert json.loads((out / "params.json").read_text())["method"] == "refined"
+    assert not (out / "dice_report.md").exists()
 
 
 def test_masks_refuses_foreign_output_folder(generic, tmp_path, capsys):

@@ -1,0 +1,409 @@
+"""Beyond the paper: from CAMs to masks with image-level labels only, one function per technique.
+
+The paper's masks (:mod:`postprocess`) min-max scale every map per image and cut it at a fixed
+0.3, so every image the classifier passes gets a foreground whatever the evidence (the "threshold
+matters" finding of AMN, CVPR 2022), and the maps have 1/32 of the input's resolution: a mask is
+a blob where the network looked, not the defect's shape. Each technique below uses nothing but
+the images, their labels and the out-of-fold CAMs and probabilities; no parameter is chosen on
+true masks.
+
+Where the evidence is (the *region*):
+
+* :func:`absolute_maps` keeps the CAM's own units (no per-image min-max) and divides each class by
+  one scale from its positive images (:func:`class_scales`), so a weak map stays weak;
+  :func:`negative_thresholds` cuts it where the images labelled *without* the class rarely reach;
+* :func:`otsu_thresholds`: a per-image threshold between the map's two modes (OpenCV's Otsu);
+* :func:`par`: pixel-adaptive refinement: the map is propagated between neighbouring pixels of
+  similar intensity (after PAR in AFA, CVPR 2022), so it follows edges.
+
+What the defect looks like (the *shape*):
+
+* :func:`intensity_deviation`: each pixel's robust z-score against its own image (median and
+  MAD of the grey level): a defect on steel is a local departure from the sheet's texture, so
+  inside the region only pixels that depart from the image's typical grey are kept.
+
+Learning from them (self-training): :func:`confident_labels` turns a region and a shape into
+targets for a segmentation network (defect, background, and an ignored band between), which
+:func:`seg_stage.refined_targets` serves to :func:`seg_stage.train_segmenters`.
+
+:class:`RefineConfig` names one combination; :func:`refine_stage` calibrates it on a context and
+:meth:`Refined.batches` applies it. The paper's exact pipeline stays in :mod:`postprocess`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cams import AUG_VIEWS
+from .losses import IGNORE
+from .utils import ConfigError
+
+if TYPE_CHECKING:  # annotations only
+    from .pipeline import Context
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """One label-only combination.
+
+    ``region``: where a class's evidence is: "image" (the paper's per-image scaled map above
+    ``threshold``), "negatives" (the absolute map above the ``negative_quantile`` of the negative
+    images' peaks) or "otsu" (the per-image scaled map above its Otsu threshold).
+    ``par_iterations``: pixel-adaptive refinement of the map first (0: off). ``deviation``: inside
+    the region keep only pixels whose grey level departs from the image's own by more than this
+    many robust standard deviations (None: keep the whole region). ``confidence``: the
+    classifier's probability a class needs to get a mask. ``band``: the self-training targets'
+    background, as factors of the region's cut and of ``deviation``: a pixel is background below
+    ``band`` x either (or where the label says the class is absent), ignored between."""
+
+    region: str = "image"
+    threshold: float = 0.3
+    negative_quantile: float = 0.5
+    par_iterations: int = 0
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12)
+    par_temperature: float = 0.3
+    deviation: float | None = 1.0
+    confidence: float = 0.5
+    band: float = 0.5
+
+    def __post_init__(self):
+        if self.region not in REGIONS:
+            raise ConfigError(f"refine region {self.region!r}: choose one of {REGIONS}")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"refine threshold={self.threshold}: must be in (0, 1)")
+        if not 0 < self.negative_quantile < 1:
+            raise ConfigError(f"refine negative_quantile={self.negative_quantile}: must be in (0, 1)")
+        if self.par_iterations < 0:
+            raise ConfigError(f"refine par_iterations={self.par_iterations}: must be >= 0")
+        if self.deviation is not None and self.deviation < 0:
+            raise ConfigError(f"refine deviation={self.deviation}: must be >= 0 or None")
+        if not 0 <= self.band <= 1:
+            raise ConfigError(f"refine band={self.band}: must be in [0, 1]")
+        object.__setattr__(self, "par_dilations", tuple(int(d) for d in self.par_dilations))
+
+    def describe(self) -> str:
+        region = {"image": f"per-image scaled CAM > {self.threshold:g}",
+                  "negatives": f"absolute CAM > the negatives' {self.negative_quantile:g} quantile",
+                  "otsu": "per-image scaled CAM > its Otsu threshold"}[self.region]
+        par = f", PAR {self.par_iterations} iterations" if self.par_iterations else ""
+        dev = (f", pixels > {self.deviation:g} robust sd from the image's grey"
+               if self.deviation is not None else "")
+        return f"{region}{par}{dev}, confidence {self.confidence:g}"
+
+
+REGIONS = ("image", "negatives", "otsu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Maps in their own units
+# ------------------------------------------------------------------------------------------------
+
+def absolute_maps(low: np.ndarray, size: tuple[int, int], scales: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """Maps ``[N, C, H, W]`` from the ReLU'd feature-resolution maps of a
+    :class:`~cam2mask_lib.cams.CamCache` (``[N, V, C, h, w]``, views in aug-smoothing order, or
+    ``[N, C, h, w]``) without any per-image scaling: flipped views are flipped back, every view is
+    resized (bilinear, half-pixel centres) and the views are averaged. ``scales`` ``[C]`` divides
+    each class (see :func:`class_scales`)."""
+    with torch.no_grad():
+        t = torch.as_tensor(np.asarray(low, dtype=np.float32))
+        if t.dim() == 4:
+            t = t[:, None]
+        if t.shape[1] == len(AUG_VIEWS):
+            t = t.clone()
+            flipped = [v for v, (flip, _) in enumerate(AUG_VIEWS) if flip]
+            t[:, flipped] = t[:, flipped].flip(-1)
+        n, v, c, h, w = t.shape
+        up = F.interpolate(t.reshape(n * v, c, h, w), size=tuple(size), mode="bilinear",
+                           align_corners=False).reshape(n, v, c, *size).mean(1)
+        if scales is not None:
+            up /= torch.as_tensor(np.asarray(scales, np.float32))[None, :, None, None]
+        return up.numpy()
+
+
+def class_scales(peaks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class, the median of the per-image map maxima ``peaks`` ``[N, C]`` over the images
+    labelled with the class (1.0 for a class without positives): a typical defect's peak."""
+    labels = np.asarray(labels, bool)
+    out = np.ones(peaks.shape[1])
+    for c in range(peaks.shape[1]):
+        if labels[:, c].any():
+            out[c] = max(float(np.median(peaks[labels[:, c], c])), 1e-12)
+    return out
+
+
+def negative_thresholds(peaks: np.ndarray, labels: np.ndarray, quantile: float = 0.9
+                        ) -> np.ndarray:
+    """Per class, the ``quantile`` of the per-image map maxima ``peaks`` ``[N, C]`` over the images
+    labelled *without* the class: at 0.9, nine negative images in ten have no pixel above it. A
+    class without negatives gets 0.5 (half a typical defect's peak, with scaled maps)."""
+    labels = np.asarray(labels, bool)
+    out = np.full(peaks.shape[1], 0.5)
+    for c in range(peaks.shape[1]):
+        if (~labels[:, c]).any():
+            out[c] = float(np.quantile(peaks[~labels[:, c], c], quantile))
+    return out
+
+
+def otsu_thresholds(maps: np.ndarray) -> np.ndarray:
+    """Per map (last two axes), OpenCV's Otsu threshold of the map quantised to 256 levels of its
+    own range, in the map's units: ``[...]`` (a flat map gets its own value: an empty mask)."""
+    maps = np.asarray(maps, np.float32)
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    out = np.empty(len(flat), np.float32)
+    for i, m in enumerate(flat):
+        lo, hi = float(m.min()), float(m.max())
+        if hi - lo <= 1e-12:
+            out[i] = hi
+            continue
+        q = np.round((m - lo) / (hi - lo) * 255).astype(np.uint8)
+        t, _ = cv2.threshold(q, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        out[i] = lo + (t + 0.5) / 255 * (hi - lo)  # q > t  <=>  m > this (rounding)
+    return out.reshape(maps.shape[:-2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixel-adaptive refinement
+# ------------------------------------------------------------------------------------------------
+
+_OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+    """``[B, K, ..., H, W]``: ``x`` ``[B, ..., H, W]`` itself and its 8 neighbours at every
+    dilation (replicate padding at the border)."""
+    p = max(dilations)
+    lead = x.shape[:-2]
+    H, W = x.shape[-2:]
+    flat = x.reshape(-1, 1, H, W)
+    pad = F.pad(flat, (p, p, p, p), mode="replicate")
+    views = [flat]
+    for d in dilations:
+        for dy, dx in _OFFSETS:
+            views.append(pad[..., p + dy * d:p + dy * d + H, p + dx * d:p + dx * d + W])
+    return torch.stack(views, 1).reshape(lead[0], len(views), *lead[1:], H, W)
+
+
+def par_affinity(images: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+                 temperature: float = 0.3) -> torch.Tensor:
+    """Transition weights ``[B, K, H, W]`` (summing to 1 over K: the pixel and its neighbours)
+    from the images ``[B, 3, H, W]`` (any range): a softmax over the neighbours of
+    ``-(|I_j - I_i| / (temperature * std_i))^2``, with ``std_i`` the spread of the intensities in
+    the pixel's neighbourhood, so the map flows along regions of similar intensity."""
+    gray = images.float().mean(1)  # NEU and Severstal are grey; colour adds little
+    nb = _neighbours(gray, dilations)  # [B, K, H, W]
+    std = nb.std(1, keepdim=True)
+    diff = (nb - gray[:, None]).abs() / (temperature * std + 1e-6)
+    return torch.softmax(-diff ** 2, dim=1)
+
+
+def par(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray, iterations: int = 10,
+        dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), temperature: float = 0.3) -> np.ndarray:
+    """Pixel-adaptive refinement: ``iterations`` steps of ``m_i <- sum_j a_ij m_j`` over each
+    pixel's neighbours with :func:`par_affinity` weights. ``maps`` ``[B, C, H, W]``; ``images``
+    ``[B, 3, H, W]`` at the same size. Returns the refined maps (numpy, float32)."""
+    with torch.no_grad():
+        m = torch.as_tensor(np.asarray(maps, np.float32))
+        img = torch.as_tensor(np.asarray(images)).float()
+        if img.shape[-2:] != m.shape[-2:]:
+            raise ValueError(f"images {tuple(img.shape[-2:])} and maps {tuple(m.shape[-2:])} "
+                             f"differ in size")
+        aff = par_affinity(img, dilations, temperature)[:, :, None]  # [B, K, 1, H, W]
+        for _ in range(iterations):
+            m = (_neighbours(m, dilations) * aff).sum(1)
+        return m.numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# The defect's shape: departures from the image's own grey level
+# ------------------------------------------------------------------------------------------------
+
+def intensity_deviation(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``|I - median(I)| / (1.4826 MAD(I))`` of each image's grey level (the mean of its
+    channels), per pixel: ``[B, H, W]`` float32 for images ``[B, 3, H, W]`` in any range (a
+    robust z-score: a defect covering less than half the image does not move the median)."""
+    with torch.no_grad():
+        g = torch.as_tensor(np.asarray(images)).float().mean(1)
+        flat = g.flatten(1)
+        med = flat.median(1).values
+        mad = (flat - med[:, None]).abs().median(1).values
+        z = (g - med[:, None, None]).abs() / (1.4826 * mad[:, None, None] + 1e-3)
+        return z.numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks and self-training targets
+# ------------------------------------------------------------------------------------------------
+
+def threshold_masks(maps: np.ndarray, thresholds) -> np.ndarray:
+    """uint8 ``maps > thresholds`` with one threshold or one per class (``[C]``)."""
+    t = np.broadcast_to(np.asarray(thresholds, np.float32), (np.shape(maps)[1],))
+    return (np.asarray(maps) > t[None, :, None, None]).astype(np.uint8)
+
+
+def gate(masks: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """``masks`` with every (image, class) pair where ``allowed`` ``[N, C]`` is False emptied."""
+    out = np.array(masks, np.uint8, copy=True)
+    out[~np.asarray(allowed, bool)] = 0
+    return out
+
+
+def confident_labels(defect: np.ndarray, background: np.ndarray, present: np.ndarray
+                     ) -> np.ndarray:
+    """Self-training targets uint8 ``[N, C, H, W]``: for a class in the image's label, 1 where
+    ``defect``, 0 where ``background`` (and not ``defect``), ``losses.IGNORE`` elsewhere; for an
+    absent class 0 everywhere (the label says the defect is not there)."""
+    out = np.full(np.shape(defect), IGNORE, np.uint8)
+    out[np.asarray(background, bool)] = 0
+    out[np.asarray(defect, bool)] = 1
+    out[~np.asarray(present, bool)] = 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# A combination on a CAM cache
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """What a combination learns from the image labels (``region="negatives"`` only): per-class
+    ``scales`` of the absolute maps and ``thresholds`` on the scaled (and refined) maps."""
+
+    scales: np.ndarray
+    thresholds: np.ndarray
+
+    def describe(self) -> str:
+        f = ", ".join
+        return (f"scales [{f(f'{s:.3g}' for s in self.scales)}], thresholds "
+                f"[{f(f'{t:.3g}' for t in self.thresholds)}]")
+
+
+def _maps(cache, images, rows, size, cfg: RefineConfig, scales) -> np.ndarray:
+    """The maps a combination cuts: absolute and scaled ("negatives") or the paper's per-image
+    scaled ones, then PAR."""
+    rows = np.asarray(rows)
+    m = (absolute_maps(cache.low()[rows], size, scales) if cfg.region == "negatives"
+         else cache.maps(rows, size))
+    if cfg.par_iterations:
+        m = par(m, images(rows), cfg.par_iterations, cfg.par_dilations, cfg.par_temperature)
+    return m
+
+
+def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: RefineConfig,
+              batch: int = 32) -> Calibration:
+    """Per-class scales and thresholds from the image labels for ``region="negatives"`` (two
+    passes over the cache: the raw maps' peaks, then the scaled and refined maps' peaks); the
+    other regions need none (``cfg.threshold`` for every class). ``images(rows)`` gives
+    ``[b, 3, H, W]`` at ``size`` (only used with PAR)."""
+    c = np.shape(labels)[1]
+    if cfg.region != "negatives":
+        return Calibration(np.ones(c), np.full(c, cfg.threshold))
+    n = len(labels)
+    chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+    raw = np.concatenate([absolute_maps(cache.low()[ch], size).max((-2, -1)) for ch in chunks])
+    scales = class_scales(raw, labels)
+    peaks = (raw / scales[None] if not cfg.par_iterations else np.concatenate(
+        [_maps(cache, images, ch, size, cfg, scales).max((-2, -1)) for ch in chunks]))
+    return Calibration(scales, negative_thresholds(peaks, labels, cfg.negative_quantile))
+
+
+def _region(maps: np.ndarray, cfg: RefineConfig, cal: Calibration, factor: float = 1.0
+            ) -> np.ndarray:
+    """uint8: ``maps`` above ``factor`` x the region's cut (per class, or per map for Otsu)."""
+    if cfg.region == "otsu":
+        return (maps > factor * otsu_thresholds(maps)[..., None, None]).astype(np.uint8)
+    return threshold_masks(maps, factor * cal.thresholds)
+
+
+def refine_batches(cache, images, rows, probs: np.ndarray, size: tuple[int, int],
+                   cfg: RefineConfig, cal: Calibration, batch: int = 32
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(rows, maps, masks)`` per batch: the region (:class:`RefineConfig`), narrowed to the
+    pixels that depart from the image's grey level, gated by the classifier
+    (``probs[rows] >= cfg.confidence``)."""
+    rows = np.asarray(rows)
+    for s in range(0, len(rows), batch):
+        b = rows[s:s + batch]
+        m = _maps(cache, images, b, size, cfg, cal.scales)
+        masks = _region(m, cfg, cal)
+        if cfg.deviation is not None:
+            masks &= (intensity_deviation(images(b)) > cfg.deviation)[:, None]
+        yield b, m, gate(masks, probs[b] >= cfg.confidence)
+
+
+def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[int, int],
+                          cfg: RefineConfig, cal: Calibration) -> np.ndarray:
+    """:func:`confident_labels` of ``rows``: defect = the combination's mask (gated by the image
+    labels, not the classifier); background = outside the region cut at ``band`` x its threshold,
+    or pixels within ``band`` x ``deviation`` of the image's grey; the rest ignored."""
+    rows = np.asarray(rows)
+    m = _maps(cache, images, rows, size, cfg, cal.scales)
+    defect = _region(m, cfg, cal).astype(bool)
+    background = ~_region(m, cfg, cal, cfg.band).astype(bool)
+    if cfg.deviation is not None:
+        z = intensity_deviation(images(rows))[:, None]
+        defect &= z > cfg.deviation
+        background |= z < cfg.band * cfg.deviation
+    return confident_labels(defect, background, labels[rows])
+
+
+# ------------------------------------------------------------------------------------------------
+# On a context: the refinement stage
+# ------------------------------------------------------------------------------------------------
+
+def image_loader(ctx: Context, size: tuple[int, int]):
+    """``images(rows)``: float ``[b, 3, H, W]`` (0-255) at ``size``, area-resized from the
+    classifier's input images (PAR's guide)."""
+    ds = ctx.images()
+    size = tuple(int(v) for v in size)
+
+    def load(rows):
+        x = ds.uint8_batch(np.asarray(rows)).float()
+        return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
+    return load
+
+
+@dataclass
+class Refined:
+    """A combination calibrated on a run's image labels: :meth:`batches` gives its maps and masks
+    at ``size`` for any rows."""
+
+    ctx: Context
+    cache: object
+    config: RefineConfig
+    calibration: Calibration
+    size: tuple[int, int]
+
+    def batches(self, rows, probs: np.ndarray, batch: int = 32):
+        return refine_batches(self.cache, image_loader(self.ctx, self.size), rows, probs,
+                              self.size, self.config, self.calibration, batch)
+
+    def maps(self, rows) -> np.ndarray:
+        """Scaled (and refined) maps ``[len(rows), C, H, W]`` of ``rows``."""
+        return _maps(self.cache, image_loader(self.ctx, self.size), np.asarray(rows), self.size,
+                     self.config, self.calibration.scales)
+
+    def targets(self, rows) -> np.ndarray:
+        """Self-training targets of ``rows`` (:func:`self_training_targets`, image labels)."""
+        return self_training_targets(self.cache, image_loader(self.ctx, self.size), rows,
+                                     self.ctx.index.labels.astype(bool), self.size, self.config,
+                                     self.calibration)
+
+    def describe(self) -> str:
+        cal = f"; {self.calibration.describe()}" if self.config.region == "negatives" else ""
+        return f"{self.config.describe()}{cal}"
+
+
+def refine_stage(ctx: Context, cache, config: RefineConfig | None = None,
+                 size: tuple[int, int] | None = None) -> Refined:
+    """Calibrate ``config`` (default :class:`RefineConfig`) on the context's image labels and the
+    out-of-fold CAMs of ``cache``, at ``size`` (default: the segmentation input size)."""
+    config = config or RefineConfig()
+    size = tuple(size or ctx.seg_size)
+    cal = calibrate(cache, image_loader(ctx, size), ctx.index.labels.astype(bool), size, config)
+    return Refined(ctx, cache, config, cal, size)

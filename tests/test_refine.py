@@ -1,0 +1,173 @@
+"""The label-only refinement techniques (cam2mask_lib.refine), each on a case with a known answer."""
+import cv2
+import numpy as np
+import pytest
+
+from cam2mask_lib import refine
+from cam2mask_lib.cams import AUG_VIEWS, smooth
+from cam2mask_lib.losses import IGNORE
+from cam2mask_lib.utils import ConfigError
+
+
+def test_absolute_maps_keep_units_and_undo_flips():
+    rng = np.random.default_rng(0)
+    low = rng.random((2, 3, 4, 6)).astype(np.float32) * 5  # [N, C, h, w], values up to 5
+    one = refine.absolute_maps(low, (8, 12))
+    ref = np.stack([np.stack([cv2.resize(m, (12, 8), interpolation=cv2.INTER_LINEAR) for m in im])
+                    for im in low])
+    assert np.allclose(one, ref, atol=1e-5)  # a plain bilinear resize, no min-max
+    assert one.max() > 1.5  # units kept
+    # six views of the same map, flipped views stored flipped: their mean is the map itself
+    views = np.stack([low[:, :, :, ::-1] if flip else low for flip, _ in AUG_VIEWS], 1)
+    assert np.allclose(refine.absolute_maps(views, (8, 12)), ref, atol=1e-5)
+    # with min-max on top they give what the paper's aug smoothing gives for identical views
+    s = refine.absolute_maps(views, (8, 12), scales=np.array([2.0, 4.0, 5.0]))
+    assert np.allclose(s * np.array([2.0, 4.0, 5.0])[None, :, None, None], ref, atol=1e-5)
+    mm = smooth(views, (8, 12))
+    r = ref - ref.min((-2, -1), keepdims=True)
+    assert np.allclose(mm, r / r.max((-2, -1), keepdims=True), atol=1e-4)
+
+
+def test_scales_and_negative_thresholds_come_from_the_labels():
+    peaks = np.array([[4.0, 1.0], [6.0, 2.0], [1.0, 9.0], [0.5, 8.0], [0.2, 7.0]])
+    labels = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], bool)
+    assert np.allclose(refine.class_scales(peaks, labels), [5.0, 8.0])
+    th = refine.negative_thresholds(peaks, labels, 0.5)
+    assert np.allclose(th, [0.5, 1.5])  # medians of the negatives' peaks
+    assert refine.negative_thresholds(peaks, labels, 0.9)[0] > th[0]
+    # a class with no negative (or no positive) image still gets a value
+    allpos = np.ones_like(labels)
+    assert np.allclose(refine.negative_thresholds(peaks, allpos), 0.5)
+    assert np.allclose(refine.class_scales(peaks, ~allpos), 1.0)
+
+
+def test_otsu_separates_two_levels_and_leaves_flat_maps_empty():
+    m = np.full((1, 2, 10, 10), 0.1, np.float32)
+    m[0, 0, 2:5, 3:8] = 0.9
+    m[0, 0] += np.random.default_rng(1).random((10, 10)).astype(np.float32) * 0.05
+    t = refine.otsu_thresholds(m)
+    assert t.shape == (1, 2)
+    out = m > t[..., None, None]
+    assert out[0, 0].sum() == 15 and out[0, 0, 2:5, 3:8].all()
+    assert out[0, 1].sum() == 0  # flat: no foreground
+    # the same cut as OpenCV's own Otsu mask on the quantised map
+    q = np.round((m[0, 0] - m[0, 0].min()) / np.ptp(m[0, 0]) * 255).astype(np.uint8)
+    _, ref = cv2.threshold(q, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    assert (out[0, 0] == ref.astype(bool)).all()
+
+
+def test_intensity_deviation_is_a_robust_z_score():
+    rng = np.random.default_rng(4)
+    img = np.repeat((100 + rng.normal(0, 5, (1, 1, 32, 32))).astype(np.float32), 3, 1)
+    img[:, :, 10:14, 10:14] = 40.0  # a dark defect, 16 of 1024 pixels
+    z = refine.intensity_deviation(img)
+    assert z.shape == (1, 32, 32)
+    assert z[0, 10:14, 10:14].min() > 8  # about 60 / 5 robust sds
+    assert np.median(z) < 1 and (z > 3).mean() < 0.03
+    # the same with the defect ten times brighter: it cannot move the median or the MAD
+    img[:, :, 10:14, 10:14] = 255.0
+    assert np.median(refine.intensity_deviation(img)) == pytest.approx(np.median(z), rel=0.05)
+
+
+def test_par_keeps_constants_and_stops_at_edges():
+    img = np.zeros((1, 3, 24, 24), np.float32)
+    img[:, :, :, 12:] = 200.0  # a strong vertical edge
+    img += np.random.default_rng(2).random(img.shape).astype(np.float32)  # texture
+    flat = np.full((1, 2, 24, 24), 0.7, np.float32)
+    assert np.allclose(refine.par(flat, img, iterations=5, dilations=(1, 2, 4)), 0.7, atol=1e-5)
+    m = np.zeros((1, 1, 24, 24), np.float32)
+    m[0, 0, 10:14, 8:11] = 1.0  # a blob on the dark side, next to the edge
+    out = refine.par(m, img, iterations=10, dilations=(1, 2, 4))[0, 0]
+    assert out[:, :12].mean() > 20 * out[:, 12:].mean()  # it spread on its own side only
+    assert 0 <= out.min() and out.max() <= 1 + 1e-6  # weighted means of the map's values
+    # without the edge the same blob spreads across
+    same = refine.par(m, np.full_like(img, 100.0), iterations=10, dilations=(1, 2, 4))[0, 0]
+    assert same[:, 12:].mean() > 5 * out[:, 12:].mean()
+    with pytest.raises(ValueError, match="differ in size"):
+        refine.par(m, img[..., :12], iterations=1)
+
+
+def test_confident_labels_defect_background_ignore_and_absent_classes():
+    defect = np.array([[[[0, 0, 1, 1]], [[1, 1, 1, 1]]]], bool)
+    background = np.array([[[[1, 0, 0, 1]], [[0, 0, 0, 0]]]], bool)
+    out = refine.confident_labels(defect, background, np.array([[True, False]]))
+    assert out[0, 0, 0].tolist() == [0, IGNORE, 1, 1]  # defect wins over background
+    assert (out[0, 1] == 0).all()  # the label says the class is absent
+
+
+def test_gate_and_threshold_masks():
+    maps = np.array([[[[0.2, 0.8]], [[0.6, 0.4]]]], np.float32)
+    m = refine.threshold_masks(maps, np.array([0.5, 0.5]))
+    assert m.tolist() == [[[[0, 1]], [[1, 0]]]]
+    assert refine.gate(m, np.array([[True, False]])).tolist() == [[[[0, 1]], [[0, 0]]]]
+
+
+def test_config_is_checked():
+    for bad in ({"region": "mean"}, {"negative_quantile": 1.0}, {"par_iterations": -1},
+                {"band": 1.5}, {"threshold": 0}, {"deviation": -1}):
+        with pytest.raises(ConfigError):
+            refine.RefineConfig(**bad)
+    assert "Otsu" in refine.RefineConfig(region="otsu").describe()
+    assert "robust sd" not in refine.RefineConfig(deviation=None).describe()
+
+
+class _Cache:
+    """What the refinement reads of a CamCache: ``low()`` and the paper's ``maps``."""
+
+    def __init__(self, low):
+        self._low = low
+
+    def low(self):
+        return self._low
+
+    def maps(self, rows, size):
+        from cam2mask_lib.cams import upsample
+        return upsample(self._low[np.asarray(rows)][:, 0], size)
+
+
+def _case(n=20):
+    rng = np.random.default_rng(3)
+    labels = np.zeros((n, 2), bool)
+    labels[:10, 0] = True
+    labels[10:, 1] = True
+    low = rng.random((n, 1, 2, 4, 4)).astype(np.float32) * 0.2
+    low[:10, 0, 0, 1:3, 1:3] += 3.0  # class 0 fires where it is present
+    low[10:, 0, 1, 0, :] += 2.0
+    imgs = np.full((n, 3, 8, 8), 120.0, np.float32)
+    imgs += rng.normal(0, 2, imgs.shape).astype(np.float32)
+    imgs[:10, :, 3:5, 3:5] = 30.0  # the class-0 defect is dark, 2x2 pixels
+    return labels, low, imgs
+
+
+def test_negative_calibration_and_refine_batches_on_a_cache():
+    labels, low, imgs = _case()
+    cfg = refine.RefineConfig(region="negatives", deviation=None, negative_quantile=0.9)
+    cal = refine.calibrate(_Cache(low), None, labels, (8, 8), cfg, batch=7)
+    assert cal.thresholds.shape == (2,) and (cal.thresholds < 0.5).all()
+    probs = labels.astype(float)
+    got = list(refine.refine_batches(_Cache(low), None, np.arange(20), probs, (8, 8), cfg, cal, 6))
+    rows = np.concatenate([b for b, _, _ in got])
+    masks = np.concatenate([m for _, _, m in got])
+    assert rows.tolist() == list(range(20))
+    assert masks[:10, 1].sum() == 0 and masks[10:, 0].sum() == 0  # the gate
+    assert masks[:10, 0, 3:5, 3:5].all() and not masks[:10, 0, 0].any()  # the defect, not more
+
+
+def test_the_grey_level_narrows_the_region_to_the_defect():
+    labels, low, imgs = _case()
+    load = lambda rows: imgs[np.asarray(rows)]  # noqa: E731
+    probs = labels.astype(float)
+    for region in refine.REGIONS:
+        wide = refine.RefineConfig(region=region, deviation=None)
+        cfg = refine.RefineConfig(region=region, deviation=3.0)
+        cal = refine.calibrate(_Cache(low), load, labels, (8, 8), cfg)
+        w = np.concatenate([m for *_, m in refine.refine_batches(_Cache(low), load, np.arange(20),
+                                                                 probs, (8, 8), wide, cal)])
+        n = np.concatenate([m for *_, m in refine.refine_batches(_Cache(low), load, np.arange(20),
+                                                                 probs, (8, 8), cfg, cal)])
+        assert (w[:10, 0].sum((-2, -1)) > 4).all(), region  # the CAM blob is larger than the defect
+        assert (n[:10, 0].sum((-2, -1)) == 4).all() and n[:10, 0, 3:5, 3:5].all(), region
+        t = refine.self_training_targets(_Cache(low), load, np.arange(20), labels, (8, 8), cfg, cal)
+        assert (t[:10, 0, 3:5, 3:5] == 1).all() and (t[10:, 0] == 0).all()
+        assert (t[:10, 0, 0] == 0).mean() > 0.6, region  # mostly the sheet's own grey, far off
+        assert (t[:10, 0] == IGNORE).any(), region  # and a band left to the network
