@@ -542,12 +542,13 @@ TECHNIQUES = {
     "Otsu threshold per image": RefineConfig(region="otsu", deviation=None),
     "PAR (10 iterations), then > 0.3": RefineConfig(region="image", deviation=None,
                                                     par_iterations=10),
-    "grey-level departure > 1 robust sd inside the CAM > 0.3 (the default)": RefineConfig(),
-    "grey-level departure inside the negatives-calibrated region":
-        RefineConfig(region="negatives"),
+    "grey-level departure > 1 robust sd inside the CAM > 0.3, either sign":
+        RefineConfig(polarity_t=None),
+    "the same, of each class's sign learnt from the labels (the default)": RefineConfig(),
+    "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }
 PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
-DEFAULT_TECHNIQUE = "grey-level departure > 1 robust sd inside the CAM > 0.3 (the default)"
+DEFAULT_TECHNIQUE = "the same, of each class's sign learnt from the labels (the default)"
 NO_MASK = "no mask"
 SELF_TRAINED = "U-Net self-trained on the default's masks, + classifier gate"
 SUPERVISED_NET = "supervised U-Net (true masks), same encoder and budget"

@@ -9,7 +9,8 @@ Given a dataset folder (generic ``images/`` + ``labels.csv`` [+ ``masks/``], or 
 2. compute out-of-fold Grad-CAM++ maps (averaged weights, aug smoothing) for every image;
 3. turn them into masks, with ``method``:
    * "refined" (the default, label-only, :mod:`refine`): the CAM's region narrowed to the pixels
-     whose grey level departs from the image's own, then one U-Net per fold self-trained on those
+     whose grey level departs from the image's own (in the class's direction, darker or
+     brighter, where the labels show one), then one U-Net per fold self-trained on those
      masks (an ignored band between defect and background); each image's mask is its held-out
      network's output where the classifier fires. Nothing is tuned on true masks, with or
      without them. With ``model`` (no folds to train on) the refined CAM masks are the result;

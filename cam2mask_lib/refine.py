@@ -18,9 +18,12 @@ Where the evidence is (the *region*):
 
 What the defect looks like (the *shape*):
 
-* :func:`intensity_deviation`: each pixel's robust z-score against its own image (median and
-  MAD of the grey level): a defect on steel is a local departure from the sheet's texture, so
-  inside the region only pixels that depart from the image's typical grey are kept.
+* :func:`grey_zscore`: each pixel's robust z-score against its own image (median and MAD of the
+  grey level): a defect on steel is a local departure from the sheet's texture, so inside the
+  region only pixels that depart from the image's typical grey are kept;
+  :func:`class_polarity` learns from the labels whether a class is darker or brighter than the
+  sheet (its images hold more dark, or bright, pixels than the others', by a t-test), and then
+  only departures of that sign count.
 
 Learning from them (self-training): :func:`confident_labels` turns a region and a shape into
 targets for a segmentation network (defect, background, and an ignored band between), which
@@ -56,7 +59,9 @@ class RefineConfig:
     images' peaks) or "otsu" (the per-image scaled map above its Otsu threshold).
     ``par_iterations``: pixel-adaptive refinement of the map first (0: off). ``deviation``: inside
     the region keep only pixels whose grey level departs from the image's own by more than this
-    many robust standard deviations (None: keep the whole region). ``confidence``: the
+    many robust standard deviations (None: keep the whole region). ``polarity_t``: a class whose
+    images are darker (brighter) than the others' by this t statistic keeps only dark (bright)
+    departures (:func:`class_polarity`; None: both signs always). ``confidence``: the
     classifier's probability a class needs to get a mask. ``band``: the self-training targets'
     background, as factors of the region's cut and of ``deviation``: a pixel is background below
     ``band`` x either (or where the label says the class is absent), ignored between."""
@@ -68,6 +73,7 @@ class RefineConfig:
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12)
     par_temperature: float = 0.3
     deviation: float | None = 1.0
+    polarity_t: float | None = 2.58
     confidence: float = 0.5
     band: float = 0.5
 
@@ -82,6 +88,8 @@ class RefineConfig:
             raise ConfigError(f"refine par_iterations={self.par_iterations}: must be >= 0")
         if self.deviation is not None and self.deviation < 0:
             raise ConfigError(f"refine deviation={self.deviation}: must be >= 0 or None")
+        if self.polarity_t is not None and self.polarity_t <= 0:
+            raise ConfigError(f"refine polarity_t={self.polarity_t}: must be > 0 or None")
         if not 0 <= self.band <= 1:
             raise ConfigError(f"refine band={self.band}: must be in [0, 1]")
         object.__setattr__(self, "par_dilations", tuple(int(d) for d in self.par_dilations))
@@ -91,8 +99,9 @@ class RefineConfig:
                   "negatives": f"absolute CAM > the negatives' {self.negative_quantile:g} quantile",
                   "otsu": "per-image scaled CAM > its Otsu threshold"}[self.region]
         par = f", PAR {self.par_iterations} iterations" if self.par_iterations else ""
-        dev = (f", pixels > {self.deviation:g} robust sd from the image's grey"
-               if self.deviation is not None else "")
+        dev = (f", pixels > {self.deviation:g} robust sd from the image's grey" +
+               (f" (of the class's sign where the labels show one, |t| > {self.polarity_t:g})"
+                if self.polarity_t is not None else "") if self.deviation is not None else "")
         return f"{region}{par}{dev}, confidence {self.confidence:g}"
 
 
@@ -223,17 +232,42 @@ def par(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray, iter
 # The defect's shape: departures from the image's own grey level
 # ------------------------------------------------------------------------------------------------
 
-def intensity_deviation(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``|I - median(I)| / (1.4826 MAD(I))`` of each image's grey level (the mean of its
-    channels), per pixel: ``[B, H, W]`` float32 for images ``[B, 3, H, W]`` in any range (a
-    robust z-score: a defect covering less than half the image does not move the median)."""
+def grey_zscore(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``(I - median(I)) / (1.4826 MAD(I))`` of each image's grey level (the mean of its
+    channels), per pixel: ``[B, H, W]`` float32 for images ``[B, 3, H, W]`` in any range; negative
+    where darker than the image's typical grey (a robust z-score: a defect covering less than half
+    the image moves neither the median nor the MAD)."""
     with torch.no_grad():
         g = torch.as_tensor(np.asarray(images)).float().mean(1)
         flat = g.flatten(1)
         med = flat.median(1).values
         mad = (flat - med[:, None]).abs().median(1).values
-        z = (g - med[:, None, None]).abs() / (1.4826 * mad[:, None, None] + 1e-3)
-        return z.numpy()
+        return ((g - med[:, None, None]) / (1.4826 * mad[:, None, None] + 1e-3)).numpy()
+
+
+def class_polarity(balance: np.ndarray, labels: np.ndarray, min_t: float = 2.58) -> np.ndarray:
+    """Per class, +1 (bright), -1 (dark) or 0 (either) from the image labels: ``balance`` ``[N]``
+    is each image's share of bright minus dark departures; a class whose images' mean balance
+    differs from the other images' by Welch's t of at least ``min_t`` gets that sign."""
+    labels = np.asarray(labels, bool)
+    out = np.zeros(labels.shape[1])
+    for c in range(labels.shape[1]):
+        p, n = balance[labels[:, c]], balance[~labels[:, c]]
+        if len(p) < 2 or len(n) < 2:
+            continue
+        se = np.sqrt(p.var(ddof=1) / len(p) + n.var(ddof=1) / len(n))
+        t = (p.mean() - n.mean()) / se if se > 0 else 0.0
+        out[c] = np.sign(t) if abs(t) >= min_t else 0.0
+    return out
+
+
+def departures(z: np.ndarray, k: float, polarity: np.ndarray) -> np.ndarray:
+    """``[B, C, H, W]`` bool: pixels departing more than ``k`` from the image's grey (``z``
+    ``[B, H, W]``), in each class's direction (``polarity`` ``[C]``: +1 brighter, -1 darker, 0
+    either)."""
+    pol = np.asarray(polarity, np.float32)[None, :, None, None]
+    z = np.asarray(z, np.float32)[:, None]
+    return np.where(pol == 0, np.abs(z), pol * z) > k
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,16 +305,20 @@ def confident_labels(defect: np.ndarray, background: np.ndarray, present: np.nda
 
 @dataclass
 class Calibration:
-    """What a combination learns from the image labels (``region="negatives"`` only): per-class
-    ``scales`` of the absolute maps and ``thresholds`` on the scaled (and refined) maps."""
+    """What a combination learns from the image labels: per-class ``scales`` of the absolute maps
+    and ``thresholds`` on the scaled (and refined) maps (``region="negatives"``; otherwise ones
+    and the fixed threshold), and each class's ``polarity`` (+1 bright, -1 dark, 0 either)."""
 
     scales: np.ndarray
     thresholds: np.ndarray
+    polarity: np.ndarray
 
     def describe(self) -> str:
         f = ", ".join
+        sign = {1.0: "bright", -1.0: "dark", 0.0: "either"}
         return (f"scales [{f(f'{s:.3g}' for s in self.scales)}], thresholds "
-                f"[{f(f'{t:.3g}' for t in self.thresholds)}]")
+                f"[{f(f'{t:.3g}' for t in self.thresholds)}], polarity "
+                f"[{f(sign[float(p)] for p in self.polarity)}]")
 
 
 def _maps(cache, images, rows, size, cfg: RefineConfig, scales) -> np.ndarray:
@@ -296,20 +334,26 @@ def _maps(cache, images, rows, size, cfg: RefineConfig, scales) -> np.ndarray:
 
 def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: RefineConfig,
               batch: int = 32) -> Calibration:
-    """Per-class scales and thresholds from the image labels for ``region="negatives"`` (two
-    passes over the cache: the raw maps' peaks, then the scaled and refined maps' peaks); the
-    other regions need none (``cfg.threshold`` for every class). ``images(rows)`` gives
-    ``[b, 3, H, W]`` at ``size`` (only used with PAR)."""
-    c = np.shape(labels)[1]
-    if cfg.region != "negatives":
-        return Calibration(np.ones(c), np.full(c, cfg.threshold))
-    n = len(labels)
+    """What ``cfg`` needs from the image labels: the classes' polarity (one pass over the images,
+    when ``deviation`` and ``polarity_t`` are set) and, for ``region="negatives"``, scales and
+    thresholds (two passes over the cache: the raw maps' peaks, then the scaled and refined
+    maps' peaks). ``images(rows)`` gives ``[b, 3, H, W]`` at ``size``."""
+    labels = np.asarray(labels, bool)
+    n, c = labels.shape
     chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
+    polarity = np.zeros(c)
+    if cfg.deviation is not None and cfg.polarity_t is not None:
+        k = cfg.deviation
+        balance = np.concatenate([((z > k).mean((1, 2)) - (z < -k).mean((1, 2)))
+                                  for z in (grey_zscore(images(ch)) for ch in chunks)])
+        polarity = class_polarity(balance, labels, cfg.polarity_t)
+    if cfg.region != "negatives":
+        return Calibration(np.ones(c), np.full(c, cfg.threshold), polarity)
     raw = np.concatenate([absolute_maps(cache.low()[ch], size).max((-2, -1)) for ch in chunks])
     scales = class_scales(raw, labels)
     peaks = (raw / scales[None] if not cfg.par_iterations else np.concatenate(
         [_maps(cache, images, ch, size, cfg, scales).max((-2, -1)) for ch in chunks]))
-    return Calibration(scales, negative_thresholds(peaks, labels, cfg.negative_quantile))
+    return Calibration(scales, negative_thresholds(peaks, labels, cfg.negative_quantile), polarity)
 
 
 def _region(maps: np.ndarray, cfg: RefineConfig, cal: Calibration, factor: float = 1.0
@@ -332,7 +376,7 @@ def refine_batches(cache, images, rows, probs: np.ndarray, size: tuple[int, int]
         m = _maps(cache, images, b, size, cfg, cal.scales)
         masks = _region(m, cfg, cal)
         if cfg.deviation is not None:
-            masks &= (intensity_deviation(images(b)) > cfg.deviation)[:, None]
+            masks &= departures(grey_zscore(images(b)), cfg.deviation, cal.polarity)
         yield b, m, gate(masks, probs[b] >= cfg.confidence)
 
 
@@ -340,15 +384,16 @@ def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[i
                           cfg: RefineConfig, cal: Calibration) -> np.ndarray:
     """:func:`confident_labels` of ``rows``: defect = the combination's mask (gated by the image
     labels, not the classifier); background = outside the region cut at ``band`` x its threshold,
-    or pixels within ``band`` x ``deviation`` of the image's grey; the rest ignored."""
+    or pixels that do not depart by ``band`` x ``deviation`` in the class's direction; the rest
+    ignored."""
     rows = np.asarray(rows)
     m = _maps(cache, images, rows, size, cfg, cal.scales)
     defect = _region(m, cfg, cal).astype(bool)
     background = ~_region(m, cfg, cal, cfg.band).astype(bool)
     if cfg.deviation is not None:
-        z = intensity_deviation(images(rows))[:, None]
-        defect &= z > cfg.deviation
-        background |= z < cfg.band * cfg.deviation
+        z = grey_zscore(images(rows))
+        defect &= departures(z, cfg.deviation, cal.polarity)
+        background |= ~departures(z, cfg.band * cfg.deviation, cal.polarity)
     return confident_labels(defect, background, labels[rows])
 
 
@@ -395,8 +440,7 @@ class Refined:
                                      self.calibration)
 
     def describe(self) -> str:
-        cal = f"; {self.calibration.describe()}" if self.config.region == "negatives" else ""
-        return f"{self.config.describe()}{cal}"
+        return f"{self.config.describe()}; learnt from the labels: {self.calibration.describe()}"
 
 
 def refine_stage(ctx: Context, cache, config: RefineConfig | None = None,

@@ -56,17 +56,33 @@ def test_otsu_separates_two_levels_and_leaves_flat_maps_empty():
     assert (out[0, 0] == ref.astype(bool)).all()
 
 
-def test_intensity_deviation_is_a_robust_z_score():
+def test_grey_zscore_is_a_robust_signed_z_score():
     rng = np.random.default_rng(4)
     img = np.repeat((100 + rng.normal(0, 5, (1, 1, 32, 32))).astype(np.float32), 3, 1)
     img[:, :, 10:14, 10:14] = 40.0  # a dark defect, 16 of 1024 pixels
-    z = refine.intensity_deviation(img)
+    z = refine.grey_zscore(img)
     assert z.shape == (1, 32, 32)
-    assert z[0, 10:14, 10:14].min() > 8  # about 60 / 5 robust sds
-    assert np.median(z) < 1 and (z > 3).mean() < 0.03
+    assert z[0, 10:14, 10:14].max() < -8  # about 60 / 5 robust sds, darker
+    assert np.median(np.abs(z)) < 1 and (np.abs(z) > 3).mean() < 0.03
     # the same with the defect ten times brighter: it cannot move the median or the MAD
     img[:, :, 10:14, 10:14] = 255.0
-    assert np.median(refine.intensity_deviation(img)) == pytest.approx(np.median(z), rel=0.05)
+    z2 = refine.grey_zscore(img)
+    assert z2[0, 10:14, 10:14].min() > 8
+    assert np.median(np.abs(z2)) == pytest.approx(np.median(np.abs(z)), rel=0.05)
+
+
+def test_class_polarity_follows_the_labels_and_departures_its_sign():
+    rng = np.random.default_rng(5)
+    labels = rng.random((200, 3)) < 0.5
+    balance = rng.normal(0, 0.01, 200)
+    balance[labels[:, 0]] -= 0.02  # class 0: its images hold more dark pixels
+    balance[labels[:, 1]] += 0.02  # class 1: more bright ones; class 2: no difference
+    assert refine.class_polarity(balance, labels).tolist() == [-1, 1, 0]
+    assert refine.class_polarity(balance, labels, min_t=1e6).tolist() == [0, 0, 0]
+    z = np.array([[[-3.0, -0.5, 0.5, 3.0]]])
+    d = refine.departures(z, 1.0, np.array([-1, 1, 0]))
+    assert d[0, :, 0].tolist() == [[True, False, False, False], [False, False, False, True],
+                                   [True, False, False, True]]
 
 
 def test_par_keeps_constants_and_stops_at_edges():
@@ -104,7 +120,7 @@ def test_gate_and_threshold_masks():
 
 def test_config_is_checked():
     for bad in ({"region": "mean"}, {"negative_quantile": 1.0}, {"par_iterations": -1},
-                {"band": 1.5}, {"threshold": 0}, {"deviation": -1}):
+                {"band": 1.5}, {"threshold": 0}, {"deviation": -1}, {"polarity_t": 0}):
         with pytest.raises(ConfigError):
             refine.RefineConfig(**bad)
     assert "Otsu" in refine.RefineConfig(region="otsu").describe()
@@ -161,6 +177,7 @@ def test_the_grey_level_narrows_the_region_to_the_defect():
         wide = refine.RefineConfig(region=region, deviation=None)
         cfg = refine.RefineConfig(region=region, deviation=3.0)
         cal = refine.calibrate(_Cache(low), load, labels, (8, 8), cfg)
+        assert cal.polarity[0] == -1  # the class-0 defect is dark, learnt from the labels
         w = np.concatenate([m for *_, m in refine.refine_batches(_Cache(low), load, np.arange(20),
                                                                  probs, (8, 8), wide, cal)])
         n = np.concatenate([m for *_, m in refine.refine_batches(_Cache(low), load, np.arange(20),
