@@ -552,6 +552,7 @@ DEFAULT_TECHNIQUE = "the same, of each class's sign learnt from the labels (the 
 NO_MASK = "no mask"
 SELF_TRAINED = "U-Net self-trained on the default's masks, + classifier gate"
 SUPERVISED_NET = "supervised U-Net (true masks), same encoder and budget"
+SUPERVISED_GATED = "supervised U-Net + the same classifier gate (the reference)"
 
 
 @dataclass
@@ -581,8 +582,9 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     """Every technique of :mod:`refine` on the held-out rows of the segmentation stage
     (:func:`seg_stage.eval_rows`), label-only, scored at the segmentation input size; a U-Net
     self-trained on the default combination's masks (:func:`seg_stage.refined_targets`), gated
-    by the classifier; and the same U-Net trained on the true masks (the reference, ungated).
-    "gap closed" = (Dice - no mask) / (supervised - no mask), on defective images."""
+    by the classifier; and the same U-Net trained on the true masks, as it is and with the same
+    gate (the reference: every label-only row is gated too). "gap closed" = (Dice - no mask) /
+    (reference - no mask), on defective images."""
     techniques = TECHNIQUES if techniques is None else techniques
     rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof
     reports: dict[str, DiceReport] = {}
@@ -606,17 +608,21 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
         t = time.perf_counter()
         nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress)
         st = seg_stats(ctx, nets[name], thresholds=(0.5,), score_size=size)
-        gate = default.config.confidence if name == SELF_TRAINED else 0.0
-        reports[name] = report(st, probs[st.rows], Params(gate, 0.5, 0), ctx.index.class_names)
+        gate = Params(default.config.confidence, 0.5, 0)
+        reports[name] = report(st, probs[st.rows], gate if name == SELF_TRAINED else
+                               Params(0.0, 0.5, 0), ctx.index.class_names)
+        if name == SUPERVISED_NET:
+            reports[SUPERVISED_GATED] = report(st, probs[st.rows], gate, ctx.index.class_names)
         seconds[name] = time.perf_counter() - t
     return RefinementResult(refinement_table(reports, ctx.index.class_names), reports, default,
                             nets, rows, seconds)
 
 
 def refinement_table(reports: dict[str, DiceReport], class_names) -> pd.DataFrame:
-    """One row per report: Dice on defective images, the share of the no-mask -> supervised gap
-    closed, Dice on non-empty masks and its share of the supervised network's, per class too."""
-    sup = reports[SUPERVISED_NET].summary()
+    """One row per report: Dice on defective images, the share of the no-mask -> reference gap
+    closed, Dice on non-empty masks and its share of the reference's (the gated supervised
+    network), per class too."""
+    sup = reports[SUPERVISED_GATED].summary()
     empty = reports[NO_MASK].summary()["dice_defective_images"]
     gap = sup["dice_defective_images"] - empty
     table = []

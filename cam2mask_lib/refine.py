@@ -22,8 +22,9 @@ What the defect looks like (the *shape*):
   grey level): a defect on steel is a local departure from the sheet's texture, so inside the
   region only pixels that depart from the image's typical grey are kept;
   :func:`class_polarity` learns from the labels whether a class is darker or brighter than the
-  sheet (its images hold more dark, or bright, pixels than the others', by a t-test), and then
-  only departures of that sign count.
+  sheet (its images hold more dark, or bright, pixels than the others', by a t-test): then only
+  departures of that sign count, and a class whose labels show no direction keeps its region
+  whole (the grey level says nothing about it).
 
 Learning from them (self-training): :func:`confident_labels` turns a region and a shape into
 targets for a segmentation network (defect, background, and an ignored band between), which
@@ -61,7 +62,8 @@ class RefineConfig:
     the region keep only pixels whose grey level departs from the image's own by more than this
     many robust standard deviations (None: keep the whole region). ``polarity_t``: a class whose
     images are darker (brighter) than the others' by this t statistic keeps only dark (bright)
-    departures (:func:`class_polarity`; None: both signs always). ``confidence``: the
+    departures, one without such a direction keeps its whole region (:func:`class_polarity`;
+    None: departures of either sign for every class). ``confidence``: the
     classifier's probability a class needs to get a mask. ``band``: the self-training targets'
     background, as factors of the region's cut and of ``deviation``: a pixel is background below
     ``band`` x either (or where the label says the class is absent), ignored between."""
@@ -100,7 +102,8 @@ class RefineConfig:
                   "otsu": "per-image scaled CAM > its Otsu threshold"}[self.region]
         par = f", PAR {self.par_iterations} iterations" if self.par_iterations else ""
         dev = (f", pixels > {self.deviation:g} robust sd from the image's grey" +
-               (f" (of the class's sign where the labels show one, |t| > {self.polarity_t:g})"
+               (f" in the class's direction where the labels show one (|t| >= "
+                f"{self.polarity_t:g}; else no grey test)"
                 if self.polarity_t is not None else "") if self.deviation is not None else "")
         return f"{region}{par}{dev}, confidence {self.confidence:g}"
 
@@ -246,28 +249,30 @@ def grey_zscore(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def class_polarity(balance: np.ndarray, labels: np.ndarray, min_t: float = 2.58) -> np.ndarray:
-    """Per class, +1 (bright), -1 (dark) or 0 (either) from the image labels: ``balance`` ``[N]``
-    is each image's share of bright minus dark departures; a class whose images' mean balance
-    differs from the other images' by Welch's t of at least ``min_t`` gets that sign."""
+    """Per class, +1 (bright) or -1 (dark) from the image labels, NaN where they show no direction:
+    ``balance`` ``[N]`` is each image's share of bright minus dark departures; a class whose
+    images' mean balance differs from the other images' by Welch's t of at least ``min_t`` gets
+    that sign."""
     labels = np.asarray(labels, bool)
-    out = np.zeros(labels.shape[1])
+    out = np.full(labels.shape[1], np.nan)
     for c in range(labels.shape[1]):
         p, n = balance[labels[:, c]], balance[~labels[:, c]]
         if len(p) < 2 or len(n) < 2:
             continue
         se = np.sqrt(p.var(ddof=1) / len(p) + n.var(ddof=1) / len(n))
         t = (p.mean() - n.mean()) / se if se > 0 else 0.0
-        out[c] = np.sign(t) if abs(t) >= min_t else 0.0
+        if abs(t) >= min_t:
+            out[c] = np.sign(t)
     return out
 
 
 def departures(z: np.ndarray, k: float, polarity: np.ndarray) -> np.ndarray:
     """``[B, C, H, W]`` bool: pixels departing more than ``k`` from the image's grey (``z``
-    ``[B, H, W]``), in each class's direction (``polarity`` ``[C]``: +1 brighter, -1 darker, 0
-    either)."""
+    ``[B, H, W]``) in each class's direction (``polarity`` ``[C]``: +1 brighter, -1 darker, 0
+    either way, NaN: the grey level says nothing about the class, every pixel passes)."""
     pol = np.asarray(polarity, np.float32)[None, :, None, None]
     z = np.asarray(z, np.float32)[:, None]
-    return np.where(pol == 0, np.abs(z), pol * z) > k
+    return np.isnan(pol) | (np.where(pol == 0, np.abs(z), pol * z) > k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +312,8 @@ def confident_labels(defect: np.ndarray, background: np.ndarray, present: np.nda
 class Calibration:
     """What a combination learns from the image labels: per-class ``scales`` of the absolute maps
     and ``thresholds`` on the scaled (and refined) maps (``region="negatives"``; otherwise ones
-    and the fixed threshold), and each class's ``polarity`` (+1 bright, -1 dark, 0 either)."""
+    and the fixed threshold), and each class's ``polarity`` (+1 bright, -1 dark, 0 either sign
+    when no polarity is learnt, NaN: no direction in the labels, so no grey-level test)."""
 
     scales: np.ndarray
     thresholds: np.ndarray
@@ -318,7 +324,7 @@ class Calibration:
         sign = {1.0: "bright", -1.0: "dark", 0.0: "either"}
         return (f"scales [{f(f'{s:.3g}' for s in self.scales)}], thresholds "
                 f"[{f(f'{t:.3g}' for t in self.thresholds)}], polarity "
-                f"[{f(sign[float(p)] for p in self.polarity)}]")
+                f"[{f('none' if np.isnan(p) else sign[float(p)] for p in self.polarity)}]")
 
 
 def _maps(cache, images, rows, size, cfg: RefineConfig, scales) -> np.ndarray:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # annotations only: pipeline imports this module's configurat
     from .pipeline import Context
     from .refine import Refined
 
+# bumped whenever refine.self_training_targets changes what it makes from the same inputs, so that
+# networks trained on the old targets are not reused
+REFINED_TARGETS_VERSION = 2
 SEG_THRESHOLD = 0.2  # the paper's binarisation of the U-Net's output (with min_seg_len 0)
 
 
@@ -150,7 +153,9 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "refine": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in dataclasses.asdict(refined.config).items()},
            "scales": [float(v) for v in cal.scales],
-           "thresholds": [float(v) for v in cal.thresholds]}
+           "thresholds": [float(v) for v in cal.thresholds],
+           "polarity": [None if np.isnan(v) else float(v) for v in cal.polarity],
+           "targets_version": REFINED_TARGETS_VERSION}
     return Targets("refined", key, refined.targets, _memo(ctx))
 
 

@@ -77,12 +77,13 @@ def test_class_polarity_follows_the_labels_and_departures_its_sign():
     balance = rng.normal(0, 0.01, 200)
     balance[labels[:, 0]] -= 0.02  # class 0: its images hold more dark pixels
     balance[labels[:, 1]] += 0.02  # class 1: more bright ones; class 2: no difference
-    assert refine.class_polarity(balance, labels).tolist() == [-1, 1, 0]
-    assert refine.class_polarity(balance, labels, min_t=1e6).tolist() == [0, 0, 0]
+    pol = refine.class_polarity(balance, labels)
+    assert pol[:2].tolist() == [-1, 1] and np.isnan(pol[2])
+    assert np.isnan(refine.class_polarity(balance, labels, min_t=1e6)).all()
     z = np.array([[[-3.0, -0.5, 0.5, 3.0]]])
-    d = refine.departures(z, 1.0, np.array([-1, 1, 0]))
+    d = refine.departures(z, 1.0, np.array([-1, 1, 0, np.nan]))
     assert d[0, :, 0].tolist() == [[True, False, False, False], [False, False, False, True],
-                                   [True, False, False, True]]
+                                   [True, False, False, True], [True, True, True, True]]
 
 
 def test_par_keeps_constants_and_stops_at_edges():
@@ -188,3 +189,24 @@ def test_the_grey_level_narrows_the_region_to_the_defect():
         assert (t[:10, 0, 3:5, 3:5] == 1).all() and (t[10:, 0] == 0).all()
         assert (t[:10, 0, 0] == 0).mean() > 0.6, region  # mostly the sheet's own grey, far off
         assert (t[:10, 0] == IGNORE).any(), region  # and a band left to the network
+
+
+def test_self_training_cache_key_follows_what_the_labels_taught(tmp_path):
+    """Networks trained on refined targets are cached by their key: a calibration that changes
+    (here only the polarity learnt from the labels) must change it."""
+    from types import SimpleNamespace
+
+    from cam2mask_lib.seg_stage import refined_targets
+
+    ctx = SimpleNamespace(seg_size=(8, 8), artifacts=tmp_path, index=SimpleNamespace(
+        labels=np.zeros((3, 2))), profile=SimpleNamespace(classifier=SimpleNamespace(
+            cache_images=False)))
+    cache = SimpleNamespace(path=tmp_path / "cams" / "run")
+
+    def key(polarity):
+        cal = refine.Calibration(np.ones(2), np.full(2, 0.3), np.asarray(polarity, float))
+        ref = refine.Refined(ctx, cache, refine.RefineConfig(), cal, (8, 8))
+        return refined_targets(ctx, ref).key
+
+    assert key([-1, 1]) == key([-1, 1])
+    assert key([-1, 1]) != key([-1, np.nan]) != key([-1, 0])
