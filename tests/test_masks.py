@@ -229,3 +229,14 @@ def test_input_size_follows_the_data(tmp_path, capsys):
     assert main(["masks", "--data", str(root), "--out", str(tmp_path / "o"), "--profile", "smoke",
                  "--epochs", "1", "--no-progress"]) == 0
     assert "input size 160x160: the images' median shape 200x200" in capsys.readouterr().out
+
+
+def test_severstal_format_dice_report_names_the_csv(synth_dir, tmp_path, capsys):
+    """On Severstal-format data the truth is the RLE column of train.csv, and the report says so
+    (it used to name DIR/masks, which does not exist in that format)."""
+    out = tmp_path / "sev"
+    assert main(["masks", "--data", str(synth_dir), "--out", str(out), "--profile", "smoke",
+                 "--image-size", "32", "192", "--epochs", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    report = (out / "dice_report.md").read_text()
+    assert "train.csv" in report and str(synth_dir / "masks") not in report
