@@ -27,7 +27,7 @@ from .cams import FAST_METHODS, CamCache, compute_cams
 from .classify import ClassifierRun
 from .data import resize_image
 from .device import to_model
-from .metrics import DiceReport, dice_pairs
+from .metrics import DiceReport, dice_report
 from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
                           report, search, write_predictions)
 from .refine import Refined, RefineConfig, refine_stage
@@ -530,7 +530,7 @@ def gallery_items(ctx: Context, run: ClassifierRun, cache: CamCache, rep: DiceRe
 
 
 # ------------------------------------------------------------------------------------------------
-# Beyond the paper: label-only refinement (notebook 07, benchmarks/real_quality.py)
+# Beyond the paper: label-only refinement (notebook 06, benchmarks/real_quality.py)
 # ------------------------------------------------------------------------------------------------
 
 # each row changes one thing against the paper's post-processing or against the default
@@ -568,14 +568,6 @@ class RefinementResult:
     seconds: dict[str, float]
 
 
-def _masks_report(ctx: Context, masks: dict, rows, size) -> DiceReport:
-    true = ctx.true_masks(rows, size) != 0
-    pred = np.stack([masks[int(r)] for r in rows]) != 0
-    ta = true.sum((-2, -1))
-    return DiceReport(dice_pairs((pred & true).sum((-2, -1)), pred.sum((-2, -1)), ta), ta > 0,
-                      ctx.index.class_names)
-
-
 def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
                      techniques: dict[str, RefineConfig] | None = None,
                      progress: bool = True) -> RefinementResult:
@@ -589,14 +581,13 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof
     reports: dict[str, DiceReport] = {}
     seconds: dict[str, float] = {}
-    empty = np.zeros((ctx.index.num_classes, *size), np.uint8)
-    reports[NO_MASK] = _masks_report(ctx, {int(r): empty for r in rows}, rows, size)
+    true = ctx.true_masks(rows, size)
+    reports[NO_MASK] = dice_report(np.zeros_like(true), true, ctx.index.class_names)
     default = None
     for name, cfg in techniques.items():
         t = time.perf_counter()
         ref = refine_stage(ctx, cache, cfg)
-        masks = {int(r): m for b, _, ms in ref.batches(rows, probs) for r, m in zip(b, ms)}
-        reports[name] = _masks_report(ctx, masks, rows, size)
+        reports[name] = ref.score(rows, probs)
         seconds[name] = time.perf_counter() - t
         say(progress, f"refinement: {name}: {seconds[name]:.0f} s")
         if cfg == RefineConfig():

@@ -44,10 +44,10 @@ from .eda import overlay
 from .experiments import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, min_areas,
                           per_class_table, stats_from_cache)
 from .pipeline import cam_stage, classifier_stage, context
-from .refine import RefineConfig, refine_stage
-from .seg_stage import predict_probs, refined_targets, seg_stats, train_segmenters
 from .profiles import get_profile
+from .refine import RefineConfig, refine_stage
 from .report import markdown_table
+from .seg_stage import predict_probs, refined_targets, seg_stats, train_segmenters
 from .utils import ConfigError, atomic_write_bytes, atomic_write_text, write_json
 
 STATE_FILE = "cam2mask_masks.json"
@@ -137,8 +137,8 @@ METHODS = ("refined", "paper")
 class _EnsembleMaps:
     """The refinement's view of a loaded classifier run: its ensemble's maps at any size."""
 
-    def __init__(self, ens: _Ensemble, size):
-        self.ens, self.size = ens, tuple(size)
+    def __init__(self, ens: _Ensemble):
+        self.ens = ens
 
     def maps(self, rows, size) -> np.ndarray:
         m = self.ens.maps(np.asarray(rows))
@@ -328,7 +328,7 @@ def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
     rows = np.arange(len(ctx.index))
     cfg = RefineConfig()
     size = ctx.seg_size
-    source = cache if cache is not None else _EnsembleMaps(ens, ctx.profile.image_size)
+    source = cache if cache is not None else _EnsembleMaps(ens)
     refined = refine_stage(ctx, source, cfg, size)
     gate = pp.Params(cfg.confidence, SEG_NET_THRESHOLD, 0)
     net = None
@@ -347,19 +347,14 @@ def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
                                      "network": str(net.dir) if net is not None else None,
                                      "note": summary["postprocessing"]})
     if ctx.index.has_masks:
-        names = ctx.index.class_names
-        cam = pp.collect_stats((m.astype(np.float32) for _, _, m in refined.batches(rows, probs)),
-                               (ctx.true_masks(rows[k:k + 32], size) for k in range(0, len(rows), 32)),
-                               (0.5,))
-        cam_rep = pp.report(cam, np.zeros_like(probs), pp.Params(0.0, 0.5, 0), names)
-        summary["dice_refined_cams"] = {k: float(v) for k, v in cam_rep.summary().items()
-                                        if isinstance(v, float)}
+        cam_rep = refined.score(rows, probs)
         c = cam_rep.summary()
+        summary["dice_refined_cams"] = {k: float(v) for k, v in c.items() if isinstance(v, float)}
         line = (f"\nThe refined CAM masks alone: Dice {c['dice_defective_images']:.4f} on "
                 f"defective images, {c['dice_nonempty_masks']:.4f} on non-empty masks.\n")
         if net is not None:
             st = seg_stats(ctx, net, thresholds=(SEG_NET_THRESHOLD,), score_size=size)
-            rep = pp.report(st, probs[st.rows], gate, names)
+            rep = pp.report(st, probs[st.rows], gate, ctx.index.class_names)
         else:
             rep, line = cam_rep, ""
         _dice_report(ctx, out, rep, summary, summary["postprocessing"],

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .cams import AUG_VIEWS
 from .losses import IGNORE
+from .metrics import DiceReport, dice
 from .utils import ConfigError
 
 if TYPE_CHECKING:  # annotations only
@@ -327,14 +328,20 @@ class Calibration:
                 f"[{f('none' if np.isnan(p) else sign[float(p)] for p in self.polarity)}]")
 
 
-def _maps(cache, images, rows, size, cfg: RefineConfig, scales) -> np.ndarray:
+def _guide(images, rows, cfg: RefineConfig):
+    """The images of ``rows`` when ``cfg`` reads them (PAR or the grey-level test), else None:
+    loaded once per batch and shared by both."""
+    return images(rows) if cfg.par_iterations or cfg.deviation is not None else None
+
+
+def _maps(cache, rows, size, cfg: RefineConfig, scales, imgs=None) -> np.ndarray:
     """The maps a combination cuts: absolute and scaled ("negatives") or the paper's per-image
-    scaled ones, then PAR."""
+    scaled ones, then PAR guided by ``imgs`` (the batch's images)."""
     rows = np.asarray(rows)
     m = (absolute_maps(cache.low()[rows], size, scales) if cfg.region == "negatives"
          else cache.maps(rows, size))
     if cfg.par_iterations:
-        m = par(m, images(rows), cfg.par_iterations, cfg.par_dilations, cfg.par_temperature)
+        m = par(m, imgs, cfg.par_iterations, cfg.par_dilations, cfg.par_temperature)
     return m
 
 
@@ -358,7 +365,7 @@ def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: Ref
     raw = np.concatenate([absolute_maps(cache.low()[ch], size).max((-2, -1)) for ch in chunks])
     scales = class_scales(raw, labels)
     peaks = (raw / scales[None] if not cfg.par_iterations else np.concatenate(
-        [_maps(cache, images, ch, size, cfg, scales).max((-2, -1)) for ch in chunks]))
+        [_maps(cache, ch, size, cfg, scales, images(ch)).max((-2, -1)) for ch in chunks]))
     return Calibration(scales, negative_thresholds(peaks, labels, cfg.negative_quantile), polarity)
 
 
@@ -379,10 +386,11 @@ def refine_batches(cache, images, rows, probs: np.ndarray, size: tuple[int, int]
     rows = np.asarray(rows)
     for s in range(0, len(rows), batch):
         b = rows[s:s + batch]
-        m = _maps(cache, images, b, size, cfg, cal.scales)
+        imgs = _guide(images, b, cfg)
+        m = _maps(cache, b, size, cfg, cal.scales, imgs)
         masks = _region(m, cfg, cal)
         if cfg.deviation is not None:
-            masks &= departures(grey_zscore(images(b)), cfg.deviation, cal.polarity)
+            masks &= departures(grey_zscore(imgs), cfg.deviation, cal.polarity)
         yield b, m, gate(masks, probs[b] >= cfg.confidence)
 
 
@@ -393,11 +401,12 @@ def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[i
     or pixels that do not depart by ``band`` x ``deviation`` in the class's direction; the rest
     ignored."""
     rows = np.asarray(rows)
-    m = _maps(cache, images, rows, size, cfg, cal.scales)
+    imgs = _guide(images, rows, cfg)
+    m = _maps(cache, rows, size, cfg, cal.scales, imgs)
     defect = _region(m, cfg, cal).astype(bool)
     background = ~_region(m, cfg, cal, cfg.band).astype(bool)
     if cfg.deviation is not None:
-        z = grey_zscore(images(rows))
+        z = grey_zscore(imgs)
         defect &= departures(z, cfg.deviation, cal.polarity)
         background |= ~departures(z, cfg.band * cfg.deviation, cal.polarity)
     return confident_labels(defect, background, labels[rows])
@@ -434,10 +443,16 @@ class Refined:
         return refine_batches(self.cache, image_loader(self.ctx, self.size), rows, probs,
                               self.size, self.config, self.calibration, batch)
 
-    def maps(self, rows) -> np.ndarray:
-        """Scaled (and refined) maps ``[len(rows), C, H, W]`` of ``rows``."""
-        return _maps(self.cache, image_loader(self.ctx, self.size), np.asarray(rows), self.size,
-                     self.config, self.calibration.scales)
+    def score(self, rows, probs: np.ndarray) -> DiceReport:
+        """Kaggle Dice of the masks of ``rows`` against the true masks at ``size``, streamed
+        batch by batch."""
+        values, nonempty = [], []
+        for b, _, m in self.batches(rows, probs):
+            true = self.ctx.true_masks(b, self.size)
+            values.append(dice(m, true))
+            nonempty.append(true.any((-2, -1)))
+        return DiceReport(np.concatenate(values), np.concatenate(nonempty),
+                          self.ctx.index.class_names)
 
     def targets(self, rows) -> np.ndarray:
         """Self-training targets of ``rows`` (:func:`self_training_targets`, image labels)."""
