@@ -54,7 +54,8 @@ def main(argv=None) -> None:
     print(ctx.describe(), flush=True)
     run = pipeline.classifier_stage(ctx, progress=progress)
     cache = pipeline.cam_stage(ctx, run, progress=progress)
-    print(f"classifier and CAMs: {time.perf_counter() - t0:.0f} s; out-of-fold AUC "
+    t_cls = time.perf_counter() - t0
+    print(f"classifier and CAMs: {t_cls:.0f} s; out-of-fold AUC "
           + ", ".join(f"{c} {a:.3f}" for c, a in zip(ctx.index.class_names, run.auc)), flush=True)
     res = refinement_stage(ctx, run, cache, progress=progress)
     rows, size, df = res.rows, ctx.seg_size, res.table
@@ -69,7 +70,9 @@ def main(argv=None) -> None:
             f"classifier {ctx.profile.classifier.encoder} at {args.image_size[0]}x"
             f"{args.image_size[1]}, {args.epochs} epochs x {ctx.profile.n_folds} folds; "
             f"U-Nets (encoder from the fold's classifier, slim decoder) {args.seg_epochs} epochs. "
-            f"Wall time {wall / 60:.1f} min.\n\n{markdown_table(fmt)}\n\n{ctx.prov.line()}\n")
+            f"Wall time {wall / 60:.1f} min (classifier and CAMs {t_cls / 60:.1f} min"
+            f"{', reused from the artifacts folder' if t_cls < 60 else ''}).\n\n"
+            f"{markdown_table(fmt)}\n\n{ctx.prov.line()}\n")
     atomic_write_text(out / "real_quality.md", text)
     print("\n" + text)
 

@@ -31,9 +31,9 @@ from .metrics import DiceReport, dice_report
 from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
                           report, search, write_predictions)
 from .refine import Refined, RefineConfig, refine_stage
-from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
+from .seg_stage import (NET_THRESHOLDS, SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
                         confident_targets, eval_rows, predict_masks_at, refined_targets,
-                        seg_stats, train_segmenters, true_targets)
+                        seg_stats, teacher_thresholds, train_segmenters, true_targets)
 from .segment import SegConfig
 from .utils import ConfigError, bars, read_json, say, write_json
 
@@ -550,7 +550,9 @@ TECHNIQUES = {
 PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
 DEFAULT_TECHNIQUE = "the same, of each class's sign learnt from the labels (the default)"
 NO_MASK = "no mask"
-SELF_TRAINED = "U-Net self-trained on the default's masks, + classifier gate"
+SELF_TRAINED = ("U-Net self-trained on the default's masks, + classifier gate, threshold fitted "
+                "to its teacher")
+SELF_TRAINED_05 = "the same U-Net, output > 0.5"
 SUPERVISED_NET = "supervised U-Net (true masks), same encoder and budget"
 SUPERVISED_GATED = "supervised U-Net + the same classifier gate (the reference)"
 
@@ -566,6 +568,7 @@ class RefinementResult:
     nets: dict[str, SegRun]
     rows: np.ndarray
     seconds: dict[str, float]
+    net_gate: Params  # the self-trained network's post-processing (thresholds fitted to the teacher)
 
 
 def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
@@ -595,18 +598,24 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     default = default or refine_stage(ctx, cache, RefineConfig())
     targets = {SELF_TRAINED: refined_targets(ctx, default), SUPERVISED_NET: true_targets(ctx)}
     nets = {}
+    conf = default.config.confidence
     for name, tg in targets.items():
         t = time.perf_counter()
         nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress)
-        st = seg_stats(ctx, nets[name], thresholds=(0.5,), score_size=size)
-        gate = Params(default.config.confidence, 0.5, 0)
-        reports[name] = report(st, probs[st.rows], gate if name == SELF_TRAINED else
-                               Params(0.0, 0.5, 0), ctx.index.class_names)
-        if name == SUPERVISED_NET:
-            reports[SUPERVISED_GATED] = report(st, probs[st.rows], gate, ctx.index.class_names)
+        st = seg_stats(ctx, nets[name], thresholds=NET_THRESHOLDS, score_size=size)
+        if name == SELF_TRAINED:
+            net_gate = Params(conf, teacher_thresholds(ctx, nets[name], default).tolist(), 0)
+            reports[name] = report(st, probs[st.rows], net_gate, ctx.index.class_names)
+            reports[SELF_TRAINED_05] = report(st, probs[st.rows], Params(conf, 0.5, 0),
+                                              ctx.index.class_names)
+        else:
+            reports[name] = report(st, probs[st.rows], Params(0.0, 0.5, 0), ctx.index.class_names)
+            reports[SUPERVISED_GATED] = report(st, probs[st.rows], Params(conf, 0.5, 0),
+                                               ctx.index.class_names)
         seconds[name] = time.perf_counter() - t
+        say(progress, f"refinement: {name}: {seconds[name]:.0f} s")
     return RefinementResult(refinement_table(reports, ctx.index.class_names), reports, default,
-                            nets, rows, seconds)
+                            nets, rows, seconds, net_gate)
 
 
 def refinement_table(reports: dict[str, DiceReport], class_names) -> pd.DataFrame:
@@ -647,7 +656,7 @@ def refinement_examples(ctx: Context, run: ClassifierRun, res: RefinementResult,
     ``[{"row", "class", "image", "truth", "preds"}]``."""
     size = ctx.seg_size
     paper_ref = refine_stage(ctx, cache, TECHNIQUES[PAPER_TECHNIQUE])
-    gate = Params(res.refined.config.confidence, 0.5, 0)
+    gate = res.net_gate
     out = []
     for c, r in first_example_per_class(ctx, res.rows):
         preds = {"CAM masks (the paper's)": next(paper_ref.batches([r], run.oof))[2][0],

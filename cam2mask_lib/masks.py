@@ -47,11 +47,11 @@ from .pipeline import cam_stage, classifier_stage, context
 from .profiles import get_profile
 from .refine import RefineConfig, refine_stage
 from .report import markdown_table
-from .seg_stage import predict_probs, refined_targets, seg_stats, train_segmenters
+from .seg_stage import (predict_probs, refined_targets, seg_stats, teacher_thresholds,
+                        train_segmenters)
 from .utils import ConfigError, atomic_write_bytes, atomic_write_text, write_json
 
 STATE_FILE = "cam2mask_masks.json"
-SEG_NET_THRESHOLD = 0.5  # the self-trained network's output cut (its targets are 0/1)
 MAX_PREVIEWS = 100
 
 
@@ -330,21 +330,25 @@ def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
     size = ctx.seg_size
     source = cache if cache is not None else _EnsembleMaps(ens)
     refined = refine_stage(ctx, source, cfg, size)
-    gate = pp.Params(cfg.confidence, SEG_NET_THRESHOLD, 0)
-    net = None
+    net, gate = None, None
     if cls is not None:
         net = train_segmenters(ctx, refined_targets(ctx, refined), classifier=cls,
                                progress=progress)
+        gate = pp.Params(cfg.confidence, teacher_thresholds(ctx, net, refined).tolist(), 0)
     summary["postprocessing"] = (
         f"label-only refinement ({cfg.describe()})" +
-        (f", then a U-Net per fold self-trained on those masks, its output > "
-         f"{SEG_NET_THRESHOLD:g} where the classifier's probability >= {cfg.confidence:g}"
+        (", then a U-Net per fold self-trained on those masks, its output > "
+         + ", ".join(f"{t:g} (class {c})" for c, t in zip(ctx.index.class_names, gate.threshold))
+         + " (the thresholds whose masks agree best with the refined masks it learned from) "
+         f"where the classifier's probability >= {cfg.confidence:g}"
          if net is not None else " (a loaded classifier: no self-training)") +
         "; nothing tuned on true masks")
     say(f"masks: {summary['postprocessing']}")
     write_json(out / "params.json", {"method": "refined", "refine": refined.describe(),
                                      "segmentation_size": list(size),
                                      "network": str(net.dir) if net is not None else None,
+                                     "network_thresholds": (list(gate.threshold)
+                                                            if gate is not None else None),
                                      "note": summary["postprocessing"]})
     if ctx.index.has_masks:
         cam_rep = refined.score(rows, probs)
@@ -353,7 +357,7 @@ def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
         line = (f"\nThe refined CAM masks alone: Dice {c['dice_defective_images']:.4f} on "
                 f"defective images, {c['dice_nonempty_masks']:.4f} on non-empty masks.\n")
         if net is not None:
-            st = seg_stats(ctx, net, thresholds=(SEG_NET_THRESHOLD,), score_size=size)
+            st = seg_stats(ctx, net, thresholds=sorted(set(gate.threshold)), score_size=size)
             rep = pp.report(st, probs[st.rows], gate, ctx.index.class_names)
         else:
             rep, line = cam_rep, ""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
-from .postprocess import Params, Stats, apply, collect_stats
+from .postprocess import Params, Stats, apply, collect_stats, search
 from .segment import SegConfig, predict_masks, pseudo_labels, train_segmenter
 from .utils import ConfigError, stable_hash
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # annotations only: pipeline imports this module's configurat
 # networks trained on the old targets are not reused
 REFINED_TARGETS_VERSION = 2
 SEG_THRESHOLD = 0.2  # the paper's binarisation of the U-Net's output (with min_seg_len 0)
+# what teacher_thresholds chooses from (0.5 included: a network's usual binarisation)
+NET_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
 @dataclass(frozen=True)
@@ -296,3 +298,46 @@ def seg_stats(ctx: Context, run: SegRun, thresholds=(SEG_THRESHOLD,), batch: int
             yield np.unpackbits(truth[key], axis=-1, count=size[1])
 
     return collect_stats(maps(), trues(), thresholds, rows=order)
+
+
+
+def fit_to_teacher(prob_batches, teacher_batches, labels: np.ndarray,
+                   grid=NET_THRESHOLDS) -> np.ndarray:
+    """Per class, the threshold of ``grid`` on a network's probabilities (batches ``[b, C, H,
+    W]``) whose masks agree best with its teacher's (batches of masks, same shapes): mean Dice
+    over the images, each class gated by ``labels`` ``[N, C]`` (the images' labels, in the
+    batches' order). A class no image is labelled with keeps 0.5."""
+    labels = np.asarray(labels, bool)
+    stats = collect_stats(prob_batches, teacher_batches, grid)
+    params, _ = search(stats, labels.astype(float), [0.5], [0], rows=np.arange(len(labels)),
+                       per_class=True)
+    return np.where(labels.any(0), np.asarray(params.threshold, float), 0.5)
+
+
+def teacher_thresholds(ctx: Context, run: SegRun, refined: Refined,
+                       grid=NET_THRESHOLDS, batch: int = 32) -> np.ndarray:
+    """:func:`fit_to_teacher` for a network self-trained on ``refined``'s masks: its held-out
+    probabilities on the images labelled defective against ``refined``'s masks of the same
+    images, gated by the image labels (:meth:`refine.Refined.batches`). Label-only: no true mask
+    is read. A network trained on noisy targets is not calibrated at 0.5: where its teacher's
+    region is not consistent from image to image (a region that holds much sheet), its
+    probabilities stay below 0.5, and a fixed 0.5 finds no defect at all."""
+    size = tuple(refined.size)
+    labels = ctx.index.labels.astype(bool)
+    rows = np.flatnonzero(np.isin(ctx.folds, list(run.models)) & labels.any(1))
+    if len(rows) == 0:
+        return np.full(labels.shape[1], 0.5)
+    order = np.concatenate([rows[ctx.folds[rows] == k] for k in run.models])  # as predict_probs
+    batches = []
+
+    def probs():
+        for b, p in predict_probs(ctx, run, rows, size, batch):
+            batches.append(b)
+            yield p
+
+    def teacher():  # zip() in collect_stats takes a batch of probabilities before its teacher's
+        for i in itertools.count():
+            yield np.concatenate([m for _, _, m in refined.batches(batches[i], labels.astype(float),
+                                                                   batch)])
+
+    return fit_to_teacher(probs(), teacher(), labels[order], grid)
