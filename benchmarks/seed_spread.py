@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         for s in args.seeds:
             if args.committed is not None and s == own_seed:
                 rows[s] = headline(Path(args.committed))
-                sources[s] = f"committed tables in {args.committed}"
+                sources[s] = f"committed tables in {_shown(Path(args.committed))}"
                 print(f"seed {s} (committed): " + ", ".join(f"{k} {v:.4f}"
                                                          for k, v in rows[s].items()), flush=True)
                 continue
@@ -114,6 +114,14 @@ def main(argv=None) -> None:
     (out / f"{args.profile}.md").write_text(text)
     df.rename_axis("seed").to_csv(out / f"{args.profile}.csv")
     print(f"wrote {out / (args.profile + '.md')} and .csv")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (no machine's paths in tables)."""
+    try:
+        return str(path.resolve().relative_to(repo_root()))
+    except ValueError:
+        return str(path)
 
 
 def spread_table(df: pd.DataFrame) -> pd.DataFrame:
