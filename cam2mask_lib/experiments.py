@@ -31,7 +31,7 @@ from .metrics import DiceReport, dice_report
 from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
                           report, search, write_predictions)
 from .refine import Refined, RefineConfig, refine_stage
-from .seg_stage import (NET_THRESHOLDS, SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
+from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
                         confident_targets, eval_rows, predict_masks_at, refined_targets,
                         seg_stats, teacher_thresholds, train_segmenters, true_targets)
 from .segment import SegConfig
@@ -602,13 +602,15 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     for name, tg in targets.items():
         t = time.perf_counter()
         nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress)
-        st = seg_stats(ctx, nets[name], thresholds=NET_THRESHOLDS, score_size=size)
         if name == SELF_TRAINED:
             net_gate = Params(conf, teacher_thresholds(ctx, nets[name], default).tolist(), 0)
+            st = seg_stats(ctx, nets[name], thresholds=sorted({0.5, *net_gate.threshold}),
+                           score_size=size)
             reports[name] = report(st, probs[st.rows], net_gate, ctx.index.class_names)
             reports[SELF_TRAINED_05] = report(st, probs[st.rows], Params(conf, 0.5, 0),
                                               ctx.index.class_names)
         else:
+            st = seg_stats(ctx, nets[name], thresholds=(0.5,), score_size=size)
             reports[name] = report(st, probs[st.rows], Params(0.0, 0.5, 0), ctx.index.class_names)
             reports[SUPERVISED_GATED] = report(st, probs[st.rows], Params(conf, 0.5, 0),
                                                ctx.index.class_names)

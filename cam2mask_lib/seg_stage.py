@@ -269,13 +269,15 @@ def predict_masks_at(ctx: Context, run: SegRun, rows, params: Params, probs: np.
 
 
 def seg_stats(ctx: Context, run: SegRun, thresholds=(SEG_THRESHOLD,), batch: int = 32,
-              defective_only: bool = False, truth: dict | None = None, score_size=None) -> Stats:
+              defective_only: bool = False, truth: dict | None = None, score_size=None,
+              masks_of: Callable[[np.ndarray, tuple[int, int]], np.ndarray] | None = None
+              ) -> Stats:
     """Post-processing statistics of the networks' probabilities on their held-out images, scored
     exactly as the CAM masks: upsampled to the scoring size (the classifier's input) and
     compared with the true masks there. ``truth``: a dict shared between calls that keeps the
     (bit-packed) true masks of each batch. ``score_size``: score at another size (e.g. the
-    network's own input, for comparisons between networks only). Score with
-    ``postprocess.report``."""
+    network's own input, for comparisons between networks only). ``masks_of(rows, size)``: other
+    masks to compare with (default: the true masks). Score with ``postprocess.report``."""
     size = tuple(score_size or ctx.profile.image_size)
     keep = ctx.index.labels.any(1) | (not defective_only)
     rows = np.flatnonzero(np.isin(ctx.folds, list(run.models)) & keep)
@@ -289,6 +291,9 @@ def seg_stats(ctx: Context, run: SegRun, thresholds=(SEG_THRESHOLD,), batch: int
 
     def trues():
         for i in itertools.count():
+            if masks_of is not None:
+                yield masks_of(batches[i], size)
+                continue
             if truth is None:
                 yield ctx.true_masks(batches[i], size)
                 continue
@@ -300,15 +305,12 @@ def seg_stats(ctx: Context, run: SegRun, thresholds=(SEG_THRESHOLD,), batch: int
     return collect_stats(maps(), trues(), thresholds, rows=order)
 
 
-
-def fit_to_teacher(prob_batches, teacher_batches, labels: np.ndarray,
-                   grid=NET_THRESHOLDS) -> np.ndarray:
-    """Per class, the threshold of ``grid`` on a network's probabilities (batches ``[b, C, H,
-    W]``) whose masks agree best with its teacher's (batches of masks, same shapes): mean Dice
-    over the images, each class gated by ``labels`` ``[N, C]`` (the images' labels, in the
-    batches' order). A class no image is labelled with keeps 0.5."""
+def fit_to_teacher(stats: Stats, labels: np.ndarray) -> np.ndarray:
+    """Per class, the threshold of ``stats`` (:func:`postprocess.collect_stats` of a network's
+    probabilities against its teacher's masks) whose masks agree best with the teacher's: mean
+    Dice over the images, each class gated by ``labels`` ``[N, C]`` (the images' labels, in the
+    order of ``stats``). A class no image is labelled with keeps 0.5."""
     labels = np.asarray(labels, bool)
-    stats = collect_stats(prob_batches, teacher_batches, grid)
     params, _ = search(stats, labels.astype(float), [0.5], [0], rows=np.arange(len(labels)),
                        per_class=True)
     return np.where(labels.any(0), np.asarray(params.threshold, float), 0.5)
@@ -322,22 +324,13 @@ def teacher_thresholds(ctx: Context, run: SegRun, refined: Refined,
     is read. A network trained on noisy targets is not calibrated at 0.5: where its teacher's
     region is not consistent from image to image (a region that holds much sheet), its
     probabilities stay below 0.5, and a fixed 0.5 finds no defect at all."""
-    size = tuple(refined.size)
     labels = ctx.index.labels.astype(bool)
-    rows = np.flatnonzero(np.isin(ctx.folds, list(run.models)) & labels.any(1))
-    if len(rows) == 0:
+    if not labels[np.isin(ctx.folds, list(run.models))].any():
         return np.full(labels.shape[1], 0.5)
-    order = np.concatenate([rows[ctx.folds[rows] == k] for k in run.models])  # as predict_probs
-    batches = []
 
-    def probs():
-        for b, p in predict_probs(ctx, run, rows, size, batch):
-            batches.append(b)
-            yield p
+    def teacher(rows, size):
+        return np.concatenate([m for _, _, m in refined.batches(rows, labels.astype(float), batch)])
 
-    def teacher():  # zip() in collect_stats takes a batch of probabilities before its teacher's
-        for i in itertools.count():
-            yield np.concatenate([m for _, _, m in refined.batches(batches[i], labels.astype(float),
-                                                                   batch)])
-
-    return fit_to_teacher(probs(), teacher(), labels[order], grid)
+    stats = seg_stats(ctx, run, grid, batch, defective_only=True, score_size=refined.size,
+                      masks_of=teacher)
+    return fit_to_teacher(stats, labels[stats.rows])

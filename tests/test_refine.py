@@ -216,7 +216,8 @@ def test_a_self_trained_network_is_cut_where_it_agrees_with_its_teacher():
     """An under-confident network (probabilities 0.3 on its teacher's mask, 0.1 elsewhere) is cut
     between the two, where 0.5 would find nothing; a confident one keeps a high cut; a class no
     image is labelled with keeps 0.5."""
-    from cam2mask_lib.seg_stage import fit_to_teacher
+    from cam2mask_lib.postprocess import collect_stats
+    from cam2mask_lib.seg_stage import NET_THRESHOLDS, fit_to_teacher
 
     rng = np.random.default_rng(0)
     teacher = np.zeros((12, 3, 8, 8), np.uint8)
@@ -225,6 +226,7 @@ def test_a_self_trained_network_is_cut_where_it_agrees_with_its_teacher():
     labels = teacher.any((-2, -1))
     probs = np.where(teacher, 0.3, 0.1) + rng.uniform(-0.04, 0.04, teacher.shape)
     probs[:, 1] = np.where(teacher[:, 1], 0.95, 0.6) + rng.uniform(-0.02, 0.02, (12, 8, 8))
-    got = fit_to_teacher([probs[:5], probs[5:]], [teacher[:5], teacher[5:]], labels)
+    got = fit_to_teacher(collect_stats([probs[:5], probs[5:]], [teacher[:5], teacher[5:]],
+                                       NET_THRESHOLDS), labels)
     assert 0.1 < got[0] < 0.3 and 0.6 < got[1] < 0.95 and got[2] == 0.5
     assert ((probs[:6, 0] > got[0]) == teacher[:6, 0].astype(bool)).all()
