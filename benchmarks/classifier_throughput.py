@@ -1,20 +1,30 @@
 """Training and inference throughput of the profile's classifier on this machine.
 
-    python benchmarks/classifier_throughput.py [--profile cpu] [--batches 5]
+    python benchmarks/classifier_throughput.py [--profile cpu] [--batches 5] [--allocator]
 
 Prints images/s for a training step (forward, backward, Adam step) and for inference at the
 profile's input size and batch size, and the same for the paper's EfficientNet-b0 measured in the
 same run, so the ratio says what the profile's encoder choice buys on this machine.
+
+``--allocator`` instead measures the profile's encoder twice, each in a fresh process: with the C
+library's default allocator settings (``CAM2MASK_MALLOC=default``) and with the ones cam2mask sets
+(:func:`cam2mask_lib.device.keep_cpu_buffers`), alternating ``--repeats`` times, and prints the
+ratio of the medians.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 from cam2mask_lib.classify import build_classifier
-from cam2mask_lib.device import resolve_device
+from cam2mask_lib.device import keep_cpu_buffers, resolve_device
 from cam2mask_lib.profiles import get_profile
 
 
@@ -55,12 +65,36 @@ def throughput(encoder: str, size, batch: int, batches: int, device, channels_la
     return train, infer
 
 
+def compare_allocator(args) -> None:
+    """The profile's encoder in fresh processes, glibc's defaults vs cam2mask's settings."""
+    rates: dict[str, list[float]] = {"default": [], "cam2mask": []}
+    for _ in range(args.repeats):
+        for name in rates:
+            env = dict(os.environ, CAM2MASK_MALLOC="default" if name == "default" else "")
+            out = subprocess.run([sys.executable, __file__, "--profile", args.profile, "--batches",
+                                  str(args.batches), "--json"], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            rates[name].append(r["train"])
+            print(f"allocator {name:9s} tuned={r['tuned']!s:5s} train {r['train']:6.1f} img/s   "
+                  f"inference {r['inference']:6.1f} img/s", flush=True)
+    d, c = statistics.median(rates["default"]), statistics.median(rates["cam2mask"])
+    print(f"training, median of {args.repeats}: default {d:.1f} img/s, cam2mask {c:.1f} img/s, "
+          f"ratio {c / d:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--reference", default="efficientnet_b0", help="encoder to compare with")
+    ap.add_argument("--allocator", action="store_true",
+                    help="compare the C library's default allocator settings with cam2mask's")
+    ap.add_argument("--repeats", type=int, default=3, help="with --allocator: runs of each")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.allocator:
+        return compare_allocator(args)
     prof = get_profile(args.profile)
     cfg = prof.classifier
     device = resolve_device(cfg.device)
@@ -68,6 +102,9 @@ def main() -> None:
     print(f"profile {prof.name}: {cfg.encoder}, input {size[0]}x{size[1]}, batch {bs}, "
           f"device {device}, torch threads {torch.get_num_threads()}")
     tr, inf = throughput(cfg.encoder, size, bs, args.batches, device, cfg.channels_last)
+    if args.json:
+        print(json.dumps({"train": tr, "inference": inf, "tuned": keep_cpu_buffers()}))
+        return
     print(f"{cfg.encoder:24s} train {tr:7.1f} img/s   inference {inf:7.1f} img/s")
     if args.reference != cfg.encoder:
         rtr, rinf = throughput(args.reference, size, bs, max(2, args.batches // 2), device,

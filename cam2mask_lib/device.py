@@ -5,10 +5,20 @@ CPU) and carried by the context; after that it is read from the model, as pytorc
 a batch goes to the device and memory layout of the network that consumes it (:func:`to_model`),
 and results come back to numpy only through ``.cpu()``. Nothing here moves a model or changes its
 layout behind the caller's back.
+
+On the CPU, glibc's allocator hands every freed buffer above its mmap threshold back to the kernel
+and maps it anew on the next allocation, so each training step pays page faults and zero-filling
+for its large activations (half of a step's time was system time on the 2-core machine).
+:func:`keep_cpu_buffers`, called when a device is resolved, raises the thresholds so that freed
+activations are reused: the same arithmetic in the same order (bit-identical results), 1.2-1.25x
+faster CPU training, measured by ``benchmarks/classifier_throughput.py --allocator``.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
 
 import torch
 
@@ -16,9 +26,41 @@ from .data import normalize_images
 from .utils import ConfigError
 
 
+# glibc's mallopt parameters, and the values keep_cpu_buffers sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
+_TRIM_THRESHOLD = 1 << 30   # keep up to 1 GiB of freed memory in the process
+_allocator_tuned: bool | None = None
+
+
+def keep_cpu_buffers() -> bool:
+    """Let glibc's malloc keep freed buffers of up to 32 MiB in the process instead of unmapping
+    them (and up to 1 GiB of free memory before trimming). Process-wide, once; a no-op returning
+    False off Linux/glibc or when the environment variable ``CAM2MASK_MALLOC=default`` asks for
+    the C library's defaults. Changes speed and resident memory only, never a number."""
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if os.environ.get("CAM2MASK_MALLOC", "").lower() == "default" or not sys.platform.startswith(
+            "linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: leave them alone
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                            and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return _allocator_tuned
+
+
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``"auto"``: CUDA when available, else the CPU; otherwise ``torch.device(name)``, refusing
-    a CUDA device on a machine without one (a clear message instead of a deep traceback)."""
+    a CUDA device on a machine without one (a clear message instead of a deep traceback). Also
+    tunes the CPU allocator once (:func:`keep_cpu_buffers`): data loading and CPU work run on
+    every device."""
+    keep_cpu_buffers()
     if isinstance(name, torch.device):
         dev = name
     elif name == "auto":
