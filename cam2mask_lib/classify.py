@@ -19,7 +19,6 @@ folder's name is a hash of both).
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -39,8 +38,8 @@ from . import paper
 from .data import ImageDataset
 from .device import autocast, model_device, resolve_device, to_model
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
-from .utils import (ConfigError, UserError, atomic_write_text, bars, read_json, say, stable_hash,
-                    write_json)
+from .utils import (ConfigError, UserError, atomic_write_text, bars, describe_weights, file_digest,
+                    read_json, say, stable_hash, write_json)
 
 
 class PretrainedUnavailable(UserError, RuntimeError):
@@ -93,13 +92,13 @@ class Classifier(nn.Module):
 
 def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
                      weights_path: str | Path | None = None, hidden: int = 256,
-                     dropout: float = 0.2, allow_random_init: bool = False) -> Classifier:
+                     dropout: float = 0.2) -> Classifier:
     """A :class:`Classifier` with a timm encoder built by name (``efficientnet_b0``, ...).
 
     ``weights_path``: a local timm weights file for the encoder (works offline). ``pretrained``:
-    timm's usual source (a model hub). If that fails, :class:`PretrainedUnavailable` is raised,
-    or, with ``allow_random_init``, a warning says so plainly and the encoder starts from random
-    weights.
+    timm's usual source (a model hub); if that fails, :class:`PretrainedUnavailable` is raised.
+    Random weights only when asked for (``pretrained=False``): never a silent fallback, so that
+    a table's "ImageNet" is always true.
     """
     kwargs = dict(num_classes=0, global_pool="")
     if weights_path is not None:
@@ -112,13 +111,12 @@ def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
         try:
             enc = timm.create_model(encoder, pretrained=True, **kwargs)
         except Exception as e:  # network, hub, missing file: all mean "no weights here"
-            msg = (f"ImageNet weights for {encoder!r} could not be loaded ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0][:200] if str(e) else ''}). Give a local file with "
-                   f"weights_path=, or allow random initialisation.")
-            if not allow_random_init:
-                raise PretrainedUnavailable(msg) from None
-            warnings.warn(msg + " Continuing from RANDOM weights.", stacklevel=2)
-            enc = timm.create_model(encoder, pretrained=False, **kwargs)
+            raise PretrainedUnavailable(
+                f"ImageNet weights for {encoder!r} could not be loaded ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}). Give a local timm weights "
+                f"file (classifier.weights_path=FILE; cam2mask train --weights-path FILE), or "
+                f"ask for random weights explicitly (--random-weights; pretrained=False)"
+            ) from None
     else:
         enc = timm.create_model(encoder, pretrained=False, **kwargs)
     # channels of the spatial feature map: not always timm's num_features (MobileNetV3 applies
@@ -153,8 +151,7 @@ class TrainConfig:
     dropout: float = 0.2
     top_k: int = 3
     pretrained: bool = False
-    weights_path: str | None = None
-    allow_random_init: bool = True
+    weights_path: str | None = None  # a local timm weights file (offline ImageNet weights)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -181,7 +178,13 @@ class TrainConfig:
         d = asdict(self)
         for k in ("device", "num_workers", "cache_images"):
             d.pop(k)
+        if self.weights_path is not None:  # the file's bytes, not where it lies
+            d["weights_path"] = file_digest(self.weights_path)
         return d
+
+    def weights(self) -> str:
+        """How the encoder starts, for tables."""
+        return describe_weights(self.pretrained, self.weights_path, "timm's hub")
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ class ClassifierTrainer(ResumableTrainer):
         torch.manual_seed(cfg.seed * 7919 + fold)
         self.model = build_classifier(cfg.encoder, labels.shape[1], pretrained=cfg.pretrained,
                                       weights_path=cfg.weights_path, hidden=cfg.hidden,
-                                      dropout=cfg.dropout, allow_random_init=cfg.allow_random_init)
+                                      dropout=cfg.dropout)
         self.model.to(self.device, memory_format=self.memory_format)
         self.opt = torch.optim.Adam(self.model.param_groups(cfg.lr_encoder, cfg.lr_head))
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(

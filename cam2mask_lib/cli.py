@@ -3,9 +3,12 @@
     cam2mask synth --out DIR --n N [--seed S] [--height H] [--width W] [--force]
     cam2mask check DIR
     cam2mask train [--profile P] [--data-dir DIR] [--fold K ...] [--encoder NAME] [--epochs N]
+                   [--weights-path FILE | --random-weights]
     cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
-                       [--override FIELD=VALUE ...]
-    cam2mask masks --data DIR --out OUT [--profile P] [--method refined|paper] [--model RUN] [--image-size H W] [--epochs N] [--force]
+                       [--override FIELD=VALUE ...] [--random-weights]
+    cam2mask masks --data DIR --out OUT [--profile P] [--method refined|paper] [--model RUN]
+                   [--image-size H W] [--epochs N] [--weights-path FILE] [--seg-weights-path FILE]
+                   [--random-weights] [--force]
 """
 from __future__ import annotations
 
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder", help="timm encoder name (default: the profile's)")
     t.add_argument("--epochs", type=int, help="epochs (default: the profile's)")
     t.add_argument("--weights-path", help="local timm weights file for the encoder")
+    t.add_argument("--random-weights", action="store_true",
+                   help="start every network from random weights (the tables say so); without it, a profile that wants ImageNet weights stops when they cannot be loaded")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: the profile's)")
     t.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
     t.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
@@ -98,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "fold*/final.pt, e.g. artifacts/cpu/classifier/<encoder>_<hash> or another "
                         "OUT/work/classifier/...) instead of training; its fold models are "
                         "averaged (default: train with cross-validation)")
+    m.add_argument("--weights-path", help="local timm weights file for the classifier's encoder")
+    m.add_argument("--seg-weights-path",
+                   help="local weights file for the segmentation network's encoder")
+    m.add_argument("--random-weights", action="store_true",
+                   help="start every network from random weights (the tables say so); without it, a profile that wants ImageNet weights stops when they cannot be loaded")
     m.add_argument("--method", default="refined", choices=("refined", "paper"),
                    help="refined: label-only refinement + self-trained U-Net (default); paper: "
                         "the paper's CAM post-processing")
@@ -121,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--override", nargs="+", metavar="FIELD=VALUE", default=[],
                    help="profile fields for every notebook, dotted (e.g. "
                         "classifier.weights_path=/w/b0.pth segmentation.net.epochs=5)")
+    r.add_argument("--random-weights", action="store_true",
+                   help="start every network from random weights (the tables say so); without it, a profile that wants ImageNet weights stops when they cannot be loaded")
     r.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
     return p
 
@@ -153,17 +165,20 @@ def _train(args) -> int:
     ranks (see :mod:`cam2mask_lib.distributed`) and rank 0 reports the assembled result."""
     from . import distributed
     from .pipeline import classifier_stage, context
+    from .profiles import with_random_weights
 
     device = args.device
+    classifier = {"encoder": args.encoder, "epochs": args.epochs, "weights_path": args.weights_path}
+    if args.random_weights:
+        flags = with_random_weights({"classifier.weights_path": args.weights_path})
+        classifier["pretrained"] = flags["classifier.pretrained"]
     if distributed.launched():
         _, _, device = distributed.init()
     try:
         with distributed.rank_zero_first():  # data, folds and the image cache made once
             ctx = context(args.profile, args.data_dir, artifacts_dir=args.artifacts_dir,
                           progress=_progress(args) if distributed.rank() == 0 else False,
-                          device=device, classifier={"encoder": args.encoder,
-                                                     "epochs": args.epochs,
-                                                     "weights_path": args.weights_path})
+                          device=device, classifier=classifier)
             ctx.images()
         n_ranks = distributed.world()
         todo = sorted(set(args.fold)) if args.fold else list(range(ctx.profile.n_folds))
@@ -208,7 +223,10 @@ def _run(args) -> int:
         summary = make_masks(args.data, args.out, profile=args.profile, force=args.force,
                              progress=_progress(args), model=args.model, method=args.method,
                              image_size=args.image_size,
-                             epochs=args.epochs, encoder=args.encoder, n_folds=args.folds)
+                             epochs=args.epochs, encoder=args.encoder, n_folds=args.folds,
+                             weights_path=args.weights_path,
+                             seg_weights_path=args.seg_weights_path,
+                             random_weights=args.random_weights)
         print(f"masks of {summary['images']} images, classes {summary['classes']} -> "
               f"{summary['out']} ({summary['postprocessing']})")
         print(f"classifier: {'loaded from ' + summary['classifier'] if args.model else summary['classifier']}")
@@ -216,13 +234,17 @@ def _run(args) -> int:
             print(f"Dice on defective images {summary['dice']['dice_defective_images']:.4f}, "
                   f"on non-empty masks {summary['dice']['dice_nonempty_masks']:.4f}")
     elif args.command == "reproduce":
+        from .profiles import with_random_weights
         from .runner import reproduce
 
+        overrides = _parse_set(args.override, "--override")
+        if args.random_weights:
+            overrides = with_random_weights(overrides)
         runs = reproduce(args.profile, only=args.only, data_dir=args.data_dir,
                          output_dir=args.output_dir, figures=args.figures_dir,
                          artifacts=args.artifacts_dir, extra=_parse_set(args.set, "--set"),
                          progress=not args.no_progress,
-                         overrides=_parse_set(args.override, "--override"))
+                         overrides=overrides)
         total = sum(r.seconds for r in runs)
         print(f"reproduced {len(runs)} notebook(s) in {total:.0f} s")
     return 0

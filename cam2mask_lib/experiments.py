@@ -358,12 +358,15 @@ def segmentation_examples(ctx: Context, run: ClassifierRun, seg: SegmentationRes
 class GridConfig:
     """Notebook 05's runs: ``epochs`` and input ``size`` (None: the segmentation stage's),
     training images per run (``max_train``, None: the stage's), and the thesis's ResNet encoder
-    (``encoder``, a timm name; None: the classifier's encoder, started from the classifier)."""
+    (``encoder``, a timm name; None: the classifier's encoder, started from the classifier),
+    which starts from ImageNet weights where the segmentation network does (``pretrained``), from
+    ``weights_path`` (a local file of that encoder's weights) when given."""
 
     epochs: int | None = None
     size: tuple[int, int] | None = None
     encoder: str | None = "resnet34"
     max_train: int | None = None
+    weights_path: str | None = None
 
     def __post_init__(self):
         if self.size is not None:
@@ -444,9 +447,12 @@ def grid_config(gctx: Context, spec: GridRun, classifier: ClassifierRun) -> SegC
         encoder = encoder.removeprefix("tu-")  # the thesis's network takes a plain timm name
     init = ("classifier" if spec.arch != "thesis_unet" and
             encoder in (own, own.removeprefix("tu-")) else None)
+    # a weights file belongs to one encoder: the grid's own for its ResNet, none for the rest
+    weights = (gctx.profile.grid.weights_path
+               if init is None and spec.arch != "thesis_unet" and spec.encoder == "thesis" else None)
     swa = None if spec.swa_from is None else int(net.epochs * spec.swa_from)
     return dataclasses.replace(net, arch=spec.arch, encoder=encoder, loss=spec.loss, ema=spec.ema,
-                               swa_start=swa, encoder_init=init)
+                               swa_start=swa, encoder_init=init, weights_path=weights)
 
 
 @dataclass

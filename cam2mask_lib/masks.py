@@ -44,7 +44,7 @@ from .eda import overlay
 from .experiments import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, min_areas,
                           per_class_table, stats_from_cache)
 from .pipeline import cam_stage, classifier_stage, context
-from .profiles import get_profile
+from .profiles import get_profile, with_random_weights
 from .refine import RefineConfig, refine_stage
 from .report import markdown_table
 from .seg_stage import (predict_probs, refined_targets, seg_stats, teacher_thresholds,
@@ -151,14 +151,25 @@ class _EnsembleMaps:
 def _settings_profile(base, index, n_folds, overrides, method):
     """The profile of a masks run: the classifier's overrides, and for the refined method a
     segmentation input fitted to the data like the classifier's (the profile's segmentation
-    pixel budget) with every fold held out once."""
-    seg = {}
+    pixel budget) with every fold held out once; where every encoder starts (local files, or
+    random weights when asked)."""
+    overrides, seg, net = dict(overrides), {}, {}
+    if overrides.pop("random_weights", False):
+        flags = with_random_weights({"classifier.weights_path": overrides.get("weights_path"),
+                                     "segmentation.net.weights_path": overrides.get(
+                                         "seg_weights_path")})
+        overrides["pretrained"] = flags["classifier.pretrained"]
+        net["pretrained"] = flags["segmentation.net.pretrained"]
+    if "seg_weights_path" in overrides:
+        net["weights_path"] = overrides.pop("seg_weights_path")
     if method == "refined":
         budget = base.segmentation.size or base.image_size
         seg = {"size": fit_input_size(index.shapes, budget), "folds": tuple(range(n_folds)),
                "defective_only": False}
         if "encoder" in overrides and base.segmentation.net.encoder_init == "classifier":
-            seg["net"] = {"encoder": f"tu-{overrides['encoder']}"}
+            net["encoder"] = f"tu-{overrides['encoder']}"
+    if net:
+        seg["net"] = net
     return get_profile(base, n_folds=n_folds, classifier=overrides, segmentation=seg)
 
 
@@ -169,16 +180,20 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     ``method``: "refined" (default: the label-only refinement of :mod:`refine` and a U-Net
     self-trained on it) or "paper" (the paper's post-processing of the CAMs). ``model``: a
     finished classifier run folder to use instead of training one. ``overrides``:
-    ``image_size``, ``epochs``, ``encoder`` (the classifier's) and ``n_folds``."""
+    ``image_size``, ``epochs``, ``encoder`` (the classifier's), ``n_folds``, ``weights_path`` and
+    ``seg_weights_path`` (local ImageNet weights of the classifier's and the segmentation
+    network's encoders) and ``random_weights`` (every network from random weights)."""
     data, out = Path(data), Path(out)
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {METHODS}")
     index = load_dataset(data)  # fails early, naming the file, on bad input
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(overrides) - {"image_size", "epochs", "encoder", "n_folds"})
+    known = ("image_size", "epochs", "encoder", "n_folds", "weights_path", "seg_weights_path",
+             "random_weights")
+    overrides = {k: v for k, v in overrides.items() if not (k == "random_weights" and not v)}
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; masks takes image_size, epochs, encoder, "
-                       f"n_folds")
+        raise ConfigError(f"unknown option(s) {unknown}; masks takes {', '.join(known)}")
     positives = index.labels.sum(0)
     if not positives.any():
         raise DataError(f"{index.csv_path}: no image is labelled with any class "
@@ -186,7 +201,7 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
                         f"to learn and no defect to find, so no masks are made")
     run = None
     if model is not None:
-        fixed = sorted(set(overrides) & {"image_size", "encoder", "epochs"})
+        fixed = sorted(set(overrides) & {"image_size", "encoder", "epochs", "weights_path"})
         if fixed:
             raise ConfigError(f"--model fixes the classifier; do not also give {fixed}")
         run = load_run(model, index.class_names)

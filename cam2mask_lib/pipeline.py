@@ -41,10 +41,11 @@ class Context:
     _images: ImageDataset | None = field(default=None, repr=False)  # made on first use
 
     def describe(self) -> str:
-        """Two lines: the run's settings, and the data actually used."""
+        """Three lines: the run's settings, how its networks start, and the data used."""
         p = self.profile
         return (f"profile {p.name!r}: input {p.image_size[0]}x{p.image_size[1]}, {p.n_folds} "
-                f"folds, seed {p.seed}, device {self.device}\n{self.index.describe()}")
+                f"folds, seed {p.seed}, device {self.device}\nweights: {p.weights()}\n"
+                f"{self.index.describe()}")
 
     def images(self) -> ImageDataset:
         """The images (no masks) at the classifier's input size, one shared instance: with the

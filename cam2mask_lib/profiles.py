@@ -32,7 +32,7 @@ from .experiments import GridConfig
 from .seg_stage import SegStageConfig
 from .segment import SegConfig
 from .synth import ensure_synthetic
-from .utils import ConfigError, repo_root
+from .utils import ConfigError, check_weights_file, describe_weights, repo_root
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,9 @@ class Profile:
         if self.n_folds < 2:
             raise ConfigError(f"profile {self.name!r}: n_folds={self.n_folds}; cross-validation "
                              f"needs at least 2 folds")
+        check_weights_file(self.classifier.weights_path, "classifier.weights_path")
+        check_weights_file(self.segmentation.net.weights_path, "segmentation.net.weights_path")
+        check_weights_file(self.grid.weights_path, "grid.weights_path")
         shared = dict(seed=self.seed, device=self.device)
         object.__setattr__(self, "classifier", dataclasses.replace(self.classifier, **shared))
         seg = self.segmentation
@@ -86,6 +89,16 @@ class Profile:
         """The classifier's input size: also the CAMs' size and the resolution masks are scored
         at."""
         return self.classifier.image_size
+
+    def weights(self) -> str:
+        """How every network starts (each stage's configuration says for its own), for tables."""
+        seg = self.segmentation.net.weights()
+        text = f"classifier {self.classifier.weights()}, segmentation {seg}"
+        if self.grid.encoder:
+            grid = describe_weights(self.segmentation.net.pretrained, self.grid.weights_path,
+                                    "timm's hub")
+            text += f", grid's {self.grid.encoder} {grid}"
+        return text
 
     def describe(self) -> str:
         return (f"profile {self.name!r}: data {self.data.describe()}, input {self.image_size[0]}x"
@@ -152,7 +165,7 @@ PROFILES: dict[str, Profile] = {
         n_folds=5,
         data=DataConfig(synthetic_n=0),
         classifier=TrainConfig(encoder="efficientnet_b0", image_size=(256, 1600), pretrained=True,
-                               allow_random_init=False, epochs=30, batch_size=64, num_workers=8,
+                               epochs=30, batch_size=64, num_workers=8,
                                cache_images=False),
         segmentation=SegStageConfig(
             net=SegConfig(arch="unet", encoder="efficientnet-b0", epochs=20, batch_size=16,
@@ -202,6 +215,23 @@ def _replace(obj, changes: dict, where: str):
             v = _replace(cur, v, f"{where}.{k}" if where != "profile" else k)
         vals[k] = v
     return dataclasses.replace(obj, **vals)
+
+
+# the explicit "random weights" flag (cam2mask reproduce / train / masks --random-weights): every
+# network from random weights, and the tables say so; never a silent fallback from ImageNet
+RANDOM_WEIGHTS = {"classifier.pretrained": False, "segmentation.net.pretrained": False}
+
+
+def with_random_weights(overrides: dict, option: str = "--random-weights") -> dict:
+    """Dotted ``overrides`` plus :data:`RANDOM_WEIGHTS`; a weights file or ``pretrained=True``
+    among them contradicts the flag and is refused."""
+    clash = sorted(k for k, v in overrides.items()
+                   if (k.endswith("weights_path") and v is not None)
+                   or (k.endswith("pretrained") and v))
+    if clash:
+        raise ConfigError(f"{option} starts every network from random weights; it contradicts "
+                          f"{clash}")
+    return {**overrides, **RANDOM_WEIGHTS}
 
 
 def get_profile(name: str | Profile = "cpu", **overrides) -> Profile:

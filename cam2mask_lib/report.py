@@ -64,11 +64,13 @@ class Provenance:
     profile: str
     data: str
     seed: int
+    weights: str = ""
     software: str = field(default_factory=software)
     machine: str = field(default_factory=machine)
 
     def line(self) -> str:
-        return (f"_Profile `{self.profile}`, data: {self.data}, seed {self.seed}, "
+        weights = f", weights: {self.weights}" if self.weights else ""
+        return (f"_Profile `{self.profile}`, data: {self.data}, seed {self.seed}{weights}, "
                 f"cam2mask {__version__}; {self.software}; {self.machine}._")
 
 
@@ -83,7 +85,7 @@ def provenance(profile, index, device: torch.device | str = "cpu") -> Provenance
     else:
         data = f"{index.format}-format data at {index.root.name}/ ({len(index)} images)"
     return Provenance(profile=profile.name, data=data, seed=profile.seed,
-                      machine=machine(device))
+                      weights=profile.weights(), machine=machine(device))
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:

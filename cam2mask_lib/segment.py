@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from .device import resolve_device, to_model
 from .losses import IGNORE, LOSSES, make_loss, output_channels, probabilities
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
-from .utils import ConfigError, write_json
+from .utils import ConfigError, UserError, describe_weights, file_digest, write_json
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,26 +102,60 @@ SLIM = {"unet": {"decoder_channels": (64, 32, 16, 16, 8)},
         "thesis_unet": {"base": 8}}
 
 
+class EncoderWeightsUnavailable(UserError, RuntimeError):
+    """ImageNet weights for a segmentation encoder were asked for but could not be loaded."""
+
+
+def read_weights(path: str | Path) -> dict:
+    """A state dict from a local file: ``torch.save`` output (a state dict, or a checkpoint
+    holding one under ``state_dict`` or ``model``) or ``.safetensors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights_path {path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights_path {path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
 def build_segmenter(arch: str, encoder: str = "resnet18", classes: int = 4,
-                    pretrained: bool = False, slim: bool = False, **kwargs) -> nn.Module:
+                    pretrained: bool = False, slim: bool = False,
+                    weights_path: str | Path | None = None, **kwargs) -> nn.Module:
     """A segmentation network by name: the thesis's ``thesis_unet`` / ``resnet_encdec``, or any
     smp architecture (``smp.create_model``) with ``encoder`` (``tu-<timm name>`` for timm).
-    ``slim`` narrows the decoder (see :data:`SLIM`); ``kwargs`` go to the model."""
+    ``slim`` narrows the decoder (see :data:`SLIM`); ``kwargs`` go to the model. The encoder
+    starts from ``weights_path`` (a local file with the encoder's weights: timm's state dict for
+    ``tu-`` and thesis encoders, smp's for its own; works offline), else from ImageNet weights
+    with ``pretrained`` (smp's or timm's download), else from random weights; a failed download
+    is an error, never a silent fallback to random weights."""
+    if weights_path is not None:
+        model = build_segmenter(arch, encoder, classes, pretrained=False, slim=slim, **kwargs)
+        load_encoder(model, read_weights(weights_path))
+        return model
     kwargs = {**(SLIM.get(arch.lower(), {}) if slim else {}), **kwargs}
     if arch == "thesis_unet":
         return ThesisUNet(classes=classes, **kwargs)
-    if arch == "resnet_encdec":
-        return ResNetEncDec(encoder=encoder, classes=classes, pretrained=pretrained)
     try:
+        if arch == "resnet_encdec":
+            return ResNetEncDec(encoder=encoder, classes=classes, pretrained=pretrained)
         return smp.create_model(arch, encoder_name=encoder,
                                 encoder_weights="imagenet" if pretrained else None,
                                 classes=classes, **kwargs)
-    except (OSError, ConnectionError, RuntimeError) as e:
+    except (OSError, ConnectionError, RuntimeError) as e:  # no network, no hub, no file
         if not pretrained:
             raise
-        raise RuntimeError(f"could not load ImageNet weights for the {arch} encoder {encoder!r} "
-                           f"({type(e).__name__}: {e}); without internet pass pretrained=False "
-                           f"(random init) or put the weights in the torch hub cache") from e
+        raise EncoderWeightsUnavailable(
+            f"could not load ImageNet weights for the {arch} encoder {encoder!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Give a local "
+            f"file (segmentation.net.weights_path=FILE; grid.weights_path=FILE for the grid's "
+            f"encoder), or ask for random weights explicitly (--random-weights; pretrained=False)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +202,7 @@ class SegConfig:
     swa_start: int | None = None
     slim: bool = False
     pretrained: bool = False
+    weights_path: str | None = None  # a local file with the encoder's (ImageNet) weights
     encoder_init: str | None = None  # "classifier": start from the fold's classifier encoder
     seed: int = 0
     device: str = "auto"
@@ -176,6 +211,10 @@ class SegConfig:
     def __post_init__(self):
         if self.encoder_init not in (None, "classifier"):
             raise ConfigError(f"encoder_init must be None or 'classifier', got {self.encoder_init!r}")
+        if self.encoder_init and self.weights_path:
+            raise ConfigError(f"segmentation encoder: encoder_init={self.encoder_init!r} and "
+                              f"weights_path={self.weights_path!r} both set where it starts; "
+                              f"choose one")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; choose one of {tuple(LOSSES)}")
         if self.ema is not None and self.swa_start is not None:
@@ -189,7 +228,17 @@ class SegConfig:
         """What the trained weights depend on."""
         d = asdict(self)
         d.pop("device")
+        if self.weights_path is not None:  # the file's bytes, not where it lies
+            d["weights_path"] = file_digest(self.weights_path)
         return d
+
+    def weights(self) -> str:
+        """How the encoder starts, for tables."""
+        if self.encoder_init == "classifier":
+            return "started from the fold's classifier"
+        if self.arch == "thesis_unet":
+            return "RANDOM initialisation (no encoder)"
+        return describe_weights(self.pretrained, self.weights_path, "downloaded")
 
 
 def load_encoder(model: nn.Module, state: dict) -> None:
@@ -223,7 +272,9 @@ class SegmenterTrainer(ResumableTrainer):
         torch.manual_seed(cfg.seed)
         self.model = build_segmenter(cfg.arch, cfg.encoder,
                                      classes=output_channels(cfg.loss, num_classes),
-                                     pretrained=cfg.pretrained, slim=cfg.slim)
+                                     # an encoder about to be overwritten is not downloaded
+                                     pretrained=cfg.pretrained and encoder_state is None,
+                                     slim=cfg.slim, weights_path=cfg.weights_path)
         if encoder_state is not None:
             load_encoder(self.model, encoder_state)
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -44,6 +44,33 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
+def file_digest(path: str | os.PathLike, n: int = 16) -> str:
+    """sha256 of a file's bytes (first ``n`` hex digits): a cache key that notices a file
+    replaced at the same path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def check_weights_file(path: str | os.PathLike | None, option: str) -> None:
+    """A local weights file named by ``option`` must exist (checked before any work starts)."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{option}={str(path)!r}: no such file; expected a local weights file "
+                          f"(a state dict saved with torch.save, or .safetensors)")
+
+
+def describe_weights(pretrained: bool, weights_path: str | os.PathLike | None, hub: str) -> str:
+    """How an encoder starts, for tables: a local file (name and digest), ``hub``'s ImageNet
+    weights, or random initialisation."""
+    if weights_path is not None:
+        p = Path(weights_path)
+        digest = file_digest(p) if p.is_file() else "missing"
+        return f"ImageNet weights from {p.name} (sha256 {digest[:8]})"
+    return f"ImageNet weights ({hub})" if pretrained else "RANDOM initialisation"
+
+
 def display_path(path: str | os.PathLike) -> str:
     """A path as printed in notebooks and reports: relative to the repository when inside it
     (executed notebooks then carry no machine's absolute paths), else as given."""

@@ -126,9 +126,8 @@ def test_missing_weights_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PretrainedUnavailable, match="ImageNet weights for 'mobilenetv3_small_050' could not be loaded"):
         build_classifier(TINY, 4, pretrained=True)
-    with pytest.warns(UserWarning, match="Continuing from RANDOM weights"):
-        m = build_classifier(TINY, 4, pretrained=True, allow_random_init=True)
-    assert isinstance(m, Classifier)
+    with pytest.raises(PretrainedUnavailable, match="--random-weights"):  # never a silent fallback
+        build_classifier(TINY, 4, pretrained=True)
     # a local weights file works offline
     import timm
     src = timm.create_model(TINY, pretrained=False, num_classes=0, global_pool="")

@@ -240,3 +240,23 @@ def test_severstal_format_dice_report_names_the_csv(synth_dir, tmp_path, capsys)
     capsys.readouterr()
     report = (out / "dice_report.md").read_text()
     assert "train.csv" in report and str(synth_dir / "masks") not in report
+
+
+def test_masks_random_weights_flag_reaches_every_network(tmp_path):
+    from types import SimpleNamespace
+
+    from cam2mask_lib.masks import _settings_profile
+    from cam2mask_lib.profiles import get_profile
+    from cam2mask_lib.utils import ConfigError
+    index = SimpleNamespace(shapes=np.array([[200, 200]] * 4))
+    base = get_profile("paper")
+    prof = _settings_profile(base, index, 3, {"random_weights": True}, "refined")
+    assert not prof.classifier.pretrained and not prof.segmentation.net.pretrained
+    assert "ImageNet" not in prof.weights()
+    (tmp_path / "u.pth").write_bytes(b"x")
+    prof = _settings_profile(base, index, 3, {"seg_weights_path": str(tmp_path / "u.pth")},
+                             "refined")
+    assert prof.segmentation.net.weights_path == str(tmp_path / "u.pth")
+    with pytest.raises(ConfigError, match="contradicts"):
+        _settings_profile(base, index, 3, {"random_weights": True,
+                                           "seg_weights_path": str(tmp_path / "u.pth")}, "refined")

@@ -194,3 +194,92 @@ def test_swa_averages_the_last_epochs(synth_dir, tmp_path):
     last = torch.load(tmp_path / "swa" / "state.pt", weights_only=False)["model"]
     k = "head.weight"
     assert not torch.equal(m.state_dict()[k], last[k])  # the average, not the last epoch
+
+
+# --------------------------------------------------------------------------------------------
+# Where encoders start: local weight files (offline ImageNet), the explicit random flag
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, encoder, source", [
+    ("unet", "tu-mobilenetv3_small_050", "timm"),   # a timm encoder: timm's state dict
+    ("resnet_encdec", "resnet18", "timm"),          # the thesis's network: timm's too
+    ("fpn", "resnet18", "smp"),                     # smp's own encoder: smp's state dict
+])
+def test_encoder_starts_from_a_local_weights_file(tmp_path, arch, encoder, source):
+    import timm
+    torch.manual_seed(1)
+    if source == "timm":
+        state = timm.create_model(encoder.removeprefix("tu-"), pretrained=False).state_dict()
+    else:
+        state = build_segmenter(arch, encoder, pretrained=False).encoder.state_dict()
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"state_dict": state}, tmp_path / "w.pth")  # a checkpoint holding the state
+    model = build_segmenter(arch, encoder, weights_path=tmp_path / "w.pth")
+    enc = getattr(model.encoder, "model", model.encoder)
+    own = enc.state_dict()
+    assert own and all(torch.equal(own[k], state[k]) for k in own)
+    random = build_segmenter(arch, encoder)  # without the file: not those weights
+    other = getattr(random.encoder, "model", random.encoder).state_dict()
+    assert not all(torch.equal(other[k], state[k]) for k in other if other[k].is_floating_point())
+
+
+def test_a_weights_file_of_another_encoder_is_refused(tmp_path):
+    import timm
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="do not fit the encoder"):
+        build_segmenter("unet", "tu-mobilenetv3_small_050", weights_path=tmp_path / "r18.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_segmenter("unet", "tu-mobilenetv3_small_050", weights_path=tmp_path / "nope.pth")
+
+
+def test_unavailable_imagenet_weights_stop_with_the_ways_out(monkeypatch):
+    from cam2mask_lib.segment import EncoderWeightsUnavailable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderWeightsUnavailable, match="weights_path=FILE.*--random-weights"):
+        build_segmenter("unet", "tu-mobilenetv3_small_050", pretrained=True)
+
+
+def test_cache_key_follows_the_weights_file_not_its_path(tmp_path):
+    from cam2mask_lib.segment import SegConfig
+    for name, data in (("a.pth", b"one"), ("b.pth", b"one"), ("c.pth", b"two")):
+        (tmp_path / name).write_bytes(data)
+    key = {n: SegConfig(weights_path=str(tmp_path / n)).key() for n in ("a.pth", "b.pth", "c.pth")}
+    assert key["a.pth"] == key["b.pth"] != key["c.pth"]
+    assert "sha256" in SegConfig(weights_path=str(tmp_path / "a.pth")).weights()
+
+
+def test_every_table_says_how_the_networks_start(tmp_path):
+    from cam2mask_lib.profiles import get_profile, with_random_weights
+    from cam2mask_lib.report import Provenance
+    from cam2mask_lib.utils import ConfigError
+    cpu = get_profile("cpu")
+    line = Provenance("cpu", "data", 0, weights=cpu.weights()).line()
+    assert "classifier RANDOM initialisation" in line and "started from the fold's classifier" in line
+    paper = get_profile("paper")
+    assert "RANDOM" not in paper.weights() and "ImageNet" in paper.weights()
+    # the explicit flag: every network random, and the profile says so
+    flagged = get_profile("paper", **with_random_weights({}))
+    assert flagged.weights().count("RANDOM") == 3  # classifier, U-Net, grid's ResNet
+    (tmp_path / "b0.pth").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="contradicts.*classifier.weights_path"):
+        with_random_weights({"classifier.weights_path": str(tmp_path / "b0.pth")})
+    with pytest.raises(ConfigError, match="grid.weights_path='/nowhere/r34.pth': no such file"):
+        get_profile("paper", **{"grid.weights_path": "/nowhere/r34.pth"})
+    local = get_profile("paper", **{"classifier.weights_path": str(tmp_path / "b0.pth")})
+    assert local.weights().startswith("classifier ImageNet weights from b0.pth (sha256")
+
+
+def test_the_grids_weights_file_goes_to_its_resnet_only(tmp_path):
+    from types import SimpleNamespace
+
+    from cam2mask_lib.experiments import LECTURE_RUNS, THESIS_ARCHS, grid_config
+    (tmp_path / "r34.pth").write_bytes(b"x")
+    gctx = SimpleNamespace(profile=get_profile("paper", **{"grid.weights_path":
+                                                           str(tmp_path / "r34.pth")}))
+    cls = SimpleNamespace(config=SimpleNamespace(encoder="efficientnet_b0"))
+    got = {name: grid_config(gctx, spec, cls)
+           for name, spec in {**THESIS_ARCHS, **LECTURE_RUNS}.items()}
+    for name, cfg in got.items():
+        thesis = name in ("U-Net with ResNet encoder", "ResNet encoder-decoder")
+        assert (cfg.weights_path == str(tmp_path / "r34.pth")) == thesis, name
+        assert (cfg.encoder_init == "classifier") == (name in LECTURE_RUNS), name
