@@ -31,7 +31,6 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from . import paper
@@ -224,13 +223,11 @@ def averaged_model(model: Classifier, states: Sequence[dict], bn_batches: Iterab
 def _batches(ds, rows: np.ndarray, batch_size: int, gen: torch.Generator | None, num_workers: int):
     """uint8 images ``[B, 3, H, W]`` (normalised on the model's device by ``to_model``) and
     labels of ``ds`` in batches; shuffled with ``gen`` when given. With ``num_workers`` the
-    workers decode and resize, and batches arrive in pinned memory when CUDA is present."""
+    dataset's persistent workers decode and resize (``ds.loader``: started once, not for every
+    epoch and prediction pass), and batches arrive in pinned memory when CUDA is present."""
     order = rows if gen is None else rows[torch.randperm(len(rows), generator=gen).numpy()]
     if num_workers > 0:
-        loader = DataLoader(Subset(ds.raw(), order.tolist()), batch_size=batch_size,
-                            shuffle=False, num_workers=num_workers,
-                            pin_memory=torch.cuda.is_available())
-        for b in loader:
+        for b in ds.loader(batch_size, num_workers)(order):
             yield b["image"], b["labels"]
         return
     labels = torch.from_numpy(ds.index.labels.astype(np.float32))

@@ -641,6 +641,7 @@ class ImageDataset:
             raise ValueError(f"array has shape {array.shape}; expected ({len(index)}, "
                              f"{self.size[0]}, {self.size[1]}, 3)")
         self.array = array  # resized uint8 images [N, H, W, 3] of the whole index, e.g. memory-mapped
+        self._loaders: dict[tuple[int, int], RowLoader] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -670,7 +671,16 @@ class ImageDataset:
         """The same dataset whose items carry uint8 images (for DataLoader workers)."""
         twin = copy.copy(self)
         twin._raw = True
+        twin._loaders = {}  # the workers' copy holds no loader (nothing to pickle or to nest)
         return twin
+
+    def loader(self, batch_size: int, num_workers: int) -> "RowLoader":
+        """The dataset's :class:`RowLoader` for this batch size and worker count, made on first
+        use: its workers persist across every epoch and prediction pass of the process."""
+        key = (int(batch_size), int(num_workers))
+        if key not in self._loaders:
+            self._loaders[key] = RowLoader(self, batch_size, num_workers)
+        return self._loaders[key]
 
     def __getitem__(self, k: int) -> dict:
         img, masks = self.arrays(k)
@@ -683,6 +693,52 @@ class ImageDataset:
         if masks is not None:
             item["masks"] = torch.from_numpy(masks)
         return item
+
+
+class _RowBatches:
+    """Batch sampler of a :class:`RowLoader`: the rows of the current pass, in order, in
+    batches (read in the main process, so a persistent loader's workers see each pass's rows)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.rows = int(batch_size), []
+
+    def __iter__(self):
+        rows = self.rows
+        for s in range(0, len(rows), self.batch_size):
+            yield rows[s:s + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+
+class RowLoader:
+    """uint8 batches (``ImageDataset.raw`` items) of any rows of a dataset, decoded and resized by
+    DataLoader workers that are started once and persist across passes (epochs, validation,
+    out-of-fold prediction, BatchNorm updates): each pass only sends its row order. Batches arrive
+    in pinned memory when CUDA is present. One pass at a time."""
+
+    def __init__(self, ds: "ImageDataset", batch_size: int, num_workers: int):
+        if num_workers < 1:
+            raise ValueError(f"a RowLoader needs workers, got num_workers={num_workers}")
+        self.sampler = _RowBatches(batch_size)
+        self.loader = torch.utils.data.DataLoader(
+            ds.raw(), batch_sampler=self.sampler, num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=True,
+            # its own generator: a loader seeds its workers from the global generator otherwise,
+            # which moves dropout's random stream and makes the weights depend on num_workers
+            generator=torch.Generator().manual_seed(0))
+        self._busy = False
+
+    def __call__(self, rows):
+        """The batches of ``rows`` (dataset items), in that order."""
+        if self._busy:
+            raise RuntimeError("this loader is already serving a pass; finish it first")
+        self._busy = True
+        try:
+            self.sampler.rows = [int(r) for r in rows]
+            yield from self.loader
+        finally:
+            self._busy = False
 
 
 # --------------------------------------------------------------------------------------------

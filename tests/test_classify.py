@@ -150,3 +150,17 @@ def test_config_of_the_paper_profile_and_bad_values():
             TrainConfig(epochs=bad)
     with pytest.raises(ValueError, match="image_size"):
         TrainConfig(image_size=(0, 0))
+
+
+def test_workers_change_no_weight(tiny_run, tmp_path):
+    """A fold trained with persistent DataLoader workers (every epoch, validation, BatchNorm
+    update and out-of-fold pass through the same workers) equals one trained without."""
+    import dataclasses
+    idx, folds, cfg = tiny_run
+    ref = train_cv(idx, folds, cfg, tmp_path / "ref", only_folds=[0], progress=False)
+    cfg_w = dataclasses.replace(cfg, num_workers=1, cache_images=False)
+    res = train_cv(idx, folds, cfg_w, tmp_path / "res", only_folds=[0], progress=False)
+    a = torch.load(ref.dir / "fold0" / "final.pt")
+    b = torch.load(res.dir / "fold0" / "final.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert np.array_equal(ref.oof[folds == 0], res.oof[folds == 0])

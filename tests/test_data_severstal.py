@@ -164,3 +164,37 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_items(synth_dir)
     x = to_model(u8, conv)
     assert torch.equal(x, ds.batch(rows)) and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(ds.raw()[7]["image"], u8[2]) and ds[7]["image"].dtype == torch.float32
+
+
+def test_loader_workers_persist_across_passes_and_give_the_same_batches(synth_dir):
+    """DataLoader workers are started once per dataset, batch size and worker count, not for
+    every epoch and prediction pass; each pass gets exactly its rows, in its order."""
+    import numpy as np
+    import torch
+
+    from cam2mask_lib.classify import _batches
+    from cam2mask_lib.data import ImageDataset
+
+    ds = ImageDataset(load_dataset(synth_dir), (32, 200), with_masks=False)
+    rows = np.array([3, 0, 7, 5, 1])
+    loader = ds.loader(2, 1)
+    assert ds.loader(2, 1) is loader  # one per (batch size, workers)
+    passes = []
+    for order in (rows, rows[::-1]):
+        got = list(_batches(ds, order, 2, None, num_workers=1))
+        assert [len(x) for x, _ in got] == [2, 2, 1]
+        assert torch.equal(torch.cat([x for x, _ in got]), ds.uint8_batch(order))
+        assert torch.equal(torch.cat([y for _, y in got]),
+                           torch.from_numpy(ds.index.labels[order].astype(np.float32)))
+        passes.append([w.pid for w in loader.loader._iterator._workers])  # the worker processes
+    assert passes[0] == passes[1]
+    # shuffled passes (training) follow the generator, as without workers
+    a = [x for x, _ in _batches(ds, rows, 2, torch.Generator().manual_seed(1), 1)]
+    b = [x for x, _ in _batches(ds, rows, 2, torch.Generator().manual_seed(1), 0)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    first = loader(rows)
+    next(first)
+    with pytest.raises(RuntimeError, match="already serving a pass"):
+        next(loader(rows))
+    first.close()
+    assert len(list(loader(rows))) == 3  # a pass left early frees the loader
