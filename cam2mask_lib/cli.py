@@ -20,6 +20,10 @@ from . import __version__
 from .utils import ConfigError, UserError
 
 
+RANDOM_WEIGHTS_HELP = ("start every network from random weights (the tables say so); without it, a "
+                       "profile that wants ImageNet weights stops when they cannot be loaded")
+
+
 def _parse_set(items: list[str], option: str) -> dict:
     out = {}
     for item in items or []:
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="epochs (default: the profile's)")
     t.add_argument("--weights-path", help="local timm weights file for the encoder")
     t.add_argument("--random-weights", action="store_true",
-                   help="start every network from random weights (the tables say so); without it, a profile that wants ImageNet weights stops when they cannot be loaded")
+                   help=RANDOM_WEIGHTS_HELP)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: the profile's)")
     t.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
     t.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
@@ -107,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seg-weights-path",
                    help="local weights file for the segmentation network's encoder")
     m.add_argument("--random-weights", action="store_true",
-                   help="start every network from random weights (the tables say so); without it, a profile that wants ImageNet weights stops when they cannot be loaded")
+                   help=RANDOM_WEIGHTS_HELP)
     m.add_argument("--method", default="refined", choices=("refined", "paper"),
                    help="refined: label-only refinement + self-trained U-Net (default); paper: "
                         "the paper's CAM post-processing")
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile fields for every notebook, dotted (e.g. "
                         "classifier.weights_path=/w/b0.pth segmentation.net.epochs=5)")
     r.add_argument("--random-weights", action="store_true",
-                   help="start every network from random weights (the tables say so); without it, a profile that wants ImageNet weights stops when they cannot be loaded")
+                   help=RANDOM_WEIGHTS_HELP)
     r.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
     return p
 
