@@ -24,7 +24,7 @@ import pandas as pd
 from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.report import machine, software
 from cam2mask_lib.runner import reproduce
-from cam2mask_lib.utils import repo_root
+from cam2mask_lib.utils import display_path, repo_root
 
 
 def headline(fig: Path) -> dict[str, float]:
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         for s in args.seeds:
             if args.committed is not None and s == own_seed:
                 rows[s] = headline(Path(args.committed))
-                sources[s] = f"committed tables in {_shown(Path(args.committed))}"
+                sources[s] = f"committed tables in {display_path(args.committed)}"
                 print(f"seed {s} (committed): " + ", ".join(f"{k} {v:.4f}"
                                                          for k, v in rows[s].items()), flush=True)
                 continue
@@ -114,14 +114,6 @@ def main(argv=None) -> None:
     (out / f"{args.profile}.md").write_text(text)
     df.rename_axis("seed").to_csv(out / f"{args.profile}.csv")
     print(f"wrote {out / (args.profile + '.md')} and .csv")
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it (no machine's paths in tables)."""
-    try:
-        return str(path.resolve().relative_to(repo_root()))
-    except ValueError:
-        return str(path)
 
 
 def spread_table(df: pd.DataFrame) -> pd.DataFrame:

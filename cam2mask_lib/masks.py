@@ -187,10 +187,11 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {METHODS}")
     index = load_dataset(data)  # fails early, naming the file, on bad input
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # None: not given; random_weights=False: the flag not set
+    overrides = {k: v for k, v in overrides.items()
+                 if v is not None and not (k == "random_weights" and not v)}
     known = ("image_size", "epochs", "encoder", "n_folds", "weights_path", "seg_weights_path",
              "random_weights")
-    overrides = {k: v for k, v in overrides.items() if not (k == "random_weights" and not v)}
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; masks takes {', '.join(known)}")

@@ -328,8 +328,10 @@ def teacher_thresholds(ctx: Context, run: SegRun, refined: Refined,
     if not labels[np.isin(ctx.folds, list(run.models))].any():
         return np.full(labels.shape[1], 0.5)
 
+    gate = labels.astype(float)  # the teacher's masks gated by the labels, not the classifier
+
     def teacher(rows, size):
-        return np.concatenate([m for _, _, m in refined.batches(rows, labels.astype(float), batch)])
+        return np.concatenate([m for _, _, m in refined.batches(rows, gate, batch)])
 
     stats = seg_stats(ctx, run, grid, batch, defective_only=True, score_size=refined.size,
                       masks_of=teacher)

@@ -47,11 +47,8 @@ def stable_hash(obj: Any, n: int = 12) -> str:
 def file_digest(path: str | os.PathLike, n: int = 16) -> str:
     """sha256 of a file's bytes (first ``n`` hex digits): a cache key that notices a file
     replaced at the same path."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:n]
 
 
 def check_weights_file(path: str | os.PathLike | None, option: str) -> None:
