@@ -81,7 +81,8 @@ def _upsample_t(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     lead = low.shape[:-2]
     flat = _minmax(low.reshape(-1, 1, *low.shape[-2:]).float())
     up = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
-    mn, mx = torch.aminmax(up.flatten(1), dim=1)  # one pass for both
+    # two reductions: aminmax with a dim measured 5.7x slower on the CPU (same values)
+    mn, mx = up.flatten(1).amin(1), up.flatten(1).amax(1)
     up.sub_(mn[:, None, None, None]).div_((mx - mn)[:, None, None, None] + 1e-7)
     return up.reshape(*lead, *size)
 

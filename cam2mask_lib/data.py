@@ -599,7 +599,10 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape[-2:] == (h, w):
         return mask
     flat = mask.reshape(-1, *mask.shape[-2:])
-    out = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in flat])
+    out = np.zeros((len(flat), h, w), mask.dtype)  # an empty mask (most of them) stays empty
+    for k, m in enumerate(flat):
+        if m.any():
+            out[k] = np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST))
     return out.reshape(*mask.shape[:-2], h, w)
 
 

@@ -83,6 +83,23 @@ class Stats:
         return i
 
 
+def count_set(b: np.ndarray) -> np.ndarray:
+    """``b.sum((-2, -1))`` of a boolean array, int64, 2x faster: each row is summed as bytes into
+    uint16 (no widening of every pixel to int64), then the rows."""
+    row = np.uint16 if b.shape[-1] < 2**16 else np.int64
+    return b.view(np.uint8).sum(-1, dtype=row).sum(-1, dtype=np.int64)
+
+
+def cut_in(t: float, dtype) -> float | np.floating:
+    """A threshold ``c`` in the maps' own float type with ``maps > c`` equal to ``maps > t`` (t
+    compared exactly): for float32 maps the largest float32 not above ``t``, so the comparison
+    runs in float32 instead of widening every pixel to float64."""
+    if np.dtype(dtype) != np.float32:
+        return t
+    c = np.float32(t)
+    return c if c <= t else np.nextafter(c, np.float32(-np.inf))
+
+
 def collect_stats(map_batches, true_batches, thresholds: Sequence[float],
                   rows: np.ndarray | None = None) -> Stats:
     """Stream ``(maps [B, C, H, W], true masks [B, C, H, W])`` batches into :class:`Stats`
@@ -91,14 +108,16 @@ def collect_stats(map_batches, true_batches, thresholds: Sequence[float],
     th = np.asarray(sorted(set(float(t) for t in thresholds)))
     inter, area, true_area, pixels = [], [], [], None
     for maps, true in zip(map_batches, true_batches):
+        maps = np.asarray(maps)
         t = np.asarray(true) != 0
         pixels = maps.shape[-1] * maps.shape[-2]
-        true_area.append(t.sum((-2, -1)))
+        true_area.append(count_set(t))
         ib, ab = [], []
         for thr in th:
-            b = maps > thr
-            ib.append((b & t).sum((-2, -1)))
-            ab.append(b.sum((-2, -1)))
+            b = maps > cut_in(thr, maps.dtype)
+            ab.append(count_set(b))
+            b &= t
+            ib.append(count_set(b))
         inter.append(np.stack(ib))
         area.append(np.stack(ab))
     if pixels is None:

@@ -198,3 +198,19 @@ def test_loader_workers_persist_across_passes_and_give_the_same_batches(synth_di
         next(loader(rows))
     first.close()
     assert len(list(loader(rows))) == 3  # a pass left early frees the loader
+
+
+def test_resize_mask_is_pils_nearest_for_every_mask():
+    from PIL import Image
+
+    from cam2mask_lib.data import resize_mask
+
+    rng = np.random.default_rng(0)
+    masks = (rng.random((2, 4, 40, 250)) > 0.8).astype(np.uint8)
+    masks[0, 1] = 0  # empty masks are skipped, not resized: they must still come back empty
+    masks[1, 3] = 1
+    for size in ((20, 125), (32, 96), (64, 400)):
+        got = resize_mask(masks, size)
+        want = np.stack([np.asarray(Image.fromarray(m).resize(size[::-1], Image.NEAREST))
+                         for m in masks.reshape(-1, 40, 250)]).reshape(2, 4, *size)
+        assert got.dtype == np.uint8 and np.array_equal(got, want)

@@ -73,6 +73,25 @@ def test_search_statistics_agree_with_applying_the_masks():
         pp.pair_dice(stats, probs, pp.Params(0.5, 0.4, 0))
 
 
+def test_fast_counts_equal_the_plain_sums_at_the_thresholds_edges():
+    # collect_stats compares float32 maps in float32 and counts rows as bytes: the counts must be
+    # those of maps > t in exact arithmetic, also for values at and one float32 step around t
+    maps, true, _ = _random_case(seed=7, w=700)
+    th = [0.05, 0.1, 0.3, 0.7, 0.75, 0.9]
+    for k, t in enumerate(th):
+        f = np.float32(t)
+        maps[k, 0, 0, :3] = [f, np.nextafter(f, np.float32(1)), np.nextafter(f, np.float32(0))]
+    stats = pp.collect_stats([maps[:7], maps[7:]], [true[:7], true[7:]], th)
+    for i, t in enumerate(th):
+        above = maps.astype(np.float64) > t
+        assert np.array_equal(stats.area[i], above.sum((-2, -1)))
+        assert np.array_equal(stats.inter[i], (above & (true != 0)).sum((-2, -1)))
+    assert np.array_equal(stats.true_area, true.astype(bool).sum((-2, -1)))
+    wide = np.zeros((1, 1, 2, 70000), bool)
+    wide[0, 0, :, ::2] = True  # rows longer than a uint16 count
+    assert pp.count_set(wide)[0, 0] == 70000
+
+
 def test_search_finds_the_best_combination_by_brute_force():
     maps, true, probs = _random_case(seed=3)
     th, conf, mins = [0.3, 0.5, 0.8], [0.2, 0.5, 0.8], [0, 10, 30]
