@@ -1,6 +1,6 @@
 """Command line: ``cam2mask`` (or ``python -m cam2mask_lib``).
 
-    cam2mask synth --out DIR --n N [--seed S] [--height H] [--width W] [--force]
+    cam2mask synth --out DIR --n N [--seed S] [--height H] [--width W] [--force] [--workers K]
     cam2mask check DIR
     cam2mask train [--profile P] [--data-dir DIR] [--fold K ...] [--encoder NAME] [--epochs N]
                    [--weights-path FILE | --random-weights]
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=256, help="image height in pixels")
     s.add_argument("--width", type=int, default=1600, help="image width in pixels")
     s.add_argument("--force", action="store_true", help="replace an existing different --out")
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes drawing images (default: one per core, at most 8; the bytes "
+                        "do not depend on it)")
 
     c = sub.add_parser("check", formatter_class=fmt,
                        help="validate a dataset folder (Severstal or generic format) and summarise it",
@@ -202,10 +205,13 @@ def _train(args) -> int:
 
 def _run(args) -> int:
     if args.command == "synth":
-        from .synth import generate
+        from .synth import default_workers, generate
 
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers {args.workers}: must be >= 1")
         out = generate(args.out, n=args.n, seed=args.seed, height=args.height,
-                       width=args.width, force=args.force)
+                       width=args.width, force=args.force,
+                       workers=args.workers or default_workers())
         print(f"wrote {args.n} synthetic images and train.csv to {out}")
     elif args.command == "check":
         import numpy as np

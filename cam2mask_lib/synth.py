@@ -33,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,14 +389,41 @@ def image_id(seed: int, i: int) -> str:
 # Writing a dataset (atomic, resumable)
 # --------------------------------------------------------------------------------------------
 
+def _make(job) -> tuple[int, str, bytes, dict]:
+    """One image, ready to write: its number, file name, JPEG bytes and RLE per class."""
+    params, i, classes = job
+    img, masks = render_image(params, i, classes)
+    rles = {str(c + 1): rle_encode(masks[c]) for c in classes if masks[c].any()}
+    return i, image_id(params.seed, i), _jpeg_bytes(img, params.jpeg_quality), rles
+
+
+def default_workers() -> int:
+    """Processes that draw images: one per core (at most 8)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _made(jobs: list, workers: int):
+    """``_make`` of every job, in order: in this process, or in ``workers`` processes (images
+    draw from their own random streams, so the bytes do not depend on which process drew them)."""
+    if workers <= 1 or len(jobs) < 2 * workers:
+        yield from map(_make, jobs)
+        return
+    methods = multiprocessing.get_all_start_methods()  # fork: the children need no re-import
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(_make, jobs, chunksize=4)
+
+
 def generate(out: str | Path, n: int, seed: int = 0, height: int = 256, width: int = 1600,
-             force: bool = False, progress: bool = True, jpeg_quality: int = 92) -> Path:
+             force: bool = False, progress: bool = True, jpeg_quality: int = 92,
+             workers: int = 1) -> Path:
     """Write a synthetic Severstal-format dataset to ``out`` and return its path.
 
     If ``out`` already holds a finished set with the same parameters, nothing is done. Another
     non-empty ``out`` is refused unless ``force`` (then it is replaced). Work goes to
     ``out.partial/`` first: images are written atomically and logged, so an interrupted run resumes
-    there, and the folder is renamed to ``out`` only when complete.
+    there, and the folder is renamed to ``out`` only when complete. ``workers``: processes that
+    draw the images (the same bytes for any number).
     """
 
     params = SynthParams(n=n, seed=seed, height=height, width=width, jpeg_quality=jpeg_quality)
@@ -436,17 +465,12 @@ def generate(out: str | Path, n: int, seed: int = 0, height: int = 256, width: i
             if (partial / "train_images" / rec["image"]).is_file():
                 done[rec["i"]] = rec
     labels = assign_labels(n, seed)
+    jobs = [(params, i, np.flatnonzero(labels[i])) for i in range(n) if i not in done]
     with open(log, "a", encoding="utf-8") as logf:
-        for i in tqdm(range(n), desc=f"synth {out.name}", disable=not bars(progress),
-                      initial=0, unit="img"):
-            if i in done:
-                continue
-            classes = np.flatnonzero(labels[i])
-            img, masks = render_image(params, i, classes)
-            name = image_id(seed, i)
-            buf = _jpeg_bytes(img, jpeg_quality)
+        for i, name, buf, rles in tqdm(_made(jobs, workers), desc=f"synth {out.name}",
+                                       disable=not bars(progress), initial=len(done), total=n,
+                                       unit="img"):
             atomic_write_bytes(partial / "train_images" / name, buf)
-            rles = {str(c + 1): rle_encode(masks[c]) for c in classes if masks[c].any()}
             rec = {"i": i, "image": name, "rles": rles}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -479,11 +503,12 @@ def _jpeg_bytes(gray: np.ndarray, quality: int) -> bytes:
 
 
 def ensure_synthetic(folder: str | Path, n: int, seed: int, height: int, width: int,
-                     progress: bool = True) -> Path:
-    """The synthetic set for these parameters under ``folder`` (made once, then reused)."""
+                     progress: bool = True, workers: int | None = None) -> Path:
+    """The synthetic set for these parameters under ``folder`` (made once, then reused), drawn
+    by ``workers`` processes (None: :func:`default_workers`)."""
     name = f"synthetic_n{n}_seed{seed}_{height}x{width}_v{GENERATOR_VERSION}"
     return generate(Path(folder) / name, n=n, seed=seed, height=height, width=width,
-                    progress=progress)
+                    progress=progress, workers=default_workers() if workers is None else workers)
 
 
 __all__ = ["generate", "ensure_synthetic", "assign_labels", "render_image", "SynthParams"]

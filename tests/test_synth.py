@@ -24,6 +24,24 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, synth_dir):
     assert digest(other) != digest(synth_dir)
 
 
+def test_drawn_in_several_processes_the_same_bytes(tmp_path, synth_dir, monkeypatch):
+    import os
+
+    real, pids = synth.render_image, tmp_path / "pids"
+
+    def logged(*a, **k):  # forked children inherit it; each appends the pid that drew
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*a, **k)
+
+    monkeypatch.setattr(synth, "render_image", logged)
+    par = generate(tmp_path / "par", n=30, seed=3, height=64, width=400, progress=False,
+                   workers=3)
+    drawn_by = pids.read_text().split()
+    assert len(drawn_by) == 30 and str(os.getpid()) not in drawn_by and len(set(drawn_by)) > 1
+    assert digest(par) == digest(synth_dir)
+
+
 def test_written_in_current_kaggle_format(synth_dir):
     lines = (synth_dir / "train.csv").read_text().splitlines()
     assert lines[0] == "ImageId,ClassId,EncodedPixels"
