@@ -113,10 +113,12 @@ def rle_decode(rle: str | float | None, shape: tuple[int, int] = SEVERSTAL_SHAPE
     """Decode a Kaggle RLE string into a uint8 0/1 mask of ``shape`` (height, width)."""
     h, w = int(shape[0]), int(shape[1])
     starts, lengths = parse_rle(rle, h * w)
-    flat = np.zeros(h * w + 1, dtype=np.int32)
-    np.add.at(flat, starts, 1)
-    np.add.at(flat, starts + lengths, -1)
-    flat = np.cumsum(flat[:-1]).astype(np.uint8)
+    flat = np.zeros(h * w + 1, dtype=np.int8)
+    # parse_rle checked that runs are sorted and disjoint: no start repeats, no end repeats (an
+    # end may be the next run's start, hence two statements), so plain indexing suffices
+    flat[starts] = 1
+    flat[starts + lengths] -= 1
+    flat = np.cumsum(flat[:-1], dtype=np.int8).view(np.uint8)
     return flat.reshape((w, h)).T.copy()  # column-major pixel order
 
 
