@@ -187,19 +187,21 @@ def otsu_thresholds(maps: np.ndarray) -> np.ndarray:
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    """``[B, K, ..., H, W]``: ``x`` ``[B, ..., H, W]`` itself and its 8 neighbours at every
-    dilation (replicate padding at the border)."""
+def _shifted(x: torch.Tensor, dilations: Sequence[int]):
+    """``x`` ``[B, C, H, W]`` itself, then its 8 neighbours at every dilation (replicate padding
+    at the border), each ``[B, C, H, W]``: K = 1 + 8 x len(dilations) views, in that order."""
     p = max(dilations)
-    lead = x.shape[:-2]
     H, W = x.shape[-2:]
-    flat = x.reshape(-1, 1, H, W)
-    pad = F.pad(flat, (p, p, p, p), mode="replicate")
-    views = [flat]
+    pad = F.pad(x, (p, p, p, p), mode="replicate")
+    yield x
     for d in dilations:
         for dy, dx in _OFFSETS:
-            views.append(pad[..., p + dy * d:p + dy * d + H, p + dx * d:p + dx * d + W])
-    return torch.stack(views, 1).reshape(lead[0], len(views), *lead[1:], H, W)
+            yield pad[..., p + dy * d:p + dy * d + H, p + dx * d:p + dx * d + W]
+
+
+def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+    """``[B, K, C, H, W]``: the views of :func:`_shifted` of ``x`` ``[B, C, H, W]`` stacked."""
+    return torch.stack(list(_shifted(x, dilations)), 1)
 
 
 def par_affinity(images: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
@@ -209,7 +211,7 @@ def par_affinity(images: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 1
     ``-(|I_j - I_i| / (temperature * std_i))^2``, with ``std_i`` the spread of the intensities in
     the pixel's neighbourhood, so the map flows along regions of similar intensity."""
     gray = images.float().mean(1)  # NEU and Severstal are grey; colour adds little
-    nb = _neighbours(gray, dilations)  # [B, K, H, W]
+    nb = _neighbours(gray[:, None], dilations)[:, :, 0]  # [B, K, H, W]
     std = nb.std(1, keepdim=True)
     diff = (nb - gray[:, None]).abs() / (temperature * std + 1e-6)
     return torch.softmax(-diff ** 2, dim=1)
@@ -218,17 +220,22 @@ def par_affinity(images: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 1
 def par(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray, iterations: int = 10,
         dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), temperature: float = 0.3) -> np.ndarray:
     """Pixel-adaptive refinement: ``iterations`` steps of ``m_i <- sum_j a_ij m_j`` over each
-    pixel's neighbours with :func:`par_affinity` weights. ``maps`` ``[B, C, H, W]``; ``images``
-    ``[B, 3, H, W]`` at the same size. Returns the refined maps (numpy, float32)."""
+    pixel's neighbours with :func:`par_affinity` weights, every class with the same weights.
+    ``maps`` ``[B, C, H, W]``; ``images`` ``[B, 3, H, W]`` at the same size. Returns the refined
+    maps (numpy, float32). The sum is accumulated view by view (no ``[B, K, C, H, W]`` stack:
+    K = 49 with the default dilations)."""
     with torch.no_grad():
         m = torch.as_tensor(np.asarray(maps, np.float32))
         img = torch.as_tensor(np.asarray(images)).float()
         if img.shape[-2:] != m.shape[-2:]:
             raise ValueError(f"images {tuple(img.shape[-2:])} and maps {tuple(m.shape[-2:])} "
                              f"differ in size")
-        aff = par_affinity(img, dilations, temperature)[:, :, None]  # [B, K, 1, H, W]
+        aff = par_affinity(img, dilations, temperature)  # [B, K, H, W]
         for _ in range(iterations):
-            m = (_neighbours(m, dilations) * aff).sum(1)
+            out = torch.zeros_like(m)
+            for k, view in enumerate(_shifted(m, dilations)):
+                out += view * aff[:, k:k + 1]
+            m = out
         return m.numpy()
 
 

@@ -104,6 +104,25 @@ def test_par_keeps_constants_and_stops_at_edges():
         refine.par(m, img[..., :12], iterations=1)
 
 
+def test_par_refines_each_class_on_its_own():
+    # every class flows with the same weights, independently of the others (a former version
+    # reshaped the stacked neighbours so that classes and neighbours were mixed up)
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 4, 16, 20)).astype(np.float32)
+    img = rng.integers(0, 255, (2, 3, 16, 20)).astype(np.float32)
+    both = refine.par(maps, img, iterations=3, dilations=(1, 3))
+    alone = np.concatenate([refine.par(maps[:, c:c + 1], img, iterations=3, dilations=(1, 3))
+                            for c in range(4)], 1)
+    assert np.allclose(both, alone, atol=1e-6)
+    # the accumulated sum is the stacked one: m_i <- sum_k a_ik m_k
+    import torch
+    m, aff = torch.from_numpy(maps), refine.par_affinity(torch.from_numpy(img), (1, 3))
+    nb = refine._neighbours(m, (1, 3))  # [B, K, C, H, W]
+    assert nb.shape == (2, 17, 4, 16, 20) and torch.equal(nb[:, 0], m)
+    direct = (nb * aff[:, :, None]).sum(1).numpy()
+    assert np.allclose(refine.par(maps, img, iterations=1, dilations=(1, 3)), direct, atol=1e-6)
+
+
 def test_confident_labels_defect_background_ignore_and_absent_classes():
     defect = np.array([[[[0, 0, 1, 1]], [[1, 1, 1, 1]]]], bool)
     background = np.array([[[[1, 0, 0, 1]], [[0, 0, 0, 0]]]], bool)
