@@ -112,6 +112,7 @@ def reproduce(profile: str = DEFAULT_PROFILE, only: Iterable[str] | None = None,
     runs and passed to every notebook."""
     prof = get_profile(profile, **(overrides or {}))
     books = list_notebooks(notebooks_dir, only)
+    existing = {nb.stem for nb in list_notebooks(notebooks_dir, None)}
     art = artifacts_dir(prof, artifacts).resolve()
     figs = figures_dir(prof, figures).resolve()
     if output_dir is None:
@@ -140,6 +141,7 @@ def reproduce(profile: str = DEFAULT_PROFILE, only: Iterable[str] | None = None,
         # wall seconds per notebook, latest run of each, written as each one finishes so that
         # the report notebook sees the times of the notebooks before it in the same run
         timings = read_json(timings_path) if timings_path.is_file() else {}
+        timings = {k: v for k, v in timings.items() if k in existing}  # no renamed notebook's
         timings[nb.stem] = round(secs, 2)
         write_json(timings_path, timings)
     return runs

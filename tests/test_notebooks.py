@@ -12,6 +12,8 @@ from cam2mask_lib.runner import ReproduceError, list_notebooks, reproduce
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
+    (root / "art").mkdir()  # a time left by a notebook that no longer exists is dropped
+    (root / "art" / "timings.json").write_text(json.dumps({"06_renamed_away": 11.0}))
     runs = reproduce("smoke", output_dir=root / "nb", figures=root / "fig", artifacts=root / "art",
                      progress=False)
     return root, runs
