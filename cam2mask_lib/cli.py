@@ -205,13 +205,10 @@ def _train(args) -> int:
 
 def _run(args) -> int:
     if args.command == "synth":
-        from .synth import default_workers, generate
+        from .synth import generate
 
-        if args.workers is not None and args.workers < 1:
-            raise ConfigError(f"--workers {args.workers}: must be >= 1")
         out = generate(args.out, n=args.n, seed=args.seed, height=args.height,
-                       width=args.width, force=args.force,
-                       workers=args.workers or default_workers())
+                       width=args.width, force=args.force, workers=args.workers)
         print(f"wrote {args.n} synthetic images and train.csv to {out}")
     elif args.command == "check":
         import numpy as np

@@ -416,18 +416,22 @@ def _made(jobs: list, workers: int):
 
 def generate(out: str | Path, n: int, seed: int = 0, height: int = 256, width: int = 1600,
              force: bool = False, progress: bool = True, jpeg_quality: int = 92,
-             workers: int = 1) -> Path:
+             workers: int | None = 1) -> Path:
     """Write a synthetic Severstal-format dataset to ``out`` and return its path.
 
     If ``out`` already holds a finished set with the same parameters, nothing is done. Another
     non-empty ``out`` is refused unless ``force`` (then it is replaced). Work goes to
     ``out.partial/`` first: images are written atomically and logged, so an interrupted run resumes
     there, and the folder is renamed to ``out`` only when complete. ``workers``: processes that
-    draw the images (the same bytes for any number).
+    draw the images (the same bytes for any number; None: :func:`default_workers`).
     """
 
     params = SynthParams(n=n, seed=seed, height=height, width=width, jpeg_quality=jpeg_quality)
     params.check()
+    if workers is None:
+        workers = default_workers()
+    if workers < 1:
+        raise ConfigError(f"workers={workers}: must be >= 1")
     out = Path(out)
     info_path = out / INFO_FILE
     if out.exists() and any(out.iterdir()):
@@ -508,7 +512,7 @@ def ensure_synthetic(folder: str | Path, n: int, seed: int, height: int, width: 
     by ``workers`` processes (None: :func:`default_workers`)."""
     name = f"synthetic_n{n}_seed{seed}_{height}x{width}_v{GENERATOR_VERSION}"
     return generate(Path(folder) / name, n=n, seed=seed, height=height, width=width,
-                    progress=progress, workers=default_workers() if workers is None else workers)
+                    progress=progress, workers=workers)
 
 
 __all__ = ["generate", "ensure_synthetic", "assign_labels", "render_image", "SynthParams"]

@@ -55,7 +55,7 @@ def test_cli_synth_check_and_errors(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "busy"), "--n", "3"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["synth", "--out", str(tmp_path / "w"), "--n", "3", "--workers", "0"]) == 2
-    assert "--workers 0" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    assert "workers=0" in capsys.readouterr().err and not (tmp_path / "w").exists()
     # a bad row is reported with file and line, exit 2
     with open(tmp_path / "s" / "train.csv", "a") as f:
         f.write("nope.jpg,1,1 2\n")
