@@ -68,14 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data", help="dataset folder")
 
     t = sub.add_parser("train", formatter_class=fmt,
-                       help="train the classifier with cross-validation (all folds or --fold K)",
+                       help="train the classifier with cross-validation (all folds or --fold K), "
+                            "and the notebooks' segmentation networks ahead of them (--stages)",
                        description="Train the paper's classifier on every fold of the profile (or "
                                    "only --fold K, e.g. one fold per GPU), reusing finished folds "
                                    "and resuming interrupted ones; prints ROC-AUC per class on "
-                                   "the union of the finished folds.")
+                                   "the union of the finished folds. With --stages segmentation "
+                                   "grid it then computes the CAMs and trains every segmentation "
+                                   "network that notebooks 04-06 (segmentation) and 05 (grid) "
+                                   "train with their default parameters, so that the notebooks "
+                                   "reuse them. Under torchrun --nproc_per_node=G the folds and "
+                                   "the (network, fold) pairs are spread over the G ranks; every "
+                                   "network is the one a single process trains.")
     t.add_argument("--profile", default="cpu", help="smoke, cpu or paper")
     t.add_argument("--data-dir", help="dataset folder; default: the profile's synthetic set")
-    t.add_argument("--fold", type=int, nargs="+", metavar="K", help="train only these folds")
+    t.add_argument("--fold", type=int, nargs="+", metavar="K",
+                   help="train only these folds of the classifier")
+    t.add_argument("--stages", nargs="+", default=["classifier"],
+                   choices=["classifier", "segmentation", "grid"],
+                   help="what to train: the classifier (always, when a later stage needs it), "
+                        "the segmentation networks of notebooks 04 and 06, the grid of "
+                        "notebook 05")
     t.add_argument("--encoder", help="timm encoder name (default: the profile's)")
     t.add_argument("--epochs", type=int, help="epochs (default: the profile's)")
     t.add_argument("--weights-path", help="local timm weights file for the encoder")
@@ -168,38 +181,61 @@ def _progress(args):
 
 
 def _train(args) -> int:
-    """``cam2mask train``; under ``torchrun --nproc_per_node=G`` the folds are spread over the G
-    ranks (see :mod:`cam2mask_lib.distributed`) and rank 0 reports the assembled result."""
+    """``cam2mask train``; under ``torchrun --nproc_per_node=G`` the classifier's folds, then the
+    segmentation networks' (network, fold) pairs, are spread over the G ranks (see
+    :mod:`cam2mask_lib.distributed`) and rank 0 reports the assembled result."""
     from . import distributed
-    from .pipeline import classifier_stage, context
+    from .pipeline import cam_stage, classifier_stage, context
     from .profiles import with_random_weights
 
     device = args.device
+    nets = [s for s in args.stages if s != "classifier"]
+    if nets and args.fold:
+        raise UserError("--fold trains part of the classifier; the segmentation stages need "
+                        "every fold: leave out --fold or --stages " + " ".join(nets))
     classifier = {"encoder": args.encoder, "epochs": args.epochs, "weights_path": args.weights_path}
     if args.random_weights:
         flags = with_random_weights({"classifier.weights_path": args.weights_path})
         classifier["pretrained"] = flags["classifier.pretrained"]
     if distributed.launched():
         _, _, device = distributed.init()
+    progress = _progress(args)
     try:
         with distributed.rank_zero_first():  # data, folds and the image cache made once
             ctx = context(args.profile, args.data_dir, artifacts_dir=args.artifacts_dir,
-                          progress=_progress(args) if distributed.rank() == 0 else False,
+                          progress=progress if distributed.rank() == 0 else False,
                           device=device, classifier=classifier)
             ctx.images()
         n_ranks = distributed.world()
         todo = sorted(set(args.fold)) if args.fold else list(range(ctx.profile.n_folds))
-        classifier_stage(ctx, only_folds=distributed.my_folds(todo), progress=_progress(args))
+        classifier_stage(ctx, only_folds=distributed.my_folds(todo), progress=progress)
         distributed.barrier()
+        with distributed.rank_zero_first():  # every fold done: read (rank 0 writes oof.csv)
+            res = classifier_stage(ctx, only_folds=todo, progress=False)
+        n_units = 0
+        if nets:
+            from . import experiments as ex
+
+            with distributed.rank_zero_first():  # CAMs, tuned parameters, image caches: once
+                cache = cam_stage(ctx, res, *ex.VARIANTS[ex.BEST_VARIANT],
+                                  progress=progress if distributed.rank() == 0 else False)
+                jobs = ex.network_jobs(ctx, res, cache, nets)
+                for c in {id(j.ctx): j.ctx for j in jobs}.values():
+                    c.seg_images()
+            n_units = ex.train_networks(jobs, res, progress=progress)
+            distributed.barrier()
         if distributed.rank() != 0:
             return 0
-        res = classifier_stage(ctx, only_folds=todo, progress=False)  # every fold done: read
     finally:
         distributed.finish()
     aucs = ", ".join(f"{c}: {a:.4f}" for c, a in zip(ctx.index.class_names, res.auc))
     state = "all folds" if res.complete else "finished folds only"
     ranks = f" on {n_ranks} ranks" if n_ranks > 1 else ""
     print(f"run folder {res.dir}{ranks}\nROC-AUC ({state}): {aucs}")
+    if nets:
+        print(f"segmentation networks ({', '.join(nets)}): {len(jobs)} set-ups under "
+              f"{ctx.artifacts / 'segmentation'}, rank 0 trained or reused {n_units} "
+              f"(network, fold) pairs{ranks}")
     return 0
 
 

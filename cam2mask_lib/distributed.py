@@ -3,7 +3,9 @@
 Cross-validation folds are independent and each is seeded by (seed, fold), so spreading them over
 ranks changes no number: rank ``r`` of ``G`` trains folds ``r, r + G, ...`` (:func:`my_folds`),
 every rank waits for the others (a barrier), and rank 0 assembles the out-of-fold table from the
-finished folds exactly as a single process would. Work that every rank reads (the synthetic set,
+finished folds exactly as a single process would. The segmentation networks of notebooks 04-06
+are dealt the same way, one (network, held-out fold) pair at a time (:func:`my_share`, used by
+:func:`cam2mask_lib.experiments.train_networks`). Work that every rank reads (the synthetic set,
 the folds file, the resized-image cache) is made by rank 0 first (:func:`rank_zero_first`).
 Backends: NCCL on CUDA, gloo on the CPU (the test runs two gloo processes).
 """
@@ -46,11 +48,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def my_folds(folds, this_rank: int | None = None, n_ranks: int | None = None) -> list[int]:
-    """The folds (of the given ones) this rank trains: every ``n_ranks``-th, from ``this_rank``."""
+def my_share(items, this_rank: int | None = None, n_ranks: int | None = None) -> list:
+    """The items (in the given order) this rank does: every ``n_ranks``-th, from ``this_rank``."""
     this_rank = rank() if this_rank is None else this_rank
     n_ranks = world() if n_ranks is None else n_ranks
-    return [int(f) for i, f in enumerate(sorted(folds)) if i % n_ranks == this_rank]
+    return [x for i, x in enumerate(items) if i % n_ranks == this_rank]
+
+
+def my_folds(folds, this_rank: int | None = None, n_ranks: int | None = None) -> list[int]:
+    """The folds (of the given ones) this rank trains: every ``n_ranks``-th, from ``this_rank``."""
+    return [int(f) for f in my_share(sorted(folds), this_rank, n_ranks)]
 
 
 @contextlib.contextmanager

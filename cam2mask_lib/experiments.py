@@ -31,9 +31,11 @@ from .metrics import DiceReport, dice_report
 from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
                           report, search, write_predictions)
 from .refine import Refined, RefineConfig, refine_stage
+from . import distributed
 from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
                         confident_targets, eval_rows, predict_masks_at, refined_targets,
-                        seg_stats, teacher_thresholds, train_segmenters, true_targets)
+                        seg_folds, seg_stats, segmenter_dir, teacher_thresholds,
+                        train_segmenters, true_targets)
 from .segment import SegConfig
 from .utils import ConfigError, bars, read_json, say, write_json
 
@@ -257,6 +259,22 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def segmentation_sets(ctx: Context, run: ClassifierRun, cache: CamCache, high: float = 0.6,
+                      low: float = 0.2) -> dict[str, Targets]:
+    """Table 3's training sets by name: the true masks, the CAM masks at the paper's threshold
+    and with the tuned per-class post-processing, and the confident CAM pixels."""
+    aug = VARIANTS[BEST_VARIANT][1]
+    pc = tuned_params(ctx, run, cache)["per class"]
+    h, w = ctx.profile.image_size
+    _, thr, mina = pc.per_class(ctx.index.num_classes)
+    return {
+        TRUE_MASKS: true_targets(ctx),
+        CAM_MASKS_PAPER: cam_targets(ctx, cache, SEG_THRESHOLD, 0.0, aug, "cam_paper"),
+        CAM_MASKS_TUNED: cam_targets(ctx, cache, thr, mina / (h * w), aug, "cam_tuned"),
+        CONFIDENT_PIXELS: confident_targets(ctx, cache, high, low, aug),
+    }
+
+
 def segmentation_stage(ctx: Context, run: ClassifierRun, cache: CamCache, high: float = 0.6,
                        low: float = 0.2, progress: bool = True) -> SegmentationResult:
     """Table 3: the same segmentation network (the profile's ``segmentation``) trained on the
@@ -271,14 +289,8 @@ def segmentation_stage(ctx: Context, run: ClassifierRun, cache: CamCache, high: 
     aug = VARIANTS[BEST_VARIANT][1]
     tuned = tuned_params(ctx, run, cache)
     pc = tuned["per class"]
-    h, w = ctx.profile.image_size
-    _, thr, mina = pc.per_class(len(names))
-    sets = {
-        TRUE_MASKS: true_targets(ctx),
-        CAM_MASKS_PAPER: cam_targets(ctx, cache, SEG_THRESHOLD, 0.0, aug, "cam_paper"),
-        CAM_MASKS_TUNED: cam_targets(ctx, cache, thr, mina / (h * w), aug, "cam_tuned"),
-        CONFIDENT_PIXELS: confident_targets(ctx, cache, high, low, aug),
-    }
+    _, thr, _ = pc.per_class(len(names))
+    sets = segmentation_sets(ctx, run, cache, high, low)
     trained = {k: train_segmenters(ctx, t, classifier=run, progress=progress)
                for k, t in sets.items()}
     rows_eval = eval_rows(ctx)
@@ -408,6 +420,11 @@ LECTURE_RUNS = {
     "U-Net (TernausNet-style), EMA 0.9": GridRun("unet", ema=0.9),
     "U-Net (TernausNet-style), SWA": GridRun("unet", swa_from=0.5),
 }
+
+
+# notebook 05's lecture runs (its parameters cell lists the same; a test keeps them equal): every
+# one but the plain U-Net, which is the segmentation stage's own network
+NOTEBOOK_LECTURE_RUNS = tuple(k for k in LECTURE_RUNS if k != "U-Net (TernausNet-style)")
 
 
 def grid_runs(thesis: bool = True, lecture=tuple(LECTURE_RUNS)) -> dict[str, GridRun]:
@@ -675,3 +692,64 @@ def refinement_examples(ctx: Context, run: ClassifierRun, res: RefinementResult,
                     "image": resize_image(ctx.index.image(r), size),
                     "truth": ctx.true_masks([r], size)[0]})
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Every segmentation network of notebooks 04-06, for training ahead of them (several ranks)
+# ------------------------------------------------------------------------------------------------
+
+NETWORK_STAGES = ("segmentation", "grid")
+
+
+@dataclass
+class NetworkJob:
+    """One set-up of segmentation networks (one per held-out fold) that a notebook trains: its
+    name, context (the grid's has its own size, epochs and training images), targets and
+    configuration (None: the profile's)."""
+
+    name: str
+    ctx: Context
+    targets: Targets
+    cfg: SegConfig | None = None
+
+
+def network_jobs(ctx: Context, run: ClassifierRun, cache: CamCache,
+                 stages=NETWORK_STAGES) -> list[NetworkJob]:
+    """The networks that notebooks 04 and 06 (``"segmentation"``: Table 3's training sets, the
+    self-trained and the supervised network of Table 5) and 05 (``"grid"``: Table 4's runs, with
+    the notebook's default runs) train with their default parameters, each set-up once."""
+    bad = sorted(set(stages) - set(NETWORK_STAGES))
+    if bad:
+        raise ConfigError(f"unknown network stage(s) {bad}; choose from {list(NETWORK_STAGES)}")
+    jobs = []
+    if "segmentation" in stages:
+        jobs += [NetworkJob(k, ctx, t) for k, t in segmentation_sets(ctx, run, cache).items()]
+        jobs.append(NetworkJob(SELF_TRAINED, ctx, refined_targets(ctx, refine_stage(ctx, cache))))
+    if "grid" in stages:
+        gctx = grid_context(ctx)
+        targets = true_targets(gctx)
+        jobs += [NetworkJob(name, gctx, targets, grid_config(gctx, spec, run))
+                 for name, spec in grid_runs(True, NOTEBOOK_LECTURE_RUNS).items()]
+    seen, out = set(), []
+    for job in jobs:  # Table 5's supervised network is Table 3's: trained once
+        d = segmenter_dir(job.ctx, job.targets, job.cfg, run)
+        if d not in seen:
+            seen.add(d)
+            out.append(job)
+    return out
+
+
+def train_networks(jobs: list[NetworkJob], run: ClassifierRun, progress: bool = True) -> int:
+    """Train (or reuse) every job's networks, one (job, held-out fold) pair at a time; under
+    torchrun this rank takes every G-th pair (:func:`distributed.my_share`), so G ranks train
+    them between them, each network exactly as a single process would (each is seeded by its
+    fold; the caller waits for the others). Returns the number of pairs this rank did."""
+    units = [(job, k) for job in jobs for k in seg_folds(job.ctx)]
+    mine = distributed.my_share(units)
+    for i, (job, k) in enumerate(mine):
+        t = time.perf_counter()
+        tr = train_segmenters(job.ctx, job.targets, job.cfg, classifier=run, progress=progress,
+                              only_folds=[k])
+        say(progress, f"segmentation networks: {i + 1}/{len(mine)} on rank {distributed.rank()}: "
+                      f"{job.name}, fold {k} ({tr.dir.name}, {time.perf_counter() - t:.0f} s)")
+    return len(mine)

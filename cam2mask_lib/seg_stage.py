@@ -191,37 +191,60 @@ class SegRun:
     seconds: float
 
 
-def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = None,
-                     classifier: ClassifierRun | None = None, progress: bool = True,
-                     **overrides) -> SegRun:
-    """One segmentation network per held-out fold (:func:`seg_folds`), trained on the other
-    folds' images (defective ones only with ``defective_only``) with ``targets``. ``cfg``: the
-    profile's ``segmentation.net`` unless given (``overrides`` change its fields). With
-    ``encoder_init="classifier"`` each fold's encoder starts from the ``classifier`` stage's
-    model of the same fold (trained on the same training folds, so nothing held out leaks in).
-    Cached and resumable under ``artifacts/<profile>/segmentation/<targets>_<arch>_<hash>/
-    fold<k>``."""
+def _setup(ctx: Context, targets: Targets, cfg: SegConfig | None,
+           classifier: ClassifierRun | None, overrides: dict) -> tuple[SegConfig, Path]:
+    """The configuration (the profile's ``segmentation.net`` unless given, with ``overrides``)
+    and the run folder, named by what the weights depend on."""
     stage = ctx.profile.segmentation
     cfg = dataclasses.replace(cfg or stage.net, **{k: v for k, v in overrides.items()
                                                    if v is not None})
-    ds = ctx.seg_images()
-    train_ok = ctx.index.labels.any(1) if stage.defective_only else np.ones(len(ctx.index), bool)
     key = {"data": ctx.index.fingerprint(), "folds": stable_hash(ctx.folds.tolist()),
            "labels": stable_hash(ctx.index.labels.tolist()), "size": ctx.seg_size,
            "defective_only": stage.defective_only, "targets": targets.key,
            "max_train": stage.max_train, "train": cfg.key()}
-    encoders = {}
     if cfg.encoder_init == "classifier":
         if classifier is None:
             raise ValueError("encoder_init='classifier' needs the classifier stage's result "
                              "(classifier=pipeline.classifier_stage(ctx))")
         key["classifier"] = Path(classifier.dir).name
-        encoders = {k: m.encoder.state_dict() for k, m in ctx.fold_models(classifier).items()}
     enc = "" if cfg.arch == "thesis_unet" else "_" + cfg.encoder.replace("tu-", "")
-    run = ctx.artifacts / "segmentation" / f"{targets.name}_{cfg.arch}{enc}_{cfg.loss}_{stable_hash(key)}"
+    name = f"{targets.name}_{cfg.arch}{enc}_{cfg.loss}_{stable_hash(key)}"
+    return cfg, ctx.artifacts / "segmentation" / name
+
+
+def segmenter_dir(ctx: Context, targets: Targets, cfg: SegConfig | None = None,
+                  classifier: ClassifierRun | None = None, **overrides) -> Path:
+    """The run folder :func:`train_segmenters` uses for these arguments (two set-ups with the
+    same folder train the same networks)."""
+    return _setup(ctx, targets, cfg, classifier, overrides)[1]
+
+
+def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = None,
+                     classifier: ClassifierRun | None = None, progress: bool = True,
+                     only_folds=None, **overrides) -> SegRun:
+    """One segmentation network per held-out fold (:func:`seg_folds`, or those of them in
+    ``only_folds``), trained on the other folds' images (defective ones only with
+    ``defective_only``) with ``targets``. ``cfg``: the profile's ``segmentation.net`` unless
+    given (``overrides`` change its fields). With ``encoder_init="classifier"`` each fold's
+    encoder starts from the ``classifier`` stage's model of the same fold (trained on the same
+    training folds, so nothing held out leaks in). Cached and resumable under
+    ``artifacts/<profile>/segmentation/<targets>_<arch>_<hash>/fold<k>``."""
+    stage = ctx.profile.segmentation
+    cfg, run = _setup(ctx, targets, cfg, classifier, overrides)
+    folds = seg_folds(ctx)
+    if only_folds is not None:
+        bad = sorted(set(only_folds) - set(folds))
+        if bad:
+            raise ConfigError(f"segmentation folds {bad} are not among the held-out folds {folds}")
+        folds = [k for k in folds if k in set(only_folds)]
+    ds = ctx.seg_images()
+    train_ok = ctx.index.labels.any(1) if stage.defective_only else np.ones(len(ctx.index), bool)
+    encoders = {}
+    if cfg.encoder_init == "classifier" and folds:
+        encoders = {k: m.encoder.state_dict() for k, m in ctx.fold_models(classifier).items()}
     t0 = time.perf_counter()
     models = {}
-    for k in seg_folds(ctx):
+    for k in folds:
         rows = np.flatnonzero((ctx.folds != k) & train_ok)
         if stage.max_train and len(rows) > stage.max_train:
             pick = np.random.default_rng(ctx.profile.seed + k).choice(

@@ -169,6 +169,24 @@ def test_failure_names_notebook_and_cell_and_keeps_last_good_copy(tmp_path):
     assert (tmp_path / "a" / "failed" / "07_broken.ipynb").is_file()
 
 
+@pytest.mark.notebook
+def test_train_stages_list_exactly_the_networks_the_notebooks_train(smoke_run):
+    """``cam2mask train --stages segmentation grid`` trains ahead what notebooks 04-06 train:
+    the same run folders, none missing, none extra (so the notebooks reuse every one)."""
+    from cam2mask_lib import experiments as ex
+    from cam2mask_lib import pipeline
+    from cam2mask_lib.seg_stage import segmenter_dir
+
+    root, _ = smoke_run
+    ctx = pipeline.context("smoke", artifacts_dir=root / "art")
+    run = pipeline.classifier_stage(ctx, progress=False)
+    cache = pipeline.cam_stage(ctx, run, *ex.VARIANTS[ex.BEST_VARIANT], progress=False)
+    jobs = ex.network_jobs(ctx, run, cache)
+    listed = {segmenter_dir(j.ctx, j.targets, j.cfg, run).name for j in jobs}
+    trained = {p.name for p in (root / "art" / "segmentation").iterdir() if p.is_dir()}
+    assert len(listed) == len(jobs) and listed == trained
+
+
 def test_only_selector():
     assert [p.stem for p in list_notebooks(only=["0"])] == ["00_data_eda"]
     assert [p.stem for p in list_notebooks(only=["01", "00_data_eda"])] == ["00_data_eda", "01_classification"]
