@@ -164,19 +164,29 @@ def main(argv=None) -> None:
         print(f"| {name} | {p:.1f} | {b:.1f} | {p / b:.0%} |")
     rate = {name.split(" (")[0]: p for name, p, _ in rows_out}
     # the paper profile's counts: 12,568 images, 5 folds x 30 epochs (4/5 trained, 1/5 validated
-    # per epoch), 3 CAM variants (one with 6 views: counted at its measured rate, the others at
-    # 6x it), 4 training sets x 5 folds x 20 epochs of U-Net on ~4/5 of the defective images,
-    # 17 grid runs of the same size
+    # per epoch, counted at the training rate), 3 CAM variants (one with 6 views: counted at its
+    # measured rate, the others at 6x it); segmentation (experiments.network_jobs): Table 3's 4
+    # training sets and Table 5's self-trained network on all images of 4 folds, Table 4's 17
+    # grid runs on the defective ones, each x 5 folds x 20 epochs at the same size
     N = paper.TOTAL_IMAGES
     defective = paper.TOTAL_IMAGES - paper.DEFECT_FREE_IMAGES
-    cls_s = 5 * 30 * N / rate["classifier training"]
-    oof_s = 5 * N / rate["out-of-fold prediction"]
+    fold_s = 30 * N / rate["classifier training"] + N / 5 / rate["out-of-fold prediction"]
     cam_s = N / rate["CAM stage"] * (1 + 2 / 6)
-    seg_s = (4 + 17) * 5 * 20 * defective * 4 / 5 / rate["segmentation training"]
-    total = cls_s + oof_s + cam_s + seg_s
-    print(f"\nprojected paper profile on this device at these shapes: classifier {cls_s / 3600:.2f} h, "
-          f"out-of-fold {oof_s / 60:.1f} min, CAMs {cam_s / 60:.1f} min, segmentation + grid "
-          f"{seg_s / 3600:.2f} h; total {total / 3600:.2f} h")
+    unit = {"tables 3 and 5": (5, 20 * N * 4 / 5), "grid": (17, 20 * defective * 4 / 5)}
+    seg_s = sum(n * 5 * imgs for n, imgs in unit.values()) / rate["segmentation training"]
+    total = 5 * fold_s + cam_s + seg_s
+    print(f"\nprojected paper profile on this device at these shapes: classifier + out-of-fold "
+          f"{5 * fold_s / 3600:.2f} h, CAMs {cam_s / 60:.1f} min, segmentation networks "
+          f"{seg_s / 3600:.2f} h (22 set-ups x 5 folds); total {total / 3600:.2f} h")
+    # several such devices under torchrun (cam2mask train --stages classifier segmentation grid):
+    # folds dealt round-robin, CAMs on rank 0, (network, fold) pairs dealt round-robin
+    pairs = [imgs / rate["segmentation training"] for n, imgs in unit.values()
+             for _ in range(n * 5)]  # in the order train_networks deals them
+    for g in (2, 4, 8):
+        seg_g = max(sum(pairs[r::g]) for r in range(g))
+        spread = -(-5 // g) * fold_s + cam_s + seg_g
+        print(f"  on {g} such devices (torchrun, assuming the same rate per device): "
+              f"{spread / 3600:.2f} h")
 
 
 if __name__ == "__main__":
