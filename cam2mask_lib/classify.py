@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
-from . import paper
+from . import distributed, paper
 from .data import ImageDataset
 from .device import autocast, model_device, resolve_device, to_model
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
@@ -236,12 +236,17 @@ def _batches(ds, rows: np.ndarray, batch_size: int, gen: torch.Generator | None,
         yield ds.uint8_batch(b), labels[ds.rows[b]]
 
 
-def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, part=(0, 1),
+             size: int | None = None) -> torch.Tensor:
+    """Random flips of ``x``; with DDP ``x`` is slice ``part = (rank, ranks)`` of a batch of
+    ``size`` images, and every rank draws for the whole batch and keeps its slice's draws, so the
+    flips are those of one process."""
+    size = len(x) if size is None else size
     if cfg.hflip:
-        f = torch.rand(len(x), generator=gen) < 0.5
+        f = (torch.rand(size, generator=gen) < 0.5)[part[0]::part[1]]
         x = torch.where(f[:, None, None, None], x.flip(-1), x)
     if cfg.vflip:
-        f = torch.rand(len(x), generator=gen) < 0.5
+        f = (torch.rand(size, generator=gen) < 0.5)[part[0]::part[1]]
         x = torch.where(f[:, None, None, None], x.flip(-2), x)
     return x
 
@@ -270,11 +275,25 @@ def roc_auc_per_class(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 class ClassifierTrainer(ResumableTrainer):
     """One fold of the paper's recipe: BCE, Adam with encoder/head learning rates,
-    ReduceLROnPlateau on the validation loss, flips; keeps the ``top_k`` epochs' weights."""
+    ReduceLROnPlateau on the validation loss, flips; keeps the ``top_k`` epochs' weights.
+
+    With ``ddp`` (under torchrun) every rank trains the same fold: rank ``r`` of ``G`` takes
+    images ``r, r + G, ...`` of every batch (the batch size must divide by ``G``), BatchNorm
+    statistics cover the whole batch (:func:`distributed.sync_batchnorm`), the loss is scaled so
+    that DDP's average of the ranks' gradients is the whole batch's, flips are drawn for the
+    whole batch; every rank validates, and rank 0 writes the checkpoints. Dropout's masks are
+    not those of one process (each rank draws its own), so the weights differ from a
+    single-process run by more than rounding; with dropout 0 they agree to rounding (a test)."""
 
     def __init__(self, ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainConfig,
-                 out: Path, progress: bool = True):
-        super().__init__(out, cfg.epochs, cfg.seed, fold, desc=f"fold {fold}", progress=progress)
+                 out: Path, progress: bool = True, ddp: bool = False):
+        rank, world = (distributed.rank(), distributed.world()) if ddp else (0, 1)
+        super().__init__(out, cfg.epochs, cfg.seed, fold, desc=f"fold {fold}",
+                         progress=progress if rank == 0 else False)
+        self.rank, self.world, self.writer = rank, world, rank == 0
+        if cfg.batch_size % world:
+            raise ConfigError(f"classifier batch_size={cfg.batch_size} does not divide among "
+                              f"{world} ranks (DDP inside a fold gives each rank an equal slice)")
         self.ds, self.cfg, self.labels = ds, cfg, labels
         self.train_rows = np.flatnonzero(folds != fold)
         self.val_rows = np.flatnonzero(folds == fold)
@@ -289,6 +308,28 @@ class ClassifierTrainer(ResumableTrainer):
             self.opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
         self.loss_fn = nn.BCEWithLogitsLoss()  # mean over classes and batch, as the paper's formula
         self.top: list[tuple[float, int]] = []  # (val loss, epoch), best first
+        self.net = self.model
+        if world > 1:
+            self.model = distributed.sync_batchnorm(self.model)
+            cuda = self.device.type == "cuda"
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None)
+
+    def _train_batches(self, gen: torch.Generator):
+        """``(images, labels, images in the whole batch)`` of one epoch: the whole batches with
+        one rank; with DDP this rank's slice of each (a last batch smaller than the number of
+        ranks is left out, so that every rank takes the same number of steps)."""
+        cfg = self.cfg
+        if self.world == 1:
+            for x, y in _batches(self.ds, self.train_rows, cfg.batch_size, gen, cfg.num_workers):
+                yield x, y, len(x)
+            return
+        rows = self.train_rows
+        order = rows[torch.randperm(len(rows), generator=gen).numpy()]  # as _batches draws it
+        mine, sizes = distributed.batch_slices(order, cfg.batch_size, self.rank, self.world)
+        per_rank = cfg.batch_size // self.world
+        for (x, y), n in zip(_batches(self.ds, mine, per_rank, None, cfg.num_workers), sizes):
+            yield x, y, n
 
     @property
     def memory_format(self):
@@ -298,15 +339,20 @@ class ClassifierTrainer(ResumableTrainer):
         cfg, model = self.cfg, self.model
         model.train()
         t0, tot, n = time.perf_counter(), 0.0, 0
-        for x, y in _batches(self.ds, self.train_rows, cfg.batch_size, gen, cfg.num_workers):
-            x = _augment(x, cfg, gen)
+        for x, y, size in self._train_batches(gen):
+            x = _augment(x, cfg, gen, (self.rank, self.world), size)
             with autocast(self.device):
-                loss = self.loss_fn(model(to_model(x, model)).float(), y.to(self.device))
+                loss = self.loss_fn(self.net(to_model(x, model)).float(), y.to(self.device))
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the ranks' gradients: each rank's mean is weighted by its share
+            (loss if self.world == 1 else loss * (len(x) * self.world / size)).backward()
             self.opt.step()
             tot += float(loss.detach()) * len(x)
             n += len(x)
+        if self.world > 1:
+            both = torch.tensor([tot, n], dtype=torch.float64)
+            torch.distributed.all_reduce(both)
+            tot, n = float(both[0]), int(both[1])
         logits = predict_logits(model, self.ds, self.val_rows, cfg.batch_size * 2, cfg.num_workers)
         y_val = self.labels[self.val_rows].astype(np.float32)
         val_loss = float(self.loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val)))
@@ -322,10 +368,11 @@ class ClassifierTrainer(ResumableTrainer):
         """Keep the weights of the ``top_k`` epochs with the lowest validation loss."""
         self.top.append((record["val_loss"], epoch))
         self.top.sort()
-        if any(e == epoch for _, e in self.top[:self.cfg.top_k]):
+        if self.writer and any(e == epoch for _, e in self.top[:self.cfg.top_k]):
             save_checkpoint(self.out / f"epoch{epoch}.pt", self.model.state_dict())
         for _, e in self.top[self.cfg.top_k:]:
-            (self.out / f"epoch{e}.pt").unlink(missing_ok=True)
+            if self.writer:
+                (self.out / f"epoch{e}.pt").unlink(missing_ok=True)
         self.top = self.top[:self.cfg.top_k]
 
     def state(self):
@@ -346,16 +393,19 @@ class ClassifierTrainer(ResumableTrainer):
         """The top epochs' weights averaged (BatchNorm statistics recomputed on the training
         images): the fold's final model."""
         states = [load_checkpoint(self.out / f"epoch{e}.pt") for _, e in self.top]
-        bn_gen = torch.Generator().manual_seed(self.cfg.seed + self.fold)
-        bn_batches = (to_model(x, self.model)
-                      for x, _ in _batches(self.ds, self.train_rows, self.cfg.batch_size, bn_gen,
-                                           self.cfg.num_workers))
-        return averaged_model(self.model, states, bn_batches, self.device)
+        cfg, model = self.cfg, self.model
+        bn_gen = torch.Generator().manual_seed(cfg.seed + self.fold)
+        bn_batches = (to_model(x, model)
+                      for x, _ in _batches(self.ds, self.train_rows, cfg.batch_size, bn_gen,
+                                           cfg.num_workers))
+        return averaged_model(model, states, bn_batches, self.device)
 
 
 def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainConfig,
-               out: Path, progress: bool = True) -> dict:
+               out: Path, progress: bool = True, ddp: bool = False) -> dict:
     """Train on all folds but ``fold``, validate on ``fold``; write checkpoints to ``out``.
+    With ``ddp`` every rank calls it for the same fold (see :class:`ClassifierTrainer`); rank 0
+    averages the weights and writes the result, the others wait for it.
 
     Returns ``{"oof": probs of the fold's rows, "rows": those rows, "history": [...]}``.
     A finished fold (``out/done.json``) is loaded, not retrained.
@@ -366,8 +416,13 @@ def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainC
         rec = read_json(done)
         return {"oof": np.load(out / "oof.npy"), "rows": np.flatnonzero(folds == fold),
                 "history": rec["history"]}
-    trainer = ClassifierTrainer(ds, labels, folds, fold, cfg, out, progress)
+    trainer = ClassifierTrainer(ds, labels, folds, fold, cfg, out, progress, ddp=ddp)
     history = trainer.fit()
+    if trainer.world > 1:
+        if trainer.writer:
+            train_fold(ds, labels, folds, fold, cfg, out, progress=False)  # rank 0 finishes
+        distributed.barrier()
+        return train_fold(ds, labels, folds, fold, cfg, out)  # done: read
     avg = trainer.average()
     save_checkpoint(out / "final.pt", avg.state_dict())
     probs = 1 / (1 + np.exp(-predict_logits(avg, ds, trainer.val_rows, cfg.batch_size * 2,
@@ -408,9 +463,10 @@ def run_dir(base: Path, index, folds: np.ndarray, cfg: TrainConfig) -> Path:
 
 def train_cv(index, folds: np.ndarray, cfg: TrainConfig, base: Path,
              only_folds: Iterable[int] | None = None, progress: bool = True,
-             ds=None) -> ClassifierRun:
+             ds=None, ddp: bool = False) -> ClassifierRun:
     """Train every fold (or ``only_folds``) and collect out-of-fold probabilities; also writes
-    ``config.json``, ``oof.csv`` and ``history.csv`` in the run folder."""
+    ``config.json``, ``oof.csv`` and ``history.csv`` in the run folder. ``ddp``: every rank of
+    a torchrun job trains each fold together (see :class:`ClassifierTrainer`)."""
     out = run_dir(base, index, folds, cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"config": asdict(cfg), "n_images": len(index),
@@ -429,7 +485,7 @@ def train_cv(index, folds: np.ndarray, cfg: TrainConfig, base: Path,
         if k not in todo and not (fdir / "done.json").is_file():
             continue
         say(progress, f"classifier: fold {k + 1}/{n_folds} ({out.name})")
-        res = train_fold(ds, index.labels, folds, k, cfg, fdir, progress=progress)
+        res = train_fold(ds, index.labels, folds, k, cfg, fdir, progress=progress, ddp=ddp)
         oof[res["rows"]] = res["oof"]
         hist += res["history"]
     history = pd.DataFrame(hist)

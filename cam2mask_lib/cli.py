@@ -79,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train with their default parameters, so that the notebooks "
                                    "reuse them. Under torchrun --nproc_per_node=G the folds and "
                                    "the (network, fold) pairs are spread over the G ranks; every "
-                                   "network is the one a single process trains.")
+                                   "network is the one a single process trains. With fewer "
+                                   "classifier folds than ranks (e.g. --fold 0 on two GPUs) the "
+                                   "ranks train each fold together instead (DDP, BatchNorm over "
+                                   "the whole batch).")
     t.add_argument("--profile", default="cpu", help="smoke, cpu or paper")
     t.add_argument("--data-dir", help="dataset folder; default: the profile's synthetic set")
     t.add_argument("--fold", type=int, nargs="+", metavar="K",
                    help="train only these folds of the classifier")
+    t.add_argument("--override", nargs="+", metavar="FIELD=VALUE", default=[],
+                   help="profile fields, dotted (e.g. classifier.batch_size=32)")
     t.add_argument("--stages", nargs="+", default=["classifier"],
                    choices=["classifier", "segmentation", "grid"],
                    help="what to train: the classifier (always, when a later stage needs it), "
@@ -193,6 +198,7 @@ def _train(args) -> int:
     if nets and args.fold:
         raise UserError("--fold trains part of the classifier; the segmentation stages need "
                         "every fold: leave out --fold or --stages " + " ".join(nets))
+    overrides = _parse_set(args.override, "--override")
     classifier = {"encoder": args.encoder, "epochs": args.epochs, "weights_path": args.weights_path}
     if args.random_weights:
         flags = with_random_weights({"classifier.weights_path": args.weights_path})
@@ -204,11 +210,14 @@ def _train(args) -> int:
         with distributed.rank_zero_first():  # data, folds and the image cache made once
             ctx = context(args.profile, args.data_dir, artifacts_dir=args.artifacts_dir,
                           progress=progress if distributed.rank() == 0 else False,
-                          device=device, classifier=classifier)
+                          device=device, classifier=classifier, **overrides)
             ctx.images()
         n_ranks = distributed.world()
         todo = sorted(set(args.fold)) if args.fold else list(range(ctx.profile.n_folds))
-        classifier_stage(ctx, only_folds=distributed.my_folds(todo), progress=progress)
+        ddp = len(todo) < n_ranks  # fewer folds than ranks: the ranks train each fold together
+        classifier_stage(ctx, only_folds=todo if ddp else distributed.my_folds(todo),
+                         progress=progress if distributed.rank() == 0 or not ddp else False,
+                         ddp=ddp)
         distributed.barrier()
         with distributed.rank_zero_first():  # every fold done: read (rank 0 writes oof.csv)
             res = classifier_stage(ctx, only_folds=todo, progress=False)
@@ -231,7 +240,8 @@ def _train(args) -> int:
     aucs = ", ".join(f"{c}: {a:.4f}" for c, a in zip(ctx.index.class_names, res.auc))
     state = "all folds" if res.complete else "finished folds only"
     ranks = f" on {n_ranks} ranks" if n_ranks > 1 else ""
-    print(f"run folder {res.dir}{ranks}\nROC-AUC ({state}): {aucs}")
+    how = " (DDP inside each fold)" if n_ranks > 1 and ddp else ""
+    print(f"run folder {res.dir}{ranks}{how}\nROC-AUC ({state}): {aucs}")
     if nets:
         print(f"segmentation networks ({', '.join(nets)}): {len(jobs)} set-ups under "
               f"{ctx.artifacts / 'segmentation'}, rank 0 trained or reused {n_units} "

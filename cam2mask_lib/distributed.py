@@ -3,7 +3,9 @@
 Cross-validation folds are independent and each is seeded by (seed, fold), so spreading them over
 ranks changes no number: rank ``r`` of ``G`` trains folds ``r, r + G, ...`` (:func:`my_folds`),
 every rank waits for the others (a barrier), and rank 0 assembles the out-of-fold table from the
-finished folds exactly as a single process would. The segmentation networks of notebooks 04-06
+finished folds exactly as a single process would. With fewer folds than ranks, the ranks train
+each fold together instead (DDP inside a fold: every rank a slice of every batch, BatchNorm over
+the whole batch by :func:`sync_batchnorm`). The segmentation networks of notebooks 04-06
 are dealt the same way, one (network, held-out fold) pair at a time (:func:`my_share`, used by
 :func:`cam2mask_lib.experiments.train_networks`). Work that every rank reads (the synthetic set,
 the folds file, the resized-image cache) is made by rank 0 first (:func:`rank_zero_first`).
@@ -16,6 +18,8 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
 
 
 def launched() -> bool:
@@ -73,3 +77,102 @@ def rank_zero_first():
 def finish() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP inside a fold: every rank a slice of every batch, BatchNorm over the whole batch
+# ------------------------------------------------------------------------------------------------
+
+def batch_slices(order, batch_size: int, this_rank: int, n_ranks: int):
+    """This rank's images of each batch of ``order`` (batches of ``batch_size``, in order):
+    ``(mine, sizes)``, ``mine`` the concatenated slices ``batch[this_rank::n_ranks]`` and
+    ``sizes`` the whole batches' sizes. ``batch_size`` must divide by ``n_ranks``, so every slice
+    but the last has ``batch_size // n_ranks`` images and ``mine`` can be read in batches of that
+    size; a last batch with fewer images than ranks is left out, so that every rank takes the
+    same number of steps."""
+    import numpy as np
+
+    if batch_size % n_ranks:
+        raise ValueError(f"batch size {batch_size} does not divide among {n_ranks} ranks")
+    order = np.asarray(order)
+    starts = range(0, len(order), batch_size)
+    sizes = [min(batch_size, len(order) - s) for s in starts]
+    if sizes and sizes[-1] < n_ranks:
+        sizes = sizes[:-1]
+    parts = [order[s:s + n][this_rank::n_ranks] for s, n in zip(starts, sizes)]
+    return (np.concatenate(parts) if parts else order[:0]), sizes
+
+
+# BatchNorm over every rank's slice of a batch (DDP inside a fold)
+# ------------------------------------------------------------------------------------------------
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the ranks, differentiable: the backward sums the gradients
+    (torch's functional collectives)."""
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
+
+
+def _synced(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """Batch normalisation of ``x`` with the mean and (biased) variance of every rank's ``x``
+    together, as one process would compute them on the whole batch; the running statistics are
+    updated with the unbiased variance, as ``nn.BatchNorm2d`` does. The sums cross ranks through
+    an all-reduce whose backward all-reduces the gradients, so that every rank's input gradient
+    is that of the sum of the ranks' losses."""
+    c = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    count = torch.full((1,), x.numel() // c, dtype=x.dtype, device=x.device)
+    sums = _all_sum(torch.cat([x.sum(dims), count]))
+    n = sums[c]
+    mean = sums[:c] / n
+    centred = x - mean.view(shape)
+    var = _all_sum((centred * centred).sum(dims)) / n
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y
+
+
+class _RankSynced:
+    """Mixed into a BatchNorm class by :func:`sync_batchnorm`: in training, with more than one
+    rank, statistics over all ranks (:func:`_synced`); timm's ``BatchNormAct2d`` keeps its drop
+    and activation after the normalisation; otherwise the class's own forward."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        y = _synced(x, self)
+        if hasattr(self, "drop"):
+            y = self.drop(y)
+        if hasattr(self, "act"):
+            y = self.act(y)
+        return y
+
+
+_SYNCED_CLASSES: dict[type, type] = {}
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with BatchNorm statistics computed over every rank's slice of the batch: on CUDA
+    torch's ``SyncBatchNorm`` (through timm's converter, which keeps timm's norm + activation
+    layers); on the CPU, where ``SyncBatchNorm`` has no kernel, each BatchNorm module's class is
+    swapped for a subclass that all-reduces the sums over gloo (:func:`_synced`, tested against
+    ``nn.BatchNorm2d`` on the whole batch). Parameter and buffer names are unchanged, so a
+    checkpoint fits the plain model."""
+    if any(p.is_cuda for p in model.parameters()):
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _RankSynced):
+            cls = type(m)
+            if cls not in _SYNCED_CLASSES:
+                _SYNCED_CLASSES[cls] = type(f"RankSynced{cls.__name__}", (_RankSynced, cls), {})
+            m.__class__ = _SYNCED_CLASSES[cls]
+    return model

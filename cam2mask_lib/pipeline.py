@@ -108,11 +108,12 @@ def context(profile: str | Profile = "cpu", data_dir: str | Path | None = None,
                    artifacts=art, prov=provenance(prof, index, device), device=device)
 
 
-def classifier_stage(ctx: Context, only_folds=None, progress: bool = True) -> ClassifierRun:
+def classifier_stage(ctx: Context, only_folds=None, progress: bool = True,
+                     ddp: bool = False) -> ClassifierRun:
     """Train (or reuse) the profile's classifier on every fold; see :func:`classify.train_cv`."""
     cfg = ctx.profile.classifier
     return train_cv(ctx.index, ctx.folds, cfg, ctx.artifacts / "classifier",
-                    only_folds=only_folds, progress=progress, ds=ctx.images())
+                    only_folds=only_folds, progress=progress, ds=ctx.images(), ddp=ddp)
 
 
 def cam_stage(ctx: Context, run: ClassifierRun, method: str = "gradcam++",

@@ -45,6 +45,8 @@ class ResumableTrainer:
     override the hooks below. ``fit`` returns the history (one record per epoch).
     """
 
+    writer = True  # False on the ranks of a DDP run that leave the checkpoints to rank 0
+
     def __init__(self, out: str | Path, epochs: int, seed: int, fold: int = 0,
                  desc: str = "train", progress: bool = True):
         self.out, self.epochs, self.seed, self.fold = Path(out), int(epochs), int(seed), int(fold)
@@ -91,8 +93,9 @@ class ResumableTrainer:
             record = self.run_epoch(epoch, gen)
             self.history.append(record)
             self.after_epoch(epoch, record)
-            save_checkpoint(self.state_path, {**self.state(), "history": self.history,
-                                              "epoch": epoch})
+            if self.writer:
+                save_checkpoint(self.state_path, {**self.state(), "history": self.history,
+                                                  "epoch": epoch})
             post = self.postfix(record)
             bar.set_postfix(post)
             say(self.progress, f"{self.desc}: epoch {epoch + 1}/{self.epochs} " +
