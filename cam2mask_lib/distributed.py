@@ -14,12 +14,16 @@ Backends: NCCL on CUDA, gloo on the CPU (the test runs two gloo processes).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
+
+
+BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def launched() -> bool:
@@ -32,7 +36,9 @@ def init() -> tuple[int, int, str]:
     device)``, the device being ``cuda:<LOCAL_RANK>`` on a GPU machine, else ``cpu``."""
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # ranks wait at barriers for the slowest (a rank with one fold more waits a whole fold:
+        # an hour on the paper profile), far past the default 10 (NCCL) or 30 (gloo) minutes
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
