@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
+from .classify import load_fold_model
 from .postprocess import Params, Stats, apply, collect_stats, search
 from .segment import SegConfig, predict_masks, pseudo_labels, train_segmenter
 from .utils import ConfigError, stable_hash
@@ -239,9 +240,11 @@ def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = Non
         folds = [k for k in folds if k in set(only_folds)]
     ds = ctx.seg_images()
     train_ok = ctx.index.labels.any(1) if stage.defective_only else np.ones(len(ctx.index), bool)
-    encoders = {}
-    if cfg.encoder_init == "classifier" and folds:
-        encoders = {k: m.encoder.state_dict() for k, m in ctx.fold_models(classifier).items()}
+    encoders = {}  # the fold's classifier encoder, for the folds still to train
+    if cfg.encoder_init == "classifier":
+        encoders = {k: load_fold_model(classifier.dir, k, classifier.num_classes,
+                                       classifier.config, ctx.device).encoder.state_dict()
+                    for k in folds if not (run / f"fold{k}" / "final.pt").is_file()}
     t0 = time.perf_counter()
     models = {}
     for k in folds:
