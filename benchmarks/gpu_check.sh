@@ -32,8 +32,9 @@ tests=$?
 python3 -m cam2mask_lib train --profile smoke --stages classifier segmentation grid \
     --artifacts-dir /tmp/cam2mask_gpu_smoke --no-progress 2>&1 | tail -4 | tee "$out/train_stages.log"
 stages=$?
-python3 benchmarks/gpu_pipeline.py --encoder efficientnet_b0 --size 256 1600 --images 512 \
-    --batch 64 --seg-batch 16 --workers 8 2>&1 | tee "$out/gpu_pipeline.log"
+# BENCH_ARGS: other shapes (e.g. "--size 128 800 --images 96" for a quick run)
+python3 benchmarks/gpu_pipeline.py ${BENCH_ARGS:---encoder efficientnet_b0 --size 256 1600 \
+    --images 512 --batch 64 --seg-batch 16 --workers 8} 2>&1 | tee "$out/gpu_pipeline.log"
 bench=$?
 echo "test_cuda exit $tests, train --stages exit $stages, gpu_pipeline exit $bench"
 exit $(( tests || stages || bench ))
