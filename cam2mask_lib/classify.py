@@ -316,16 +316,12 @@ class ClassifierTrainer(ResumableTrainer):
                 self.model, device_ids=[self.device.index] if cuda else None)
 
     def _train_batches(self, gen: torch.Generator):
-        """``(images, labels, images in the whole batch)`` of one epoch: the whole batches with
-        one rank; with DDP this rank's slice of each (a last batch smaller than the number of
-        ranks is left out, so that every rank takes the same number of steps)."""
-        cfg = self.cfg
-        if self.world == 1:
-            for x, y in _batches(self.ds, self.train_rows, cfg.batch_size, gen, cfg.num_workers):
-                yield x, y, len(x)
-            return
-        rows = self.train_rows
-        order = rows[torch.randperm(len(rows), generator=gen).numpy()]  # as _batches draws it
+        """``(images, labels, images in the whole batch)`` of one epoch, shuffled with ``gen``:
+        the whole batches with one rank; with DDP this rank's slice of each (a last batch smaller
+        than the number of ranks is left out, so that every rank takes the same number of
+        steps)."""
+        cfg, rows = self.cfg, self.train_rows
+        order = rows[torch.randperm(len(rows), generator=gen).numpy()]
         mine, sizes = distributed.batch_slices(order, cfg.batch_size, self.rank, self.world)
         per_rank = cfg.batch_size // self.world
         for (x, y), n in zip(_batches(self.ds, mine, per_rank, None, cfg.num_workers), sizes):
@@ -344,8 +340,8 @@ class ClassifierTrainer(ResumableTrainer):
             with autocast(self.device):
                 loss = self.loss_fn(self.net(to_model(x, model)).float(), y.to(self.device))
             self.opt.zero_grad(set_to_none=True)
-            # DDP averages the ranks' gradients: each rank's mean is weighted by its share
-            (loss if self.world == 1 else loss * (len(x) * self.world / size)).backward()
+            # DDP averages the ranks' gradients: each rank's mean is weighted by its share (1 alone)
+            (loss * (len(x) * self.world / size)).backward()
             self.opt.step()
             tot += float(loss.detach()) * len(x)
             n += len(x)
@@ -368,10 +364,10 @@ class ClassifierTrainer(ResumableTrainer):
         """Keep the weights of the ``top_k`` epochs with the lowest validation loss."""
         self.top.append((record["val_loss"], epoch))
         self.top.sort()
-        if self.writer and any(e == epoch for _, e in self.top[:self.cfg.top_k]):
-            save_checkpoint(self.out / f"epoch{epoch}.pt", self.model.state_dict())
-        for _, e in self.top[self.cfg.top_k:]:
-            if self.writer:
+        if self.writer:
+            if any(e == epoch for _, e in self.top[:self.cfg.top_k]):
+                save_checkpoint(self.out / f"epoch{epoch}.pt", self.model.state_dict())
+            for _, e in self.top[self.cfg.top_k:]:
                 (self.out / f"epoch{e}.pt").unlink(missing_ok=True)
         self.top = self.top[:self.cfg.top_k]
 
@@ -393,12 +389,11 @@ class ClassifierTrainer(ResumableTrainer):
         """The top epochs' weights averaged (BatchNorm statistics recomputed on the training
         images): the fold's final model."""
         states = [load_checkpoint(self.out / f"epoch{e}.pt") for _, e in self.top]
-        cfg, model = self.cfg, self.model
-        bn_gen = torch.Generator().manual_seed(cfg.seed + self.fold)
-        bn_batches = (to_model(x, model)
-                      for x, _ in _batches(self.ds, self.train_rows, cfg.batch_size, bn_gen,
-                                           cfg.num_workers))
-        return averaged_model(model, states, bn_batches, self.device)
+        bn_gen = torch.Generator().manual_seed(self.cfg.seed + self.fold)
+        bn_batches = (to_model(x, self.model)
+                      for x, _ in _batches(self.ds, self.train_rows, self.cfg.batch_size, bn_gen,
+                                           self.cfg.num_workers))
+        return averaged_model(self.model, states, bn_batches, self.device)
 
 
 def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainConfig,

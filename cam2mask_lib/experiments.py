@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import paper
+from . import distributed, paper
 from .cams import FAST_METHODS, CamCache, compute_cams
 from .classify import ClassifierRun
 from .data import resize_image
@@ -31,7 +31,6 @@ from .metrics import DiceReport, dice_report
 from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
                           report, search, write_predictions)
 from .refine import Refined, RefineConfig, refine_stage
-from . import distributed
 from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
                         confident_targets, eval_rows, predict_masks_at, refined_targets,
                         seg_folds, seg_stats, segmenter_dir, teacher_thresholds,
