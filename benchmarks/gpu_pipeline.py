@@ -28,6 +28,7 @@ from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, predict_logits
 from cam2mask_lib.data import ImageDataset, image_array, load_dataset, resize_mask
 from cam2mask_lib.device import autocast, resolve_device
 from cam2mask_lib.losses import make_loss
+from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.report import machine, software
 from cam2mask_lib.segment import SegConfig, SegmenterTrainer
 from cam2mask_lib.synth import generate
@@ -166,25 +167,35 @@ def main(argv=None) -> None:
     # the paper profile's counts: 12,568 images, 5 folds x 30 epochs (4/5 trained, 1/5 validated
     # per epoch, counted at the training rate), 3 CAM variants (one with 6 views: counted at its
     # measured rate, the others at 6x it); segmentation (experiments.network_jobs): Table 3's 4
-    # training sets and Table 5's self-trained network on all images of 4 folds, Table 4's 17
-    # grid runs on the defective ones, each x 5 folds x 20 epochs at the same size
+    # training sets and Table 5's self-trained network on all images of 4 folds, x 5 held-out
+    # folds, and Table 4's 17 grid runs on the defective ones, x the grid's held-out folds (the
+    # paper profile: fold 0 only, one split as in the thesis), each 20 epochs at the same size
     N = paper.TOTAL_IMAGES
     defective = paper.TOTAL_IMAGES - paper.DEFECT_FREE_IMAGES
-    fold_s = 30 * N / rate["classifier training"] + N / 5 / rate["out-of-fold prediction"]
+    prof = get_profile("paper")
+    seg_epochs, n_folds = prof.segmentation.net.epochs, prof.n_folds
+    seg_folds = len(prof.segmentation.folds or range(n_folds))
+    grid_folds = len(prof.grid.folds or prof.segmentation.folds or range(n_folds))
+    cls_epochs = prof.classifier.epochs
+    fold_s = (cls_epochs * N / rate["classifier training"]
+              + N / n_folds / rate["out-of-fold prediction"])
     cam_s = N / rate["CAM stage"] * (1 + 2 / 6)
-    unit = {"tables 3 and 5": (5, 20 * N * 4 / 5), "grid": (17, 20 * defective * 4 / 5)}
-    seg_s = sum(n * 5 * imgs for n, imgs in unit.values()) / rate["segmentation training"]
-    total = 5 * fold_s + cam_s + seg_s
+    unit = {"tables 3 and 5": (5 * seg_folds, seg_epochs * N * 4 / 5),
+            "grid": (17 * grid_folds, seg_epochs * defective * 4 / 5)}
+    seg_s = sum(n * imgs for n, imgs in unit.values()) / rate["segmentation training"]
+    total = n_folds * fold_s + cam_s + seg_s
+    n_nets = sum(n for n, _ in unit.values())
     print(f"\nprojected paper profile on this device at these shapes: classifier + out-of-fold "
-          f"{5 * fold_s / 3600:.2f} h, CAMs {cam_s / 60:.1f} min, segmentation networks "
-          f"{seg_s / 3600:.2f} h (22 set-ups x 5 folds); total {total / 3600:.2f} h")
+          f"{n_folds * fold_s / 3600:.2f} h, CAMs {cam_s / 60:.1f} min, segmentation networks "
+          f"{seg_s / 3600:.2f} h ({n_nets} network trainings: 5 set-ups x {seg_folds} folds, "
+          f"17 grid runs x {grid_folds}); total {total / 3600:.2f} h")
     # several such devices under torchrun (cam2mask train --stages classifier segmentation grid):
     # folds dealt round-robin, CAMs on rank 0, (network, fold) pairs dealt round-robin
     pairs = [imgs / rate["segmentation training"] for n, imgs in unit.values()
-             for _ in range(n * 5)]  # in the order train_networks deals them
+             for _ in range(n)]  # in the order train_networks deals them
     for g in (2, 4, 8):
         seg_g = max(sum(pairs[r::g]) for r in range(g))
-        spread = -(-5 // g) * fold_s + cam_s + seg_g
+        spread = -(-n_folds // g) * fold_s + cam_s + seg_g
         print(f"  on {g} such devices (torchrun, assuming the same rate per device): "
               f"{spread / 3600:.2f} h")
 

@@ -368,7 +368,9 @@ def segmentation_examples(ctx: Context, run: ClassifierRun, seg: SegmentationRes
 @dataclass(frozen=True)
 class GridConfig:
     """Notebook 05's runs: ``epochs`` and input ``size`` (None: the segmentation stage's),
-    training images per run (``max_train``, None: the stage's), and the thesis's ResNet encoder
+    training images per run (``max_train``, None: the stage's), the held-out ``folds`` scored
+    (None: the stage's; the thesis scored one split, so the paper profile holds out fold 0 only),
+    and the thesis's ResNet encoder
     (``encoder``, a timm name; None: the classifier's encoder, started from the classifier),
     which starts from ImageNet weights where the segmentation network does (``pretrained``), from
     ``weights_path`` (a local file of that encoder's weights) when given."""
@@ -378,8 +380,11 @@ class GridConfig:
     encoder: str | None = "resnet34"
     max_train: int | None = None
     weights_path: str | None = None
+    folds: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.folds is not None:
+            object.__setattr__(self, "folds", tuple(int(f) for f in self.folds))
         if self.size is not None:
             object.__setattr__(self, "size", check_size(tuple(int(v) for v in self.size),
                                                         "grid size"))
@@ -442,11 +447,12 @@ def grid_runs(thesis: bool = True, lecture=tuple(LECTURE_RUNS)) -> dict[str, Gri
 
 
 def grid_context(ctx: Context) -> Context:
-    """The context of notebook 05: the grid's input size, epochs and training images, trained on
-    defective images only as in the thesis."""
+    """The context of notebook 05: the grid's input size, epochs, training images and held-out
+    folds, trained on defective images only as in the thesis."""
     seg, g = ctx.profile.segmentation, ctx.profile.grid
     stage = dataclasses.replace(
         seg, size=g.size or seg.size, defective_only=True, max_train=g.max_train or seg.max_train,
+        folds=seg.folds if g.folds is None else g.folds,
         net=dataclasses.replace(seg.net, epochs=g.epochs or seg.net.epochs))
     return dataclasses.replace(ctx, profile=dataclasses.replace(ctx.profile, segmentation=stage))
 

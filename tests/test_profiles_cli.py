@@ -64,3 +64,28 @@ def test_cli_synth_check_and_errors(tmp_path, capsys):
     assert "train.csv, line" in err and "nope.jpg" in err
     assert main(["reproduce", "--profile", "nosuch"]) == 2
     assert "unknown profile" in capsys.readouterr().err
+
+
+def test_grid_holds_out_its_own_folds(tmp_path):
+    """Notebook 05's grid scores the grid's ``folds`` where given (the paper profile: fold 0, one
+    split as in the thesis), else the segmentation stage's; fold numbers out of range are refused
+    when the profile is made, before any work."""
+    import numpy as np
+
+    from cam2mask_lib.experiments import grid_context
+    from cam2mask_lib.pipeline import Context
+    from cam2mask_lib.seg_stage import seg_folds
+
+    def folds_of(name="paper", **overrides):
+        ctx = Context(profile=get_profile(name, **overrides), index=None,
+                      folds=np.arange(10) % 5, figures=tmp_path, artifacts=tmp_path, prov=None)
+        return seg_folds(ctx), seg_folds(grid_context(ctx))
+
+    assert folds_of() == ([0, 1, 2, 3, 4], [0])
+    assert folds_of(**{"segmentation.folds": [1, 2]}) == ([1, 2], [0])
+    assert folds_of("cpu") == ([0], [0])  # no grid folds: the stage's
+    assert folds_of("cpu", **{"segmentation.folds": [1, 2]}) == ([1, 2], [1, 2])
+    assert folds_of(**{"grid.folds": [3, 4]}) == ([0, 1, 2, 3, 4], [3, 4])
+    for bad in ({"grid.folds": [5]}, {"segmentation.folds": [-1]}, {"grid.folds": []}):
+        with pytest.raises(ConfigError, match="folds=.*expected fold numbers 0..4"):
+            get_profile("paper", **bad)
