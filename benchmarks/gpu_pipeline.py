@@ -24,7 +24,7 @@ import torch
 
 from cam2mask_lib import paper
 from cam2mask_lib.cams import cam_dataset
-from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, predict_logits
+from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, _batches, predict_logits
 from cam2mask_lib.data import ImageDataset, image_array, load_dataset, resize_mask
 from cam2mask_lib.device import autocast, resolve_device
 from cam2mask_lib.losses import make_loss
@@ -158,11 +158,27 @@ def main(argv=None) -> None:
         t_bare = timed(run, device)
         rows_out.append(("segmentation training", n / t_pipe, steps * args.seg_batch / t_bare))
 
+        # 5. reading the JPEG files, as the paper profile does (it caches nothing): decoded by PIL
+        # in the DataLoader workers, or read there and decoded per batch on the device
+        # (classifier decode="device": torchvision's decode_jpeg, nvJPEG on CUDA)
+        workers, reading = max(1, args.workers), {}
+        for how, where in (("PIL in the workers", None), (f"decode_jpeg on {device}", device)):
+            rds = ImageDataset(index, size, with_masks=False, decode_device=where)
+
+            def sweep(rds=rds):
+                for xb_, _ in _batches(rds, rows, args.batch, None, workers):
+                    xb_.to(device, non_blocking=True)
+            sweep()
+            reading[how] = n / timed(sweep, device)
+
     print()
     print("| stage | pipeline images/s | bare network images/s | ratio |")
     print("| --- | --- | --- | --- |")
     for name, p, b in rows_out:
         print(f"| {name} | {p:.1f} | {b:.1f} | {p / b:.0%} |")
+    print(f"\nreading {n} JPEG files at {size[0]}x{size[1]} ({workers} workers), images/s: " +
+          "; ".join(f"{how} {r:.1f}" for how, r in reading.items()) +
+          f" (the bare classifier trains {rows_out[0][2]:.1f})")
     rate = {name.split(" (")[0]: p for name, p, _ in rows_out}
     # the paper profile's counts: 12,568 images, 5 folds x 30 epochs (4/5 trained, 1/5 validated
     # per epoch, counted at the training rate), 3 CAM variants (one with 6 views: counted at its

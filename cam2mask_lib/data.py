@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -630,11 +631,17 @@ class ImageDataset:
     has masks and ``with_masks``, ``index`` and ``image_id``. ``cache=True`` keeps the resized
     uint8 arrays in memory after the first read (worth it for small profiles: no JPEG decoding
     per epoch). ``rows`` restricts it to a subset (e.g. one fold).
+
+    ``decode_device``: the batches of :meth:`loader` are decoded there instead of in the
+    workers, which then only read each JPEG's bytes: one batched ``torchvision.io.decode_jpeg``
+    call per batch (nvJPEG on CUDA), resized there when the files are not at ``size``
+    (:func:`decode_jpeg_batch`). Every image must be a JPEG. Single items (``ds[k]``,
+    :meth:`arrays`) are still decoded by PIL.
     """
 
     def __init__(self, index: DatasetIndex, size: tuple[int, int], rows: Iterable[int] | None = None,
                  with_masks: bool = True, normalize: bool = True, cache: bool = False,
-                 array: np.ndarray | None = None):
+                 array: np.ndarray | None = None, decode_device: torch.device | str | None = None):
         self.index = index
         self.size = (int(size[0]), int(size[1]))
         self.rows = np.arange(len(index)) if rows is None else np.asarray(list(rows), dtype=int)
@@ -647,6 +654,13 @@ class ImageDataset:
                              f"{self.size[0]}, {self.size[1]}, 3)")
         self.array = array  # resized uint8 images [N, H, W, 3] of the whole index, e.g. memory-mapped
         self._loaders: dict[tuple[int, int], RowLoader] = {}
+        self.decode_device = None if decode_device is None else torch.device(decode_device)
+        if self.decode_device is not None:
+            if array is not None or cache:
+                raise ConfigError("decoding on the device reads the JPEG files for every batch; "
+                                  "it cannot be combined with a cache of decoded images "
+                                  "(cache_images)")
+            check_jpegs([index.image_paths[i] for i in self.rows])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -669,7 +683,11 @@ class ImageDataset:
 
     def uint8_batch(self, ks) -> torch.Tensor:
         """The images of items ``ks`` as uint8 ``[len(ks), 3, H, W]``: a quarter of the bytes to
-        move, normalised where the network runs (:func:`normalize_images`, ``device.to_model``)."""
+        move, normalised where the network runs (:func:`normalize_images`, ``device.to_model``).
+        With ``decode_device``, decoded there in one call."""
+        if self.decode_device is not None:
+            return decode_jpeg_batch([self._jpeg_bytes(int(k)) for k in ks], self.size,
+                                     self.decode_device)
         return torch.stack([_chw(self.arrays(int(k))[0]) for k in ks])
 
     def raw(self) -> "ImageDataset":
@@ -688,6 +706,8 @@ class ImageDataset:
         return self._loaders[key]
 
     def __getitem__(self, k: int) -> dict:
+        if getattr(self, "_raw", False) and self.decode_device is not None:
+            return self._encoded_item(k)
         img, masks = self.arrays(k)
         x = _chw(img)
         if not getattr(self, "_raw", False):
@@ -698,6 +718,67 @@ class ImageDataset:
         if masks is not None:
             item["masks"] = torch.from_numpy(masks)
         return item
+
+
+    def _jpeg_bytes(self, k: int) -> torch.Tensor:
+        path = self.index.image_paths[int(self.rows[k])]
+        try:
+            return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file is missing") from None
+
+    def _encoded_item(self, k: int) -> dict:
+        """Item ``k`` with the JPEG file's bytes as ``image`` (decoded later, on the device)."""
+        i = int(self.rows[k])
+        item = {"image": self._jpeg_bytes(k), "labels": torch.from_numpy(self.index.labels[i].astype(np.float32)),
+                "index": i, "image_id": self.index.image_ids[i]}
+        if self.with_masks:
+            item["masks"] = torch.from_numpy(resize_mask(self.index.mask(i), self.size))
+        return item
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+def check_jpegs(paths: Sequence[Path]) -> None:
+    """Every path names a JPEG file (by its suffix), else a ConfigError naming the first that
+    does not: ``torchvision.io.decode_jpeg`` decodes nothing else."""
+    for p in paths:
+        if Path(p).suffix.lower() not in JPEG_SUFFIXES:
+            raise ConfigError(f"{p}: not a JPEG file; decoding on the device (classifier "
+                              f"decode='device') reads JPEG files only: use decode='workers'")
+
+
+def decode_jpeg_batch(data: Sequence[torch.Tensor], size: tuple[int, int],
+                      device: torch.device) -> torch.Tensor:
+    """JPEG files' bytes (1-D uint8 tensors) -> uint8 RGB ``[B, 3, H, W]`` on ``device``: one
+    batched ``torchvision.io.decode_jpeg`` call (nvJPEG on CUDA; on the CPU it is the same
+    libjpeg-turbo decoding as PIL's, bit for bit, a test), each image resized to ``size`` there
+    when it is not at that size (bilinear with antialiasing, as PIL's resize; rounding may differ
+    by one grey level)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, not in this stack
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        imgs = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+    out = torch.empty((len(imgs), 3, *size), dtype=torch.uint8, device=device)
+    for k, img in enumerate(imgs):
+        if tuple(img.shape[-2:]) != tuple(size):
+            img = torch.nn.functional.interpolate(img[None].float(), size=size, mode="bilinear",
+                                                  antialias=True, align_corners=False)[0]
+            img = img.round_().clamp_(0, 255).to(torch.uint8)
+        out[k] = img
+    return out
+
+
+def _collate(items: list[dict]) -> dict:
+    """DataLoader's default collation, except encoded images (byte strings of different
+    lengths), which stay a list."""
+    if items and items[0]["image"].dtype == torch.uint8 and items[0]["image"].dim() == 1:
+        rest = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "image"}
+                                                 for it in items])
+        return {"image": [it["image"] for it in items], **rest}
+    return torch.utils.data.default_collate(items)
 
 
 class _RowBatches:
@@ -720,14 +801,17 @@ class RowLoader:
     """uint8 batches (``ImageDataset.raw`` items) of any rows of a dataset, decoded and resized by
     DataLoader workers that are started once and persist across passes (epochs, validation,
     out-of-fold prediction, BatchNorm updates): each pass only sends its row order. Batches arrive
-    in pinned memory when CUDA is present. One pass at a time."""
+    in pinned memory when CUDA is present. With the dataset's ``decode_device`` the workers read
+    the JPEG files' bytes and each batch is decoded there (:func:`decode_jpeg_batch`). One pass
+    at a time."""
 
     def __init__(self, ds: "ImageDataset", batch_size: int, num_workers: int):
         if num_workers < 1:
             raise ValueError(f"a RowLoader needs workers, got num_workers={num_workers}")
         self.sampler = _RowBatches(batch_size)
+        self.size, self.decode_device = ds.size, ds.decode_device
         self.loader = torch.utils.data.DataLoader(
-            ds.raw(), batch_sampler=self.sampler, num_workers=num_workers,
+            ds.raw(), batch_sampler=self.sampler, num_workers=num_workers, collate_fn=_collate,
             pin_memory=torch.cuda.is_available(), persistent_workers=True,
             # its own generator: a loader seeds its workers from the global generator otherwise,
             # which moves dropout's random stream and makes the weights depend on num_workers
@@ -741,7 +825,10 @@ class RowLoader:
         self._busy = True
         try:
             self.sampler.rows = [int(r) for r in rows]
-            yield from self.loader
+            for b in self.loader:
+                if self.decode_device is not None:
+                    b["image"] = decode_jpeg_batch(b["image"], self.size, self.decode_device)
+                yield b
         finally:
             self._busy = False
 

@@ -52,10 +52,12 @@ class Context:
         profile's ``cache_images`` they are resized once into a memory-mapped uint8 array under
         ``artifacts/images`` that every stage and session reuses."""
         if self._images is None:
-            size = self.profile.image_size
+            size, cfg = self.profile.image_size, self.profile.classifier
             arr = (image_array(self.index, size, self.artifacts / "images", progress=False)
-                   if self.profile.classifier.cache_images else None)
-            self._images = ImageDataset(self.index, size, with_masks=False, array=arr)
+                   if cfg.cache_images else None)
+            self._images = ImageDataset(self.index, size, with_masks=False, array=arr,
+                                        decode_device=self.device if cfg.decode == "device"
+                                        else None)
         return self._images
 
     @property

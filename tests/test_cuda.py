@@ -41,3 +41,33 @@ def test_smoke_stages_on_cuda(tmp_path):
     assert np.isfinite(np.asarray(cache.low())).all()
     seg = experiments.segmentation_stage(ctx, run, cache, progress=False)
     assert seg.table["Dice (defective images)"].between(0, 1).all()
+
+
+def test_jpegs_decoded_on_cuda_are_pils_within_rounding(synth_dir):
+    """nvJPEG's decoding (``decode_device="cuda"``) against PIL's, batch by batch through the
+    workers: the IDCT and the chroma upsampling may round differently, never by more than a few
+    grey levels, and the classifier's stage runs on those batches."""
+    from cam2mask_lib.classify import _batches
+    from cam2mask_lib.data import ImageDataset, load_dataset
+
+    index = load_dataset(synth_dir)
+    native = tuple(int(v) for v in index.shapes[0])
+    rows = np.arange(len(index))
+    want = ImageDataset(index, native, with_masks=False).uint8_batch(rows)
+    dev = ImageDataset(index, native, with_masks=False, decode_device="cuda")
+    got = torch.cat([x.cpu() for x, _ in _batches(dev, rows, 8, None, 2)])
+    diff = (got.int() - want.int()).abs()
+    assert int(diff.max()) <= 4 and float(diff.float().mean()) < 0.5, (int(diff.max()),
+                                                                        float(diff.float().mean()))
+
+
+def test_smoke_classifier_with_device_decoding(tmp_path):
+    from cam2mask_lib import pipeline
+
+    ctx = pipeline.context("smoke", artifacts_dir=tmp_path / "a", figures_dir=tmp_path / "f",
+                           device="cuda", **{"classifier.decode": "device",
+                                             "classifier.cache_images": False,
+                                             "classifier.num_workers": 2})
+    assert ctx.images().decode_device.type == "cuda"
+    run = pipeline.classifier_stage(ctx, progress=False)
+    assert run.complete and np.isfinite(run.oof).all()

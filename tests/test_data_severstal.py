@@ -214,3 +214,67 @@ def test_resize_mask_is_pils_nearest_for_every_mask():
         want = np.stack([np.asarray(Image.fromarray(m).resize(size[::-1], Image.NEAREST))
                          for m in masks.reshape(-1, 40, 250)]).reshape(2, 4, *size)
         assert got.dtype == np.uint8 and np.array_equal(got, want)
+
+
+def test_jpegs_decoded_on_the_device_equal_pils_images(synth_dir, tmp_path, monkeypatch):
+    """``decode_device``: the workers read JPEG bytes and each batch is decoded in one
+    ``torchvision.io.decode_jpeg`` call where the network runs. On the CPU that is PIL's
+    libjpeg-turbo decoding: bit for bit the same batches, with workers or without; resized
+    there (antialiased bilinear) within one grey level of PIL's resize. A folder that is not all
+    JPEG, or the option beside a decoded-image cache, is refused before any batch."""
+    import torch
+
+    from cam2mask_lib import data
+    from cam2mask_lib.classify import TrainConfig, _batches
+    from cam2mask_lib.data import ImageDataset, decode_jpeg_batch
+    from cam2mask_lib.utils import ConfigError
+
+    calls = []
+    monkeypatch.setattr(data, "decode_jpeg_batch",
+                        lambda *a: calls.append(len(a[0])) or decode_jpeg_batch(*a))
+    index = load_dataset(synth_dir)
+    native = tuple(int(v) for v in index.shapes[0])
+    rows = np.array([3, 0, 7, 5, 1])
+    for size in (native, (32, 200)):
+        pil = ImageDataset(index, size, with_masks=False)
+        dev = ImageDataset(index, size, with_masks=False, decode_device="cpu")
+        want = pil.uint8_batch(rows)
+        assert dev.raw()[0]["image"].dim() == 1  # the workers' items: the file's bytes
+        for workers in (0, 1):
+            calls.clear()
+            got = torch.cat([x for x, _ in _batches(dev, rows, 2, None, workers)])
+            assert calls == [2, 2, 1]  # one decoding call per batch
+            assert got.dtype == torch.uint8 and got.shape == want.shape
+            diff = (got.int() - want.int()).abs().max()
+            assert diff == 0 if size == native else diff <= 1, (size, workers, int(diff))
+    one = decode_jpeg_batch([dev._jpeg_bytes(3)], native, torch.device("cpu"))
+    assert torch.equal(one[0], ImageDataset(index, native, with_masks=False).uint8_batch([3])[0])
+
+    png = tmp_path / "png"
+    (png / "train_images").mkdir(parents=True)
+    for name, p in zip(index.image_ids, index.image_paths):
+        Image.open(p).save(png / "train_images" / name.replace(".jpg", ".png"))
+    (png / "train.csv").write_text("ImageId,ClassId,EncodedPixels\n")
+    with pytest.raises(ConfigError, match=r"\.png: not a JPEG file.*decode='workers'"):
+        ImageDataset(load_severstal(png), native, with_masks=False, decode_device="cpu")
+    with pytest.raises(ConfigError, match="cache"):
+        ImageDataset(index, native, with_masks=False, cache=True, decode_device="cpu")
+    with pytest.raises(ConfigError, match="cache_images=False"):
+        TrainConfig(encoder="mobilenetv3_small_050", decode="device")
+    with pytest.raises(ConfigError, match="decode='gpu'"):
+        TrainConfig(encoder="mobilenetv3_small_050", decode="gpu", cache_images=False)
+    plain = TrainConfig(encoder="mobilenetv3_small_050")
+    assert "decode" not in plain.key()  # the default keeps every cache key
+    assert TrainConfig(encoder="mobilenetv3_small_050", decode="device",
+                       cache_images=False).key()["decode"] == "device"
+
+
+def test_the_context_decodes_where_the_classifier_says(tmp_path):
+    from cam2mask_lib import pipeline
+
+    dirs = dict(artifacts_dir=tmp_path / "a", figures_dir=tmp_path / "f")
+    ctx = pipeline.context("smoke", **dirs, **{"classifier.decode": "device",
+                                               "classifier.cache_images": False})
+    ds = ctx.images()
+    assert ds.decode_device == ctx.device and ds.array is None
+    assert pipeline.context("smoke", **dirs).images().decode_device is None
