@@ -259,11 +259,13 @@ def _ratio(a: float, b: float) -> float:
 
 
 def segmentation_sets(ctx: Context, run: ClassifierRun, cache: CamCache, high: float = 0.6,
-                      low: float = 0.2) -> dict[str, Targets]:
+                      low: float = 0.2, tuned: dict[str, Params] | None = None
+                      ) -> dict[str, Targets]:
     """Table 3's training sets by name: the true masks, the CAM masks at the paper's threshold
-    and with the tuned per-class post-processing, and the confident CAM pixels."""
+    and with the tuned per-class post-processing (``tuned``, default :func:`tuned_params`),
+    and the confident CAM pixels."""
     aug = VARIANTS[BEST_VARIANT][1]
-    pc = tuned_params(ctx, run, cache)["per class"]
+    pc = (tuned or tuned_params(ctx, run, cache))["per class"]
     h, w = ctx.profile.image_size
     _, thr, mina = pc.per_class(ctx.index.num_classes)
     return {
@@ -289,7 +291,7 @@ def segmentation_stage(ctx: Context, run: ClassifierRun, cache: CamCache, high: 
     tuned = tuned_params(ctx, run, cache)
     pc = tuned["per class"]
     _, thr, _ = pc.per_class(len(names))
-    sets = segmentation_sets(ctx, run, cache, high, low)
+    sets = segmentation_sets(ctx, run, cache, high, low, tuned)
     trained = {k: train_segmenters(ctx, t, classifier=run, progress=progress)
                for k, t in sets.items()}
     rows_eval = eval_rows(ctx)
