@@ -27,9 +27,11 @@ from cam2mask_lib.cams import cam_dataset
 from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, _batches, predict_logits
 from cam2mask_lib.data import ImageDataset, image_array, load_dataset, resize_mask
 from cam2mask_lib.device import autocast, resolve_device
+from cam2mask_lib.experiments import grid_profile
 from cam2mask_lib.losses import make_loss
 from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.report import machine, software
+from cam2mask_lib.seg_stage import held_out_folds
 from cam2mask_lib.segment import SegConfig, SegmenterTrainer
 from cam2mask_lib.synth import generate
 from cam2mask_lib.trainer import epoch_generator
@@ -190,8 +192,8 @@ def main(argv=None) -> None:
     defective = paper.TOTAL_IMAGES - paper.DEFECT_FREE_IMAGES
     prof = get_profile("paper")
     seg_epochs, n_folds = prof.segmentation.net.epochs, prof.n_folds
-    seg_folds = len(prof.segmentation.folds or range(n_folds))
-    grid_folds = len(prof.grid.folds or prof.segmentation.folds or range(n_folds))
+    seg_folds = len(held_out_folds(prof))
+    grid_folds = len(held_out_folds(grid_profile(prof)))
     cls_epochs = prof.classifier.epochs
     fold_s = (cls_epochs * N / rate["classifier training"]
               + N / n_folds / rate["out-of-fold prediction"])

@@ -706,35 +706,29 @@ class ImageDataset:
         return self._loaders[key]
 
     def __getitem__(self, k: int) -> dict:
-        if getattr(self, "_raw", False) and self.decode_device is not None:
-            return self._encoded_item(k)
-        img, masks = self.arrays(k)
-        x = _chw(img)
-        if not getattr(self, "_raw", False):
-            x = normalize_images(x) if self.normalize else x.float().div_(255.0)
+        raw = getattr(self, "_raw", False)
         i = int(self.rows[k])
+        if raw and self.decode_device is not None:  # the file's bytes, decoded on the device
+            x = self._jpeg_bytes(k)
+            masks = resize_mask(self.index.mask(i), self.size) if self.with_masks else None
+        else:
+            img, masks = self.arrays(k)
+            x = _chw(img)
+            if not raw:
+                x = normalize_images(x) if self.normalize else x.float().div_(255.0)
         item = {"image": x, "labels": torch.from_numpy(self.index.labels[i].astype(np.float32)),
                 "index": i, "image_id": self.index.image_ids[i]}
         if masks is not None:
             item["masks"] = torch.from_numpy(masks)
         return item
 
-
     def _jpeg_bytes(self, k: int) -> torch.Tensor:
+        """Item ``k``'s JPEG file as its bytes (a 1-D uint8 tensor)."""
         path = self.index.image_paths[int(self.rows[k])]
         try:
             return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
         except FileNotFoundError:
             raise DataError(f"{path}: image file is missing") from None
-
-    def _encoded_item(self, k: int) -> dict:
-        """Item ``k`` with the JPEG file's bytes as ``image`` (decoded later, on the device)."""
-        i = int(self.rows[k])
-        item = {"image": self._jpeg_bytes(k), "labels": torch.from_numpy(self.index.labels[i].astype(np.float32)),
-                "index": i, "image_id": self.index.image_ids[i]}
-        if self.with_masks:
-            item["masks"] = torch.from_numpy(resize_mask(self.index.mask(i), self.size))
-        return item
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")

@@ -40,6 +40,7 @@ from .utils import ConfigError, bars, read_json, say, write_json
 
 if TYPE_CHECKING:  # annotations only: pipeline imports this module's configuration
     from .pipeline import Context
+    from .profiles import Profile
 
 # ------------------------------------------------------------------------------------------------
 # Table 2: masks from CAMs
@@ -448,15 +449,20 @@ def grid_runs(thesis: bool = True, lecture=tuple(LECTURE_RUNS)) -> dict[str, Gri
     return runs
 
 
-def grid_context(ctx: Context) -> Context:
-    """The context of notebook 05: the grid's input size, epochs, training images and held-out
-    folds, trained on defective images only as in the thesis."""
-    seg, g = ctx.profile.segmentation, ctx.profile.grid
+def grid_profile(profile: Profile) -> Profile:
+    """The profile whose segmentation stage is notebook 05's grid: the grid's input size, epochs,
+    training images and held-out folds, trained on defective images only as in the thesis."""
+    seg, g = profile.segmentation, profile.grid
     stage = dataclasses.replace(
         seg, size=g.size or seg.size, defective_only=True, max_train=g.max_train or seg.max_train,
         folds=seg.folds if g.folds is None else g.folds,
         net=dataclasses.replace(seg.net, epochs=g.epochs or seg.net.epochs))
-    return dataclasses.replace(ctx, profile=dataclasses.replace(ctx.profile, segmentation=stage))
+    return dataclasses.replace(profile, segmentation=stage)
+
+
+def grid_context(ctx: Context) -> Context:
+    """The context of notebook 05 (:func:`grid_profile`)."""
+    return dataclasses.replace(ctx, profile=grid_profile(ctx.profile))
 
 
 def grid_config(gctx: Context, spec: GridRun, classifier: ClassifierRun) -> SegConfig:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # annotations only: pipeline imports this module's configurat
     from .cams import CamCache
     from .classify import ClassifierRun
     from .pipeline import Context
+    from .profiles import Profile
     from .refine import Refined
 
 # bumped whenever refine.self_training_targets changes what it makes from the same inputs, so that
@@ -166,14 +167,17 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
 # One network per held-out fold
 # ------------------------------------------------------------------------------------------------
 
+def held_out_folds(profile: Profile) -> list[int]:
+    """The folds a profile's segmentation stage holds out and scores (each by a network trained
+    on the rest): its ``segmentation.folds``, else every fold (the profile has checked the
+    numbers when it was made)."""
+    folds = profile.segmentation.folds
+    return list(range(profile.n_folds)) if folds is None else list(folds)
+
+
 def seg_folds(ctx: Context) -> list[int]:
-    """The folds whose images are held out and scored (each by a network trained on the rest)."""
-    folds = ctx.profile.segmentation.folds
-    folds = list(range(ctx.profile.n_folds)) if folds is None else list(folds)
-    bad = [f for f in folds if not 0 <= f < ctx.profile.n_folds]
-    if bad:
-        raise ConfigError(f"segmentation folds {bad} out of range for {ctx.profile.n_folds} folds")
-    return folds
+    """The folds whose images are held out and scored in this context."""
+    return held_out_folds(ctx.profile)
 
 
 def eval_rows(ctx: Context) -> np.ndarray:
