@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from cam2mask_lib import paper
-from cam2mask_lib.cams import cam_dataset
+from cam2mask_lib.cams import CamCache, cam_dataset
 from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, _batches, predict_logits
 from cam2mask_lib.data import ImageDataset, image_array, load_dataset, resize_mask
 from cam2mask_lib.device import autocast, resolve_device
-from cam2mask_lib.experiments import grid_profile
+from cam2mask_lib.experiments import THRESHOLDS, grid_profile
 from cam2mask_lib.losses import make_loss
+from cam2mask_lib.postprocess import collect_stats
 from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.report import machine, software
 from cam2mask_lib.seg_stage import held_out_folds
@@ -140,6 +141,19 @@ def main(argv=None) -> None:
         rows_out.append(("CAM stage (Grad-CAM++, aug smoothing)", n / t_pipe,
                          max(1, n // 32) * 32 / t_bare))
 
+        # 3b. scoring the cached CAMs as Table 2 does: the aug-smoothed maps at the input size
+        # and their counts at every threshold, made on the device (only the counts come back),
+        # beside the same on the CPU with numpy; the true masks are decoded beforehand
+        cache = CamCache(cam_dir)
+        chunks = [rows[s:s + 32] for s in range(0, n, 32)]
+        trues = [np.stack([resize_mask(index.mask(int(i)), size) for i in c]) for c in chunks]
+        scoring = {}
+        for where in dict.fromkeys((device, torch.device("cpu"))):
+            def score(where=where):
+                collect_stats((cache.maps_on(where, c, size) for c in chunks), trues, THRESHOLDS)
+            score()
+            scoring[where] = n / timed(score, device)
+
         # 4. segmentation training: a U-Net with the classifier's encoder on the true masks
         seg = SegConfig(arch="unet", encoder=f"tu-{args.encoder}", epochs=1,
                         batch_size=args.seg_batch, device=str(device), slim=device.type == "cpu")
@@ -181,6 +195,8 @@ def main(argv=None) -> None:
     print(f"\nreading {n} JPEG files at {size[0]}x{size[1]} ({workers} workers), images/s: " +
           "; ".join(f"{how} {r:.1f}" for how, r in reading.items()) +
           f" (the bare classifier trains {rows_out[0][2]:.1f})")
+    print(f"scoring cached CAMs (aug smoothing, {len(THRESHOLDS)} thresholds), images/s: " +
+          "; ".join(f"on {where} {r:.1f}" for where, r in scoring.items()))
     rate = {name.split(" (")[0]: p for name, p, _ in rows_out}
     # the paper profile's counts: 12,568 images, 5 folds x 30 epochs (4/5 trained, 1/5 validated
     # per epoch, counted at the training rate), 3 CAM variants (one with 6 views: counted at its
@@ -198,13 +214,17 @@ def main(argv=None) -> None:
     fold_s = (cls_epochs * N / rate["classifier training"]
               + N / n_folds / rate["out-of-fold prediction"])
     cam_s = N / rate["CAM stage"] * (1 + 2 / 6)
+    # scoring: Table 2's three cached variants and Table 3's CAM masks, each a pass over every
+    # image at every threshold, on the device (the networks' scoring rides on their inference)
+    score_s = 4 * N / scoring[device]
     unit = {"tables 3 and 5": (5 * seg_folds, seg_epochs * N * 4 / 5),
             "grid": (17 * grid_folds, seg_epochs * defective * 4 / 5)}
     seg_s = sum(n * imgs for n, imgs in unit.values()) / rate["segmentation training"]
-    total = n_folds * fold_s + cam_s + seg_s
+    total = n_folds * fold_s + cam_s + score_s + seg_s
     n_nets = sum(n for n, _ in unit.values())
     print(f"\nprojected paper profile on this device at these shapes: classifier + out-of-fold "
-          f"{n_folds * fold_s / 3600:.2f} h, CAMs {cam_s / 60:.1f} min, segmentation networks "
+          f"{n_folds * fold_s / 3600:.2f} h, CAMs {cam_s / 60:.1f} min, scoring them "
+          f"{score_s / 60:.1f} min, segmentation networks "
           f"{seg_s / 3600:.2f} h ({n_nets} network trainings: 5 set-ups x {seg_folds} folds, "
           f"17 grid runs x {grid_folds}); total {total / 3600:.2f} h")
     # several such devices under torchrun (cam2mask train --stages classifier segmentation grid):
@@ -213,7 +233,7 @@ def main(argv=None) -> None:
              for _ in range(n)]  # in the order train_networks deals them
     for g in (2, 4, 8):
         seg_g = max(sum(pairs[r::g]) for r in range(g))
-        spread = -(-n_folds // g) * fold_s + cam_s + seg_g
+        spread = -(-n_folds // g) * fold_s + cam_s + score_s + seg_g
         print(f"  on {g} such devices (torchrun, assuming the same rate per device): "
               f"{spread / 3600:.2f} h")
 

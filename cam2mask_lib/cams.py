@@ -102,10 +102,15 @@ def smooth(views: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     Flipping back is done at feature resolution: min-max and the half-pixel-centred bilinear
     resize commute with a horizontal flip, and the small maps are cheap to flip."""
     with torch.no_grad():
-        low = torch.as_tensor(np.asarray(views, dtype=np.float32)).clone()
-        flipped = [v for v, (flip, _) in enumerate(AUG_VIEWS) if flip]
-        low[:, flipped] = low[:, flipped].flip(-1)
-        return _upsample_t(low, size).mean(dim=1).numpy()
+        return _smooth_t(torch.as_tensor(np.asarray(views, dtype=np.float32)), size).numpy()
+
+
+def _smooth_t(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`smooth` on a tensor, on its device."""
+    low = low.float().clone()
+    flipped = [v for v, (flip, _) in enumerate(AUG_VIEWS) if flip]
+    low[:, flipped] = low[:, flipped].flip(-1)
+    return _upsample_t(low, size).mean(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,10 +197,22 @@ def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smo
         out = np.empty((n, len(classes), H, W), np.float32)
         for s in range(0, n, batch_size):
             x = images[s:s + batch_size]
-            low = low_res_views(model, x, method, aug_smooth, target)[:, :, classes]
-            out[s:s + len(x)] = smooth(low, (H, W)) if aug_smooth else upsample(low[:, 0], (H, W))
+            out[s:s + len(x)] = fast_cams(model, x, method, aug_smooth, target, classes).cpu().numpy()
         return out
     return library_cams(model, images, method, aug_smooth, target_layer or own, target, classes)
+
+
+def fast_cams(model, x: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = False,
+              target: str = "logit", classes: Sequence[int] | None = None) -> torch.Tensor:
+    """The fast path's final maps of one batch, ``[N, C, H, W]`` float32 on the model's device
+    (:func:`compute_cams` is this, brought to numpy): only the small feature-resolution maps
+    leave the device between the weighting and the scaling, and the resize runs there."""
+    low = low_res_views(model, x, method, aug_smooth, target)
+    if classes is not None:
+        low = low[:, :, list(classes)]
+    with torch.no_grad():
+        low = torch.from_numpy(np.ascontiguousarray(low)).to(model_device(model))
+        return _smooth_t(low, x.shape[-2:]) if aug_smooth else _upsample_t(low[:, 0], x.shape[-2:])
 
 
 def library_cams(model, images, method, aug_smooth, target_layer, target, classes) -> np.ndarray:
@@ -266,15 +283,21 @@ class CamCache:
     def maps(self, rows: Sequence[int], size: tuple[int, int], aug_smooth: bool = True,
              classes: Sequence[int] | None = None) -> np.ndarray:
         """Final maps ``[len(rows), C, H, W]`` in [0, 1] for ``rows``, upsampled now."""
-        low = np.asarray(self.low()[list(rows)], dtype=np.float32)
+        return self.maps_on("cpu", rows, size, aug_smooth, classes).numpy()
+
+    def maps_on(self, device, rows: Sequence[int], size: tuple[int, int], aug_smooth: bool = True,
+                classes: Sequence[int] | None = None) -> torch.Tensor:
+        """:meth:`maps` as a float32 tensor made on ``device``: only the small feature-resolution
+        maps cross to it, the scaling and the resize to ``size`` run there."""
+        low = np.asarray(self.low()[list(rows)])
         if classes is not None:
             low = low[:, :, list(classes)]
-        if aug_smooth:
-            if low.shape[1] != len(AUG_VIEWS):
-                raise ValueError(f"{self.path} holds {low.shape[1]} view(s); aug smoothing needs "
-                                 f"{len(AUG_VIEWS)}")
-            return smooth(low, size)
-        return upsample(low[:, 0], size)
+        if aug_smooth and low.shape[1] != len(AUG_VIEWS):
+            raise ValueError(f"{self.path} holds {low.shape[1]} view(s); aug smoothing needs "
+                             f"{len(AUG_VIEWS)}")
+        with torch.no_grad():
+            low = torch.from_numpy(low).to(device).float()
+            return _smooth_t(low, size) if aug_smooth else _upsample_t(low[:, 0], size)
 
 
 def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: str = "gradcam++",

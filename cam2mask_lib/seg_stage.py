@@ -266,21 +266,22 @@ def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = Non
 # Prediction and scoring
 # ------------------------------------------------------------------------------------------------
 
-def predict_probs(ctx: Context, run: SegRun, rows, size=None, batch: int = 32
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def predict_probs(ctx: Context, run: SegRun, rows, size=None, batch: int = 32,
+                  numpy: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | torch.Tensor]]:
     """``(rows, probabilities [b, C, H, W])`` per batch: each held-out image by the network of
-    its own fold, upsampled (bilinear) to ``size`` (default: the scoring size, the classifier's
-    input). Rows come fold by fold, in the order of ``run.models``."""
+    its own fold, upsampled (bilinear, on the network's device) to ``size`` (default: the scoring
+    size, the classifier's input). Rows come fold by fold, in the order of ``run.models``.
+    ``numpy=False``: the probabilities stay tensors on the network's device."""
     ds = ctx.seg_images()
     size = tuple(size or ctx.profile.image_size)
     rows = np.asarray(rows)
     for k, model in run.models.items():
         for b, p in predict_masks(model, ds, rows[ctx.folds[rows] == k], loss=run.config.loss,
-                                  batch_size=batch):
+                                  batch_size=batch, numpy=False):
             if p.shape[-2:] != size:
-                p = torch.nn.functional.interpolate(torch.from_numpy(p), size=size,
-                                                    mode="bilinear", align_corners=False).numpy()
-            yield b, p
+                p = torch.nn.functional.interpolate(p, size=size, mode="bilinear",
+                                                    align_corners=False)
+            yield b, (p.cpu().numpy() if numpy else p)
 
 
 def predict_masks_at(ctx: Context, run: SegRun, rows, params: Params, probs: np.ndarray,
@@ -315,9 +316,9 @@ def seg_stats(ctx: Context, run: SegRun, thresholds=(SEG_THRESHOLD,), batch: int
     batches = []  # zip() in collect_stats takes a batch of maps before its true masks
 
     def maps():
-        for b, p in predict_probs(ctx, run, rows, size, batch):
+        for b, p in predict_probs(ctx, run, rows, size, batch, numpy=False):
             batches.append(b)
-            yield p
+            yield p  # counted on the network's device
 
     def trues():
         for i in itertools.count():

@@ -369,12 +369,14 @@ def train_segmenter(ds, targets, rows, num_classes: int, cfg: SegConfig, out: st
 
 
 @torch.no_grad()
-def predict_masks(model: nn.Module, ds, rows, loss: str = "bce_dice", batch_size: int = 16):
-    """Yield ``(rows, probabilities [b, C, H, W])`` per batch on the model's device (see
-    :func:`losses.probabilities`), as numpy arrays."""
+def predict_masks(model: nn.Module, ds, rows, loss: str = "bce_dice", batch_size: int = 16,
+                  numpy: bool = True):
+    """Yield ``(rows, probabilities [b, C, H, W])`` per batch, computed on the model's device (see
+    :func:`losses.probabilities`): numpy arrays, or with ``numpy=False`` float32 tensors left on
+    that device."""
     model.eval()
     rows = np.asarray(rows)
     for s in range(0, len(rows), batch_size):
         b = rows[s:s + batch_size]
-        z = model(to_model(ds.uint8_batch(b), model)).float()
-        yield b, probabilities(loss, z).cpu().numpy()
+        p = probabilities(loss, model(to_model(ds.uint8_batch(b), model)).float())
+        yield b, (p.cpu().numpy() if numpy else p)

@@ -72,6 +72,10 @@ def test_cache_equals_direct_computation_and_resumes(small_ds, models, tmp_path,
     x = torch.stack([ds[r]["image"] for r in rows])
     direct = compute_cams(model, x, "gradcam++", aug_smooth=True)
     assert np.abs(cache.maps(rows, (32, 160)) - direct).max() < 5e-3  # float16 storage
+    for aug in (True, False):  # made where the scoring runs: the same maps on the CPU
+        on = cache.maps_on(torch.device("cpu"), rows, (32, 160), aug, classes=[1, 3])
+        assert isinstance(on, torch.Tensor)
+        assert np.array_equal(on.numpy(), cache.maps(rows, (32, 160), aug, classes=[1, 3]))
     # interrupted after two batches, then resumed: the same maps
     real = cams.low_res_cams
     calls = {"n": 0}

@@ -48,7 +48,7 @@ def test_jpegs_decoded_on_cuda_are_pils_within_rounding(synth_dir):
     workers: the IDCT and the chroma upsampling may round differently, never by more than a few
     grey levels, and the classifier's stage runs on those batches."""
     from cam2mask_lib.classify import _batches
-    from cam2mask_lib.data import ImageDataset, load_dataset
+    from cam2mask_lib.data import ImageDataset, load_dataset, resize_mask
 
     index = load_dataset(synth_dir)
     native = tuple(int(v) for v in index.shapes[0])
@@ -71,3 +71,27 @@ def test_smoke_classifier_with_device_decoding(tmp_path):
     assert ctx.images().decode_device.type == "cuda"
     run = pipeline.classifier_stage(ctx, progress=False)
     assert run.complete and np.isfinite(run.oof).all()
+
+
+def test_scoring_on_cuda_equals_the_cpus(synth_dir, tmp_path):
+    # maps made and counted on the GPU: the counts of the CPU's numpy path, up to the few pixels
+    # where CUDA's bilinear resize rounds a map across a threshold
+    from cam2mask_lib import postprocess as pp
+    from cam2mask_lib.cams import cam_dataset
+    from cam2mask_lib.classify import build_classifier
+    from cam2mask_lib.data import ImageDataset, load_dataset, resize_mask
+
+    idx = load_dataset(synth_dir)
+    ds = ImageDataset(idx, (64, 400), with_masks=False)
+    torch.manual_seed(0)
+    model = build_classifier("mobilenetv3_small_050", idx.num_classes).eval().cuda()
+    n = min(len(idx), 24)
+    cache = cam_dataset({0: model}, ds, np.zeros(len(idx), int), tmp_path / "c", progress=False)
+    rows = np.arange(n)
+    true = np.stack([resize_mask(idx.mask(int(r)), (64, 400)) for r in rows])
+    th = [0.1, 0.3, 0.5, 0.75]
+    gpu = pp.collect_stats([cache.maps_on("cuda", rows, (64, 400))], [true], th)
+    cpu = pp.collect_stats([cache.maps(rows, (64, 400))], [true], th)
+    assert np.array_equal(gpu.true_area, cpu.true_area)
+    assert np.abs(gpu.area - cpu.area).max() <= 0.001 * 64 * 400
+    assert np.abs(gpu.inter - cpu.inter).max() <= 0.001 * 64 * 400

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from cam2mask_lib import postprocess as pp
 from cam2mask_lib.data import load_dataset, rle_decode
@@ -90,6 +91,30 @@ def test_fast_counts_equal_the_plain_sums_at_the_thresholds_edges():
     wide = np.zeros((1, 1, 2, 70000), bool)
     wide[0, 0, :, ::2] = True  # rows longer than a uint16 count
     assert pp.count_set(wide)[0, 0] == 70000
+
+
+def test_counts_on_a_device_equal_numpys():
+    # the accelerator path (torch comparisons and sums, only the counts cross back) run here on
+    # CPU tensors: the same counts as numpy's, also at and one float32 step around the cuts, for
+    # float32, float64 and half maps
+    maps, true, _ = _random_case(seed=3, w=300)
+    th = np.asarray([0.05, 0.3, 0.75, 0.9])
+    for k, t in enumerate(th):
+        f = np.float32(t)
+        maps[k, 1, 2, :3] = [f, np.nextafter(f, np.float32(1)), np.nextafter(f, np.float32(0))]
+    for m in (maps, maps.astype(np.float64)):
+        ref = pp._counts(m, true, th)
+        got = pp._counts_t(torch.from_numpy(m), torch.from_numpy(true), th)
+        for a, b in zip(ref, got):
+            assert np.array_equal(a, b)
+    half = maps.astype(np.float16)
+    ref = pp._counts(half.astype(np.float32), true, th)
+    for a, b in zip(ref, pp._counts_t(torch.from_numpy(half), true, th)):
+        assert np.array_equal(a, b)
+    # collect_stats takes CPU tensors as numpy arrays
+    a = pp.collect_stats([torch.from_numpy(maps)], [true], th)
+    b = pp.collect_stats([maps], [true], th)
+    assert np.array_equal(a.inter, b.inter) and np.array_equal(a.area, b.area)
 
 
 def test_search_finds_the_best_combination_by_brute_force():
