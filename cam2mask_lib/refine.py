@@ -184,6 +184,11 @@ def otsu_thresholds(maps: np.ndarray) -> np.ndarray:
 # Pixel-adaptive refinement
 # ------------------------------------------------------------------------------------------------
 
+def _tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """float32 ``x``: a tensor stays on its device, an array becomes a CPU tensor."""
+    return (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).float()
+
+
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
@@ -225,8 +230,8 @@ def par(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray, iter
     maps (numpy, float32). The sum is accumulated view by view (no ``[B, K, C, H, W]`` stack:
     K = 49 with the default dilations)."""
     with torch.no_grad():
-        m = torch.as_tensor(np.asarray(maps, np.float32))
-        img = torch.as_tensor(np.asarray(images)).float()
+        img = _tensor(images)
+        m = _tensor(maps).to(img.device)  # on the images' device (the context's: image_loader)
         if img.shape[-2:] != m.shape[-2:]:
             raise ValueError(f"images {tuple(img.shape[-2:])} and maps {tuple(m.shape[-2:])} "
                              f"differ in size")
@@ -236,7 +241,7 @@ def par(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray, iter
             for k, view in enumerate(_shifted(m, dilations)):
                 out += view * aff[:, k:k + 1]
             m = out
-        return m.numpy()
+        return m.cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,11 +254,11 @@ def grey_zscore(images: torch.Tensor | np.ndarray) -> np.ndarray:
     where darker than the image's typical grey (a robust z-score: a defect covering less than half
     the image moves neither the median nor the MAD)."""
     with torch.no_grad():
-        g = torch.as_tensor(np.asarray(images)).float().mean(1)
+        g = _tensor(images).mean(1)  # on the images' device
         flat = g.flatten(1)
         med = flat.median(1).values
         mad = (flat - med[:, None]).abs().median(1).values
-        return ((g - med[:, None, None]) / (1.4826 * mad[:, None, None] + 1e-3)).numpy()
+        return ((g - med[:, None, None]) / (1.4826 * mad[:, None, None] + 1e-3)).cpu().numpy()
 
 
 def class_polarity(balance: np.ndarray, labels: np.ndarray, min_t: float = 2.58) -> np.ndarray:
@@ -424,13 +429,14 @@ def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[i
 # ------------------------------------------------------------------------------------------------
 
 def image_loader(ctx: Context, size: tuple[int, int]):
-    """``images(rows)``: float ``[b, 3, H, W]`` (0-255) at ``size``, area-resized from the
-    classifier's input images (PAR's guide)."""
+    """``images(rows)``: float ``[b, 3, H, W]`` (0-255) at ``size`` on the context's device,
+    area-resized there from the classifier's input images (the guide of PAR and of the grey-level
+    test, which run where their images are)."""
     ds = ctx.images()
     size = tuple(int(v) for v in size)
 
     def load(rows):
-        x = ds.uint8_batch(np.asarray(rows)).float()
+        x = ds.uint8_batch(np.asarray(rows)).to(ctx.device).float()
         return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
     return load
 

@@ -95,3 +95,15 @@ def test_scoring_on_cuda_equals_the_cpus(synth_dir, tmp_path):
     assert np.array_equal(gpu.true_area, cpu.true_area)
     assert np.abs(gpu.area - cpu.area).max() <= 0.001 * 64 * 400
     assert np.abs(gpu.inter - cpu.inter).max() <= 0.001 * 64 * 400
+
+
+def test_refinement_runs_where_its_images_are():
+    # PAR and the grey-level test follow their guide images onto the GPU (image_loader puts them
+    # on the context's device): the CPU's results within float rounding
+    from cam2mask_lib.refine import grey_zscore, par
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(2, 3, 48, 96, generator=g) * 255
+    maps = torch.rand(2, 4, 48, 96, generator=g)
+    assert np.abs(par(maps, imgs.cuda()) - par(maps, imgs)).max() < 1e-4
+    assert np.abs(grey_zscore(imgs.cuda()) - grey_zscore(imgs)).max() < 1e-4
