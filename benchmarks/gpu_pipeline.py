@@ -156,7 +156,8 @@ def main(argv=None) -> None:
 
         # 4. segmentation training: a U-Net with the classifier's encoder on the true masks
         seg = SegConfig(arch="unet", encoder=f"tu-{args.encoder}", epochs=1,
-                        batch_size=args.seg_batch, device=str(device), slim=device.type == "cpu")
+                        batch_size=args.seg_batch, device=str(device), slim=device.type == "cpu",
+                        num_workers=args.workers)
         masks = {int(i): m for i, m in enumerate(np.stack([index.mask(i) for i in range(n)]))}
         def targets(b):
             return np.stack([resize_mask(masks[int(i)], size) for i in b])

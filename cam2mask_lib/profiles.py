@@ -177,7 +177,7 @@ PROFILES: dict[str, Profile] = {
                                cache_images=False),
         segmentation=SegStageConfig(
             net=SegConfig(arch="unet", encoder="efficientnet-b0", epochs=20, batch_size=16,
-                          lr=1e-3, pretrained=True),
+                          lr=1e-3, pretrained=True, num_workers=8),
             size=(256, 1600)),
         grid=GridConfig(encoder="resnet34", folds=(0,))),
 }

@@ -277,7 +277,8 @@ def predict_probs(ctx: Context, run: SegRun, rows, size=None, batch: int = 32,
     rows = np.asarray(rows)
     for k, model in run.models.items():
         for b, p in predict_masks(model, ds, rows[ctx.folds[rows] == k], loss=run.config.loss,
-                                  batch_size=batch, numpy=False):
+                                  batch_size=batch, numpy=False,
+                                  num_workers=run.config.num_workers):
             if p.shape[-2:] != size:
                 p = torch.nn.functional.interpolate(p, size=size, mode="bilinear",
                                                     align_corners=False)

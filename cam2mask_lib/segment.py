@@ -207,8 +207,11 @@ class SegConfig:
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
+    num_workers: int = 0  # DataLoader workers that decode the images (uncached data)
 
     def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"segmentation num_workers={self.num_workers}: must be >= 0")
         if self.encoder_init not in (None, "classifier"):
             raise ConfigError(f"encoder_init must be None or 'classifier', got {self.encoder_init!r}")
         if self.encoder_init and self.weights_path:
@@ -227,7 +230,8 @@ class SegConfig:
     def key(self) -> dict:
         """What the trained weights depend on."""
         d = asdict(self)
-        d.pop("device")
+        for k in ("device", "num_workers"):  # where and how fast, not what
+            d.pop(k)
         if self.weights_path is not None:  # the file's bytes, not where it lies
             d["weights_path"] = file_digest(self.weights_path)
         return d
@@ -256,6 +260,20 @@ def load_encoder(model: nn.Module, state: dict) -> None:
                          f"tensors missing or of another shape, e.g. {missing[:3]}); the "
                          f"segmentation encoder must be 'tu-<the classifier's timm encoder>'")
     target.load_state_dict({k: state[k] for k in own})
+
+
+def image_batches(ds, order: np.ndarray, batch_size: int, num_workers: int = 0):
+    """``(rows, uint8 images [b, 3, H, W])`` for consecutive batches of ``order``: read by the
+    dataset's persistent DataLoader workers (``ds.loader``, in pinned memory on CUDA) when
+    ``num_workers`` > 0, else in this process. The same images either way (a test)."""
+    order = np.asarray(order)
+    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if num_workers > 0:  # the loader first, so that zip runs it to its end
+        for item, b in zip(ds.loader(batch_size, num_workers)(order), chunks):
+            yield b, item["image"]
+        return
+    for b in chunks:
+        yield b, ds.uint8_batch(b)
 
 
 class SegmenterTrainer(ResumableTrainer):
@@ -293,9 +311,10 @@ class SegmenterTrainer(ResumableTrainer):
         """The network evaluated: the EMA / SWA average when there is one."""
         return self.avg.module if self.avg is not None else self.model
 
-    def batch(self, b, gen=None):
-        """Images (and, with ``gen``, flipped together with their targets) on the device."""
-        x = self.ds.uint8_batch(b)  # normalised on the device by to_model
+    def batch(self, b, gen=None, x: torch.Tensor | None = None):
+        """Images (and, with ``gen``, flipped together with their targets) on the device; ``x``:
+        the uint8 images of ``b`` when a loader has read them already."""
+        x = self.ds.uint8_batch(b) if x is None else x  # normalised on the device by to_model
         if gen is None:
             return to_model(x, self.model)
         y = torch.from_numpy(np.ascontiguousarray(self.targets(b)))
@@ -310,9 +329,8 @@ class SegmenterTrainer(ResumableTrainer):
         model.train()
         order = self.rows[torch.randperm(len(self.rows), generator=gen).numpy()]
         tot, n = 0.0, 0
-        for s in range(0, len(order), cfg.batch_size):
-            b = order[s:s + cfg.batch_size]
-            x, y = self.batch(b, gen)
+        for b, x in image_batches(self.ds, order, cfg.batch_size, cfg.num_workers):
+            x, y = self.batch(b, gen, x)
             loss = self.loss_fn(model(x), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -340,7 +358,8 @@ class SegmenterTrainer(ResumableTrainer):
         if self.cfg.swa_start is not None:
             bs = self.cfg.batch_size
             with torch.no_grad():
-                update_bn((self.batch(self.rows[s:s + bs]) for s in range(0, len(self.rows), bs)),
+                update_bn((self.batch(b, None, x) for b, x in
+                           image_batches(self.ds, self.rows, bs, self.cfg.num_workers)),
                           self.avg, device=self.device)
         return self.result
 
@@ -370,13 +389,11 @@ def train_segmenter(ds, targets, rows, num_classes: int, cfg: SegConfig, out: st
 
 @torch.no_grad()
 def predict_masks(model: nn.Module, ds, rows, loss: str = "bce_dice", batch_size: int = 16,
-                  numpy: bool = True):
+                  numpy: bool = True, num_workers: int = 0):
     """Yield ``(rows, probabilities [b, C, H, W])`` per batch, computed on the model's device (see
     :func:`losses.probabilities`): numpy arrays, or with ``numpy=False`` float32 tensors left on
-    that device."""
+    that device. ``num_workers``: the images read by the dataset's persistent workers."""
     model.eval()
-    rows = np.asarray(rows)
-    for s in range(0, len(rows), batch_size):
-        b = rows[s:s + batch_size]
-        p = probabilities(loss, model(to_model(ds.uint8_batch(b), model)).float())
+    for b, x in image_batches(ds, np.asarray(rows), batch_size, num_workers):
+        p = probabilities(loss, model(to_model(x, model)).float())
         yield b, (p.cpu().numpy() if numpy else p)

@@ -1,5 +1,6 @@
 """Segmentation pieces: every loss against a value computed by hand on a tiny tensor, the
 pseudo-label ignore logic, and each architecture's output shape at the profile's input size."""
+import dataclasses
 import math
 
 import numpy as np
@@ -194,6 +195,34 @@ def test_swa_averages_the_last_epochs(synth_dir, tmp_path):
     last = torch.load(tmp_path / "swa" / "state.pt", weights_only=False)["model"]
     k = "head.weight"
     assert not torch.equal(m.state_dict()[k], last[k])  # the average, not the last epoch
+
+
+def test_workers_change_no_weight_of_a_segmenter(synth_dir, tmp_path):
+    """Images read by persistent DataLoader workers (training, SWA's BatchNorm update and
+    prediction, from JPEG files: the paper profile's case) give the weights and probabilities of
+    images read in the process; the workers' count is not part of the cache key."""
+    from cam2mask_lib.data import ImageDataset, load_dataset
+    from cam2mask_lib.segment import SegConfig, predict_masks, train_segmenter
+
+    idx = load_dataset(synth_dir)
+    ds = ImageDataset(idx, (32, 160), with_masks=False)  # no cache: decoded per batch
+    masks = ImageDataset(idx, (32, 160), cache=True)
+    truth = lambda rows: np.stack([masks[int(i)]["masks"].numpy() for i in rows])  # noqa: E731
+    rows = np.arange(len(idx))
+    cfg = SegConfig(arch="thesis_unet", epochs=2, batch_size=8, lr=3e-3, swa_start=1)
+    cfg_w = dataclasses.replace(cfg, num_workers=1)
+    assert cfg.key() == cfg_w.key()
+    with pytest.raises(ValueError, match="num_workers=-1"):
+        SegConfig(num_workers=-1)
+    a = train_segmenter(ds, truth, rows, 4, cfg, tmp_path / "a", progress=False)
+    b = train_segmenter(ds, truth, rows, 4, cfg_w, tmp_path / "b", progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    pa = list(predict_masks(a, ds, rows[3:], batch_size=5))
+    pb = list(predict_masks(a, ds, rows[3:], batch_size=5, num_workers=1))
+    assert len(pa) == len(pb) == -(-(len(rows) - 3) // 5)
+    assert all(np.array_equal(ra, rb) and np.array_equal(xa, xb)
+               for (ra, xa), (rb, xb) in zip(pa, pb))
 
 
 # --------------------------------------------------------------------------------------------
