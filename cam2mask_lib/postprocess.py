@@ -53,13 +53,30 @@ class Params:
 
 
 def apply(maps: np.ndarray, probs: np.ndarray, params: Params) -> np.ndarray:
-    """Binary masks ``[N, C, H, W]`` (uint8) from maps ``[N, C, H, W]`` and probabilities ``[N, C]``."""
+    """Binary masks ``[N, C, H, W]`` (uint8) from maps ``[N, C, H, W]`` and probabilities ``[N, C]``.
+    Maps given as a tensor give a uint8 tensor made on their device (the same masks)."""
     n, c = maps.shape[:2]
     conf, thr, min_area = params.per_class(c)
+    if isinstance(maps, torch.Tensor):
+        return _apply_t(maps, probs, conf, thr, min_area)
     masks = (maps > thr[None, :, None, None]).astype(np.uint8)
     keep = (probs >= conf[None, :]) & (masks.sum((-2, -1)) >= min_area[None, :])
     masks[~keep] = 0
     return masks
+
+
+def _apply_t(maps: torch.Tensor, probs, conf, thr, min_area) -> torch.Tensor:
+    """:func:`apply` on the maps' device; float32 maps are compared with each class's cut in
+    float32 (:func:`cut_in`), which decides as numpy's comparison in float64 does."""
+    if maps.dtype not in (torch.float32, torch.float64):
+        maps = maps.float()
+    dt = np.float32 if maps.dtype == torch.float32 else np.float64
+    cut = torch.tensor([float(cut_in(t, dt)) for t in thr], dtype=maps.dtype, device=maps.device)
+    masks = (maps > cut[None, :, None, None]).to(torch.uint8)
+    area = masks.sum((-2, -1), dtype=torch.int64)
+    keep = ((torch.as_tensor(np.asarray(probs) >= conf[None, :], device=maps.device))
+            & (area >= torch.as_tensor(min_area, device=maps.device)[None, :]))
+    return masks * keep[:, :, None, None].to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------

@@ -122,9 +122,10 @@ def cam_targets(ctx: Context, cache: CamCache, threshold=SEG_THRESHOLD, min_area
                     min_area=np.asarray(min_area_fraction, float) * h * w)
     key = {"masks": "cam", **_cam_key(ctx, cache, aug_smooth), "params": params.describe()}
 
-    def fn(rows):
+    def fn(rows):  # maps and masks made on the context's device, the masks brought back
         rows = np.asarray(rows)
-        return apply(cache.maps(rows, (h, w), aug_smooth=aug_smooth), labels[rows], params)
+        maps = cache.maps_on(ctx.device, rows, (h, w), aug_smooth=aug_smooth)
+        return apply(maps, labels[rows], params).cpu().numpy()
 
     return Targets(name, key, fn, _memo(ctx))
 

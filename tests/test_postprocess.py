@@ -117,6 +117,22 @@ def test_counts_on_a_device_equal_numpys():
     assert np.array_equal(a.inter, b.inter) and np.array_equal(a.area, b.area)
 
 
+def test_masks_made_on_a_device_equal_numpys():
+    maps, _, probs = _random_case(seed=5, w=64)
+    thr = [0.2, 0.75, 0.5]
+    for k, t in enumerate(thr):
+        f = np.float32(t)
+        maps[k, k, 0, :3] = [f, np.nextafter(f, np.float32(1)), np.nextafter(f, np.float32(0))]
+    for params in (pp.Params(0.5, 0.3, 0), pp.Params([0.1, 0.6, 0.9], thr, [0, 5, 40])):
+        ref = pp.apply(maps, probs, params)
+        got = pp.apply(torch.from_numpy(maps), probs, params)
+        assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), ref)
+        assert np.array_equal(pp.apply(torch.from_numpy(maps.astype(np.float64)), probs,
+                                       params).numpy(), pp.apply(maps.astype(np.float64), probs,
+                                                                 params))
+    assert ref.sum() > 0 and (ref.sum((-2, -1)) == 0).any()  # both kinds of pairs were tried
+
+
 def test_search_finds_the_best_combination_by_brute_force():
     maps, true, probs = _random_case(seed=3)
     th, conf, mins = [0.3, 0.5, 0.8], [0.2, 0.5, 0.8], [0, 10, 30]
