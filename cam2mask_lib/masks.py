@@ -140,12 +140,16 @@ class _EnsembleMaps:
     def __init__(self, ens: _Ensemble):
         self.ens = ens
 
-    def maps(self, rows, size) -> np.ndarray:
-        m = self.ens.maps(np.asarray(rows))
+    def maps_on(self, device, rows, size) -> torch.Tensor:
+        """The maps of ``rows`` at ``size``, resized on ``device`` (as ``CamCache.maps_on``)."""
+        m = torch.from_numpy(self.ens.maps(np.asarray(rows))).to(device)
         if tuple(size) == tuple(m.shape[-2:]):
             return m
-        return torch.nn.functional.interpolate(torch.from_numpy(m), size=tuple(size),
-                                               mode="bilinear", align_corners=False).numpy()
+        return torch.nn.functional.interpolate(m, size=tuple(size), mode="bilinear",
+                                               align_corners=False)
+
+    def maps(self, rows, size) -> np.ndarray:
+        return self.maps_on("cpu", rows, size).numpy()
 
 
 def _settings_profile(base, index, n_folds, overrides, method):

@@ -350,11 +350,13 @@ def _maps(cache, rows, size, cfg: RefineConfig, scales, imgs=None) -> np.ndarray
     """The maps a combination cuts: absolute and scaled ("negatives") or the paper's per-image
     scaled ones, then PAR guided by ``imgs`` (the batch's images)."""
     rows = np.asarray(rows)
-    m = (absolute_maps(cache.low()[rows], size, scales) if cfg.region == "negatives"
-         else cache.maps(rows, size))
+    if cfg.region == "negatives":
+        m = absolute_maps(cache.low()[rows], size, scales)
+    else:  # resized where the guide images are (the context's device), as the scoring does
+        m = cache.maps_on(imgs.device if isinstance(imgs, torch.Tensor) else "cpu", rows, size)
     if cfg.par_iterations:
-        m = par(m, imgs, cfg.par_iterations, cfg.par_dilations, cfg.par_temperature)
-    return m
+        return par(m, imgs, cfg.par_iterations, cfg.par_dilations, cfg.par_temperature)
+    return m.cpu().numpy() if isinstance(m, torch.Tensor) else m
 
 
 def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: RefineConfig,

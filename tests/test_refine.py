@@ -2,6 +2,7 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from cam2mask_lib import refine
 from cam2mask_lib.cams import AUG_VIEWS, smooth
@@ -148,7 +149,8 @@ def test_config_is_checked():
 
 
 class _Cache:
-    """What the refinement reads of a CamCache: ``low()`` and the paper's ``maps``."""
+    """What the refinement reads of a CamCache: ``low()`` and the paper's maps (``maps_on`` a
+    device, ``maps`` in numpy)."""
 
     def __init__(self, low):
         self._low = low
@@ -156,9 +158,12 @@ class _Cache:
     def low(self):
         return self._low
 
-    def maps(self, rows, size):
+    def maps_on(self, device, rows, size):
         from cam2mask_lib.cams import upsample
-        return upsample(self._low[np.asarray(rows)][:, 0], size)
+        return torch.from_numpy(upsample(self._low[np.asarray(rows)][:, 0], size)).to(device)
+
+    def maps(self, rows, size):
+        return self.maps_on("cpu", rows, size).numpy()
 
 
 def _case(n=20):
