@@ -113,6 +113,12 @@ def _smooth_t(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return _upsample_t(low, size).mean(dim=1)
 
 
+def _final_t(low: torch.Tensor, size: tuple[int, int], aug_smooth: bool) -> torch.Tensor:
+    """Final maps ``[N, C, H, W]`` from per-view low-resolution maps ``[N, V, C, h, w]`` on their
+    device: every view smoothed, or the first upsampled."""
+    return _smooth_t(low, size) if aug_smooth else _upsample_t(low[:, 0], size)
+
+
 # --------------------------------------------------------------------------------------------
 # The fast path: all classes of a batch from one backbone pass per view
 # --------------------------------------------------------------------------------------------
@@ -212,7 +218,7 @@ def fast_cams(model, x: torch.Tensor, method: str = "gradcam++", aug_smooth: boo
         low = low[:, :, list(classes)]
     with torch.no_grad():
         low = torch.from_numpy(np.ascontiguousarray(low)).to(model_device(model))
-        return _smooth_t(low, x.shape[-2:]) if aug_smooth else _upsample_t(low[:, 0], x.shape[-2:])
+        return _final_t(low, x.shape[-2:], aug_smooth)
 
 
 def library_cams(model, images, method, aug_smooth, target_layer, target, classes) -> np.ndarray:
@@ -296,8 +302,7 @@ class CamCache:
             raise ValueError(f"{self.path} holds {low.shape[1]} view(s); aug smoothing needs "
                              f"{len(AUG_VIEWS)}")
         with torch.no_grad():
-            low = torch.from_numpy(low).to(device).float()
-            return _smooth_t(low, size) if aug_smooth else _upsample_t(low[:, 0], size)
+            return _final_t(torch.from_numpy(low).to(device).float(), size, aug_smooth)
 
 
 def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: str = "gradcam++",

@@ -237,14 +237,9 @@ def _batches(ds, rows: np.ndarray, batch_size: int, gen: torch.Generator | None,
     dataset's persistent workers decode and resize (``ds.loader``: started once, not for every
     epoch and prediction pass), and batches arrive in pinned memory when CUDA is present."""
     order = rows if gen is None else rows[torch.randperm(len(rows), generator=gen).numpy()]
-    if num_workers > 0:
-        for b in ds.loader(batch_size, num_workers)(order):
-            yield b["image"], b["labels"]
-        return
     labels = torch.from_numpy(ds.index.labels.astype(np.float32))
-    for s in range(0, len(order), batch_size):
-        b = order[s:s + batch_size]
-        yield ds.uint8_batch(b), labels[ds.rows[b]]
+    for b, x in ds.batches(order, batch_size, num_workers):
+        yield x, labels[ds.rows[b]]
 
 
 def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, part=(0, 1),

@@ -690,6 +690,19 @@ class ImageDataset:
                                      self.decode_device)
         return torch.stack([_chw(self.arrays(int(k))[0]) for k in ks])
 
+    def batches(self, order, batch_size: int, num_workers: int = 0):
+        """``(rows, uint8 images [b, 3, H, W])`` for consecutive batches of ``order``: read by
+        the persistent workers of :meth:`loader` (in pinned memory on CUDA) when ``num_workers``
+        > 0, else in this process (:meth:`uint8_batch`). The same images either way (tests)."""
+        order = np.asarray(order)
+        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        if num_workers > 0:  # the loader first, so that zip runs it to its end
+            for item, b in zip(self.loader(batch_size, num_workers)(order), chunks):
+                yield b, item["image"]
+            return
+        for b in chunks:
+            yield b, self.uint8_batch(b)
+
     def raw(self) -> "ImageDataset":
         """The same dataset whose items carry uint8 images (for DataLoader workers)."""
         twin = copy.copy(self)

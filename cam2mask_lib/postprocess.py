@@ -68,9 +68,7 @@ def apply(maps: np.ndarray, probs: np.ndarray, params: Params) -> np.ndarray:
 def _apply_t(maps: torch.Tensor, probs, conf, thr, min_area) -> torch.Tensor:
     """:func:`apply` on the maps' device; float32 maps are compared with each class's cut in
     float32 (:func:`cut_in`), which decides as numpy's comparison in float64 does."""
-    if maps.dtype not in (torch.float32, torch.float64):
-        maps = maps.float()
-    dt = np.float32 if maps.dtype == torch.float32 else np.float64
+    maps, dt = _comparable(maps)
     cut = torch.tensor([float(cut_in(t, dt)) for t in thr], dtype=maps.dtype, device=maps.device)
     masks = (maps > cut[None, :, None, None]).to(torch.uint8)
     area = masks.sum((-2, -1), dtype=torch.int64)
@@ -118,6 +116,14 @@ def cut_in(t: float, dtype) -> float | np.floating:
     return c if c <= t else np.nextafter(c, np.float32(-np.inf))
 
 
+def _comparable(maps: torch.Tensor) -> tuple[torch.Tensor, type]:
+    """``maps`` in float32 or float64 (half maps widened to float32) and the numpy type whose
+    :func:`cut_in` cut decides on them as numpy's exact comparison does."""
+    if maps.dtype not in (torch.float32, torch.float64):
+        maps = maps.float()
+    return maps, (np.float32 if maps.dtype == torch.float32 else np.float64)
+
+
 def _counts(maps: np.ndarray, true: np.ndarray, th: np.ndarray) -> tuple[np.ndarray, ...]:
     """True areas ``[B, C]``, predicted areas and intersections ``[T, B, C]`` of one batch."""
     t = np.asarray(true) != 0
@@ -136,9 +142,7 @@ def _counts_t(maps: torch.Tensor, true, th: np.ndarray) -> tuple[np.ndarray, ...
     (:func:`cut_in`), so the counts are equal (a test)."""
     t = torch.as_tensor(np.asarray(true) if not isinstance(true, torch.Tensor) else true)
     t = t.to(maps.device, non_blocking=True) != 0
-    if maps.dtype not in (torch.float32, torch.float64):  # half maps: compare in float32
-        maps = maps.float()
-    dt = np.float32 if maps.dtype == torch.float32 else np.float64
+    maps, dt = _comparable(maps)
     ab, ib = [], []
     for thr in th:
         b = maps > float(cut_in(thr, dt))  # exact: a Python float that float32 holds

@@ -262,20 +262,6 @@ def load_encoder(model: nn.Module, state: dict) -> None:
     target.load_state_dict({k: state[k] for k in own})
 
 
-def image_batches(ds, order: np.ndarray, batch_size: int, num_workers: int = 0):
-    """``(rows, uint8 images [b, 3, H, W])`` for consecutive batches of ``order``: read by the
-    dataset's persistent DataLoader workers (``ds.loader``, in pinned memory on CUDA) when
-    ``num_workers`` > 0, else in this process. The same images either way (a test)."""
-    order = np.asarray(order)
-    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if num_workers > 0:  # the loader first, so that zip runs it to its end
-        for item, b in zip(ds.loader(batch_size, num_workers)(order), chunks):
-            yield b, item["image"]
-        return
-    for b in chunks:
-        yield b, ds.uint8_batch(b)
-
-
 class SegmenterTrainer(ResumableTrainer):
     """A segmentation network trained on ``rows`` of ``ds`` with ``targets(rows)``; keeps an EMA
     (updated every step) or SWA (updated at the end of every epoch from ``swa_start``) average."""
@@ -329,7 +315,7 @@ class SegmenterTrainer(ResumableTrainer):
         model.train()
         order = self.rows[torch.randperm(len(self.rows), generator=gen).numpy()]
         tot, n = 0.0, 0
-        for b, x in image_batches(self.ds, order, cfg.batch_size, cfg.num_workers):
+        for b, x in self.ds.batches(order, cfg.batch_size, cfg.num_workers):
             x, y = self.batch(b, gen, x)
             loss = self.loss_fn(model(x), y)
             self.opt.zero_grad(set_to_none=True)
@@ -359,7 +345,7 @@ class SegmenterTrainer(ResumableTrainer):
             bs = self.cfg.batch_size
             with torch.no_grad():
                 update_bn((self.batch(b, None, x) for b, x in
-                           image_batches(self.ds, self.rows, bs, self.cfg.num_workers)),
+                           self.ds.batches(self.rows, bs, self.cfg.num_workers)),
                           self.avg, device=self.device)
         return self.result
 
@@ -394,6 +380,6 @@ def predict_masks(model: nn.Module, ds, rows, loss: str = "bce_dice", batch_size
     :func:`losses.probabilities`): numpy arrays, or with ``numpy=False`` float32 tensors left on
     that device. ``num_workers``: the images read by the dataset's persistent workers."""
     model.eval()
-    for b, x in image_batches(ds, np.asarray(rows), batch_size, num_workers):
+    for b, x in ds.batches(rows, batch_size, num_workers):
         p = probabilities(loss, model(to_model(x, model)).float())
         yield b, (p.cpu().numpy() if numpy else p)
