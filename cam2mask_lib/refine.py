@@ -123,8 +123,15 @@ def absolute_maps(low: np.ndarray, size: tuple[int, int], scales: np.ndarray | N
     ``[N, C, h, w]``) without any per-image scaling: flipped views are flipped back, every view is
     resized (bilinear, half-pixel centres) and the views are averaged. ``scales`` ``[C]`` divides
     each class (see :func:`class_scales`)."""
+    return absolute_maps_on("cpu", low, size, scales).numpy()
+
+
+def absolute_maps_on(device, low: np.ndarray, size: tuple[int, int],
+                     scales: np.ndarray | None = None) -> torch.Tensor:
+    """:func:`absolute_maps` made on ``device`` (only the feature-resolution maps cross to it),
+    left there as a float32 tensor."""
     with torch.no_grad():
-        t = torch.as_tensor(np.asarray(low, dtype=np.float32))
+        t = torch.as_tensor(np.asarray(low, dtype=np.float32)).to(device)
         if t.dim() == 4:
             t = t[:, None]
         if t.shape[1] == len(AUG_VIEWS):
@@ -135,8 +142,9 @@ def absolute_maps(low: np.ndarray, size: tuple[int, int], scales: np.ndarray | N
         up = F.interpolate(t.reshape(n * v, c, h, w), size=tuple(size), mode="bilinear",
                            align_corners=False).reshape(n, v, c, *size).mean(1)
         if scales is not None:
-            up /= torch.as_tensor(np.asarray(scales, np.float32))[None, :, None, None]
-        return up.numpy()
+            up /= torch.as_tensor(np.asarray(scales, np.float32), device=up.device)[
+                None, :, None, None]
+        return up
 
 
 def class_scales(peaks: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -350,21 +358,24 @@ def _maps(cache, rows, size, cfg: RefineConfig, scales, imgs=None) -> np.ndarray
     """The maps a combination cuts: absolute and scaled ("negatives") or the paper's per-image
     scaled ones, then PAR guided by ``imgs`` (the batch's images)."""
     rows = np.asarray(rows)
+    # made where the guide images are (the context's device), as the scoring does
+    device = imgs.device if isinstance(imgs, torch.Tensor) else "cpu"
     if cfg.region == "negatives":
-        m = absolute_maps(cache.low()[rows], size, scales)
-    else:  # resized where the guide images are (the context's device), as the scoring does
-        m = cache.maps_on(imgs.device if isinstance(imgs, torch.Tensor) else "cpu", rows, size)
+        m = absolute_maps_on(device, cache.low()[rows], size, scales)
+    else:
+        m = cache.maps_on(device, rows, size)
     if cfg.par_iterations:
         return par(m, imgs, cfg.par_iterations, cfg.par_dilations, cfg.par_temperature)
     return m.cpu().numpy() if isinstance(m, torch.Tensor) else m
 
 
 def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: RefineConfig,
-              batch: int = 32) -> Calibration:
+              batch: int = 32, device="cpu") -> Calibration:
     """What ``cfg`` needs from the image labels: the classes' polarity (one pass over the images,
     when ``deviation`` and ``polarity_t`` are set) and, for ``region="negatives"``, scales and
     thresholds (two passes over the cache: the raw maps' peaks, then the scaled and refined
-    maps' peaks). ``images(rows)`` gives ``[b, 3, H, W]`` at ``size``."""
+    maps' peaks). ``images(rows)`` gives ``[b, 3, H, W]`` at ``size``; the raw maps are made on
+    ``device`` and only their peaks come back."""
     labels = np.asarray(labels, bool)
     n, c = labels.shape
     chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
@@ -376,7 +387,8 @@ def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: Ref
         polarity = class_polarity(balance, labels, cfg.polarity_t)
     if cfg.region != "negatives":
         return Calibration(np.ones(c), np.full(c, cfg.threshold), polarity)
-    raw = np.concatenate([absolute_maps(cache.low()[ch], size).max((-2, -1)) for ch in chunks])
+    raw = np.concatenate([absolute_maps_on(device, cache.low()[ch], size).amax((-2, -1)).cpu()
+                          .numpy() for ch in chunks])
     scales = class_scales(raw, labels)
     peaks = (raw / scales[None] if not cfg.par_iterations else np.concatenate(
         [_maps(cache, ch, size, cfg, scales, images(ch)).max((-2, -1)) for ch in chunks]))
@@ -435,12 +447,15 @@ def image_loader(ctx: Context, size: tuple[int, int]):
     area-resized there from the classifier's input images (the guide of PAR and of the grey-level
     test, which run where their images are)."""
     ds = ctx.images()
-    size = tuple(int(v) for v in size)
+    return lambda rows: guide_images(ds.uint8_batch(np.asarray(rows)), ctx.device, size)
 
-    def load(rows):
-        x = ds.uint8_batch(np.asarray(rows)).to(ctx.device).float()
-        return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
-    return load
+
+def guide_images(x: torch.Tensor, device, size: tuple[int, int]) -> torch.Tensor:
+    """A uint8 batch of the classifier's input images as guide images: float (0-255) on
+    ``device``, area-resized to ``size``."""
+    size = tuple(int(v) for v in size)
+    x = x.to(device).float()
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
 
 
 @dataclass
@@ -469,9 +484,13 @@ class Refined:
         return DiceReport(np.concatenate(values), np.concatenate(nonempty),
                           self.ctx.index.class_names)
 
-    def targets(self, rows) -> np.ndarray:
-        """Self-training targets of ``rows`` (:func:`self_training_targets`, image labels)."""
-        return self_training_targets(self.cache, image_loader(self.ctx, self.size), rows,
+    def targets(self, rows, images: torch.Tensor | None = None) -> np.ndarray:
+        """Self-training targets of ``rows`` (:func:`self_training_targets`, image labels).
+        ``images``: the uint8 batch of ``rows`` from ``ctx.images()`` when the caller has read it
+        already (a training batch), so that the guide images are not read a second time."""
+        load = (image_loader(self.ctx, self.size) if images is None else
+                lambda _rows: guide_images(images, self.ctx.device, self.size))
+        return self_training_targets(self.cache, load, rows,
                                      self.ctx.index.labels.astype(bool), self.size, self.config,
                                      self.calibration)
 
@@ -485,5 +504,6 @@ def refine_stage(ctx: Context, cache, config: RefineConfig | None = None,
     out-of-fold CAMs of ``cache``, at ``size`` (default: the segmentation input size)."""
     config = config or RefineConfig()
     size = tuple(size or ctx.seg_size)
-    cal = calibrate(cache, image_loader(ctx, size), ctx.index.labels.astype(bool), size, config)
+    cal = calibrate(cache, image_loader(ctx, size), ctx.index.labels.astype(bool), size, config,
+                    device=ctx.device)
     return Refined(ctx, cache, config, cal, size)

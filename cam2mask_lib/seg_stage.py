@@ -80,19 +80,30 @@ def check_size(size: tuple[int, int], what: str) -> tuple[int, int]:
 class Targets:
     """Training masks for a segmentation network: ``targets(rows)`` is uint8 ``[len(rows), C, H,
     W]`` at the segmentation input size (0/1, ``losses.IGNORE`` where a pixel does not count).
-    ``name`` labels the run folder, ``key`` is what the masks depend on (part of the cache key)."""
+    ``name`` labels the run folder, ``key`` is what the masks depend on (part of the cache key).
+    ``guide``: the dataset whose uint8 batches ``fn(rows, images)`` takes in place of reading the
+    images of ``rows`` itself (a trainer reading that dataset passes its batch); None when ``fn``
+    takes rows only."""
 
     name: str
     key: dict
-    fn: Callable[[np.ndarray], np.ndarray]
+    fn: Callable[..., np.ndarray]
     memo: dict | None = None  # per-row results kept in memory (small profiles)
+    guide: object | None = None
 
-    def __call__(self, rows):
+    def __call__(self, rows, images=None):
+        if images is not None and self.guide is None:
+            raise TypeError(f"targets {self.name!r} read no images; call them with rows only")
+
+        def call(r, pick):  # the targets of rows r, the images at positions pick of the batch
+            return self.fn(r) if images is None else self.fn(r, images[pick])
+
         if self.memo is None:
-            return self.fn(rows)
-        todo = [int(i) for i in rows if int(i) not in self.memo]
+            return call(rows, slice(None))
+        todo = [(j, int(i)) for j, i in enumerate(rows) if int(i) not in self.memo]
         if todo:
-            self.memo.update(zip(todo, self.fn(np.asarray(todo))))
+            pick, todo_rows = map(list, zip(*todo))
+            self.memo.update(zip(todo_rows, call(np.asarray(todo_rows), pick)))
         return np.stack([self.memo[int(i)] for i in rows])
 
 
@@ -138,10 +149,10 @@ def confident_targets(ctx: Context, cache: CamCache, high: float = 0.6, low: flo
     labels = ctx.index.labels.astype(bool)
     key = {"masks": "confident", **_cam_key(ctx, cache, aug_smooth), "high": high, "low": low}
 
-    def fn(rows):
+    def fn(rows):  # made on the context's device, as cam_targets are
         rows = np.asarray(rows)
-        maps = cache.maps(rows, ctx.seg_size, aug_smooth=aug_smooth)
-        return pseudo_labels(maps, labels[rows], high, low)
+        maps = cache.maps_on(ctx.device, rows, ctx.seg_size, aug_smooth=aug_smooth)
+        return pseudo_labels(maps, labels[rows], high, low).cpu().numpy()
 
     return Targets("confident", key, fn, _memo(ctx))
 
@@ -161,7 +172,7 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "thresholds": [float(v) for v in cal.thresholds],
            "polarity": [None if np.isnan(v) else float(v) for v in cal.polarity],
            "targets_version": REFINED_TARGETS_VERSION}
-    return Targets("refined", key, refined.targets, _memo(ctx))
+    return Targets("refined", key, refined.targets, _memo(ctx), guide=ctx.images())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -162,22 +162,24 @@ def build_segmenter(arch: str, encoder: str = "resnet18", classes: int = 4,
 # Pseudo-labels from CAMs
 # --------------------------------------------------------------------------------------------
 
-def pseudo_labels(maps: np.ndarray, present: np.ndarray, high: float = 0.6,
-                  low: float = 0.2) -> np.ndarray:
+def pseudo_labels(maps: np.ndarray | torch.Tensor, present, high: float = 0.6,
+                  low: float = 0.2) -> np.ndarray | torch.Tensor:
     """Training targets from CAMs that only trust confident pixels.
 
     ``maps`` ``[N, C, H, W]`` in [0, 1]; ``present`` ``[N, C]`` bool: the class is in the image
     (its image-level label, or the classifier's confident prediction). For a present class:
     1 where the CAM is above ``high``, 0 below ``low``, IGNORE (255) in between. For an absent
-    class the whole map is 0 (confidently background). Returns uint8 ``[N, C, H, W]``.
+    class the whole map is 0 (confidently background). Returns uint8 ``[N, C, H, W]``: a tensor
+    on the maps' device for a tensor, else a numpy array.
     """
     if not 0 <= low <= high <= 1:
         raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-    out = np.full(maps.shape, IGNORE, dtype=np.uint8)
-    out[maps > high] = 1
-    out[maps < low] = 0
-    out[~np.asarray(present, bool)] = 0
-    return out
+    t = torch.as_tensor(maps)
+    out = torch.full(t.shape, IGNORE, dtype=torch.uint8, device=t.device)
+    out[t > high] = 1
+    out[t < low] = 0
+    out[~torch.as_tensor(present, dtype=torch.bool, device=t.device)] = 0
+    return out if isinstance(maps, torch.Tensor) else out.numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +305,10 @@ class SegmenterTrainer(ResumableTrainer):
         x = self.ds.uint8_batch(b) if x is None else x  # normalised on the device by to_model
         if gen is None:
             return to_model(x, self.model)
-        y = torch.from_numpy(np.ascontiguousarray(self.targets(b)))
+        # targets that read this dataset's images (their guide) take the batch, not a second read
+        y = (self.targets(b, x) if getattr(self.targets, "guide", None) is self.ds
+             else self.targets(b))
+        y = torch.from_numpy(np.ascontiguousarray(y))
         if self.cfg.hflip:
             f = torch.rand(len(b), generator=gen) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
@@ -355,7 +360,8 @@ def train_segmenter(ds, targets, rows, num_classes: int, cfg: SegConfig, out: st
                     encoder_state: dict | None = None) -> nn.Module:
     """Train a segmentation network on ``rows`` of ``ds`` (items with an ``image``), with
     ``targets(rows) -> uint8 [len(rows), C, H, W]`` (0/1, IGNORE = 255 for pixels that do not
-    count). Checkpoints every epoch atomically in ``out`` and resumes from them; a finished run
+    count); targets with a ``guide`` that is ``ds`` are called ``targets(rows, images)`` with the
+    batch's uint8 images. Checkpoints every epoch atomically in ``out`` and resumes from them; a finished run
     (``out/final.pt``) is loaded, not retrained. ``encoder_state``: initial encoder weights (see
     :func:`load_encoder`). Returns the model (the EMA or SWA average when asked for) in eval
     mode, on the training device."""

@@ -100,10 +100,16 @@ def test_scoring_on_cuda_equals_the_cpus(synth_dir, tmp_path):
 def test_refinement_runs_where_its_images_are():
     # PAR and the grey-level test follow their guide images onto the GPU (image_loader puts them
     # on the context's device): the CPU's results within float rounding
-    from cam2mask_lib.refine import grey_zscore, par
+    # and so do the absolute ("negatives") maps
+    from cam2mask_lib.refine import absolute_maps, absolute_maps_on, grey_zscore, par
 
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(2, 3, 48, 96, generator=g) * 255
     maps = torch.rand(2, 4, 48, 96, generator=g)
     assert np.abs(par(maps, imgs.cuda()) - par(maps, imgs)).max() < 1e-4
     assert np.abs(grey_zscore(imgs.cuda()) - grey_zscore(imgs)).max() < 1e-4
+    low = torch.rand(2, 6, 4, 3, 6, generator=g).numpy()
+    on = absolute_maps_on("cuda", low, (48, 96), np.array([1.0, 2.0, 0.5, 4.0]))
+    assert on.is_cuda
+    ref = absolute_maps(low, (48, 96), np.array([1.0, 2.0, 0.5, 4.0]))
+    assert np.abs(on.cpu().numpy() - ref).max() < 1e-5

@@ -222,7 +222,8 @@ def test_self_training_cache_key_follows_what_the_labels_taught(tmp_path):
 
     from cam2mask_lib.seg_stage import refined_targets
 
-    ctx = SimpleNamespace(seg_size=(8, 8), artifacts=tmp_path, index=SimpleNamespace(
+    ctx = SimpleNamespace(seg_size=(8, 8), artifacts=tmp_path, images=lambda: None,
+                          index=SimpleNamespace(
         labels=np.zeros((3, 2))), profile=SimpleNamespace(classifier=SimpleNamespace(
             cache_images=False)))
     cache = SimpleNamespace(path=tmp_path / "cams" / "run")
@@ -254,3 +255,47 @@ def test_a_self_trained_network_is_cut_where_it_agrees_with_its_teacher():
                                        NET_THRESHOLDS), labels)
     assert 0.1 < got[0] < 0.3 and 0.6 < got[1] < 0.95 and got[2] == 0.5
     assert ((probs[:6, 0] > got[0]) == teacher[:6, 0].astype(bool)).all()
+
+
+def test_refined_targets_take_the_training_batch_instead_of_reading_it_again():
+    """Self-training targets made from a batch's uint8 images (what a trainer has read already)
+    equal those that read the images themselves, which a second read would otherwise cost; a
+    memo passes only the images of the rows it has not seen."""
+    from types import SimpleNamespace
+
+    from cam2mask_lib.seg_stage import Targets
+
+    labels, low, imgs = _case()
+    big = np.repeat(np.repeat(np.clip(imgs, 0, 255).astype(np.uint8), 2, -2), 2, -1)  # 16x16
+    reads = []
+
+    def uint8_batch(rows):
+        reads.append(len(rows))
+        return torch.from_numpy(big[np.asarray(rows)])
+
+    ds = SimpleNamespace(uint8_batch=uint8_batch)
+    ctx = SimpleNamespace(images=lambda: ds, device=torch.device("cpu"),
+                          index=SimpleNamespace(labels=labels))
+    cfg = refine.RefineConfig(deviation=3.0, par_iterations=2)
+    cal = refine.calibrate(_Cache(low), refine.image_loader(ctx, (8, 8)), labels, (8, 8), cfg)
+    ref = refine.Refined(ctx, _Cache(low), cfg, cal, (8, 8))
+    rows = np.array([3, 12, 5, 17])
+    reads.clear()
+    own = ref.targets(rows)
+    assert reads == [4]
+    given = ref.targets(rows, torch.from_numpy(big[rows]))
+    assert reads == [4] and np.array_equal(own, given)
+    assert (own == IGNORE).any() and (own == 1).any()  # the case exercises every kind of pixel
+    seen = []
+
+    def fn(r, x):
+        seen.append((list(r), x.shape[0]))
+        return ref.targets(r, x)
+
+    t = Targets("refined", {}, fn, memo={}, guide=ds)
+    first = t(rows[:2], torch.from_numpy(big[rows[:2]]))
+    both = t(rows, torch.from_numpy(big[rows]))
+    assert seen == [([3, 12], 2), ([5, 17], 2)] and np.array_equal(both, own)
+    assert np.array_equal(first, own[:2])
+    with pytest.raises(TypeError, match="rows only"):
+        Targets("true", {}, lambda r: own)(rows, torch.from_numpy(big[rows]))

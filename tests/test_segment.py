@@ -91,6 +91,22 @@ def test_pseudo_labels_trust_only_confident_pixels():
         pseudo_labels(maps, present, high=0.2, low=0.6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pseudo_labels_of_a_tensor_equal_numpys_at_the_cuts(dtype):
+    """On a tensor (the CAMs made on the context's device) the pseudo-labels are a uint8 tensor
+    with the values numpy gives, also at the cuts and one step either side of them."""
+    cuts = [dtype(0.6), dtype(0.2)]
+    vals = np.concatenate([[np.nextafter(c, dtype(-1)), c, np.nextafter(c, dtype(2))]
+                           for c in cuts]).astype(dtype)
+    maps = np.broadcast_to(vals, (2, 3, 1, len(vals))).copy()
+    present = np.array([[True, False, True], [True, True, False]])
+    ref = np.where(maps > 0.6, 1, np.where(maps < 0.2, 0, IGNORE)).astype(np.uint8)
+    ref[~present] = 0
+    got = pseudo_labels(torch.from_numpy(maps), present)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
+    assert np.array_equal(got.numpy(), ref) and np.array_equal(pseudo_labels(maps, present), ref)
+
+
 def test_class_index():
     m = torch.tensor([[[[1, 0, 0, 255]], [[0, 0, 1, 0]]]], dtype=torch.uint8)
     assert to_class_index(m)[0, 0].tolist() == [1, 0, 2, IGNORE]
@@ -223,6 +239,43 @@ def test_workers_change_no_weight_of_a_segmenter(synth_dir, tmp_path):
     assert len(pa) == len(pb) == -(-(len(rows) - 3) // 5)
     assert all(np.array_equal(ra, rb) and np.array_equal(xa, xb)
                for (ra, xa), (rb, xb) in zip(pa, pb))
+
+
+def test_targets_that_read_the_training_images_are_given_the_batch(synth_dir, tmp_path):
+    """Targets whose guide is the training dataset (refined self-training targets) get each
+    batch's uint8 images from the trainer, with workers or without, unflipped and in the batch's
+    order, instead of reading them a second time; the weights are those of the same targets
+    given rows only; targets with another guide are given rows only."""
+    from cam2mask_lib.data import ImageDataset, load_dataset
+    from cam2mask_lib.seg_stage import Targets
+    from cam2mask_lib.segment import SegConfig, train_segmenter
+
+    idx = load_dataset(synth_dir)
+    ds = ImageDataset(idx, (32, 160), with_masks=False)
+    other = ImageDataset(idx, (32, 160), with_masks=False)  # the same images, read apart
+    masks = ImageDataset(idx, (32, 160), cache=True)
+    truth = lambda rows: np.stack([masks[int(i)]["masks"].numpy() for i in rows])  # noqa: E731
+    rows = np.arange(len(idx))
+    given = []
+
+    def guided(r, images):
+        assert torch.equal(images, other.uint8_batch(r))
+        given.append(len(r))
+        return truth(r)
+
+    cfg = SegConfig(arch="thesis_unet", epochs=2, batch_size=8, lr=3e-3)
+    a = train_segmenter(ds, truth, rows, 4, cfg, tmp_path / "a", progress=False)
+    for w in (0, 1):
+        given.clear()
+        b = train_segmenter(ds, Targets("t", {}, guided, guide=ds), rows, 4,
+                            dataclasses.replace(cfg, num_workers=w), tmp_path / f"b{w}",
+                            progress=False)
+        assert sum(given) == 2 * len(rows), w  # every image of both epochs, through the batch
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), w
+    c = train_segmenter(ds, Targets("t", {}, truth, guide=other), rows, 4, cfg, tmp_path / "c",
+                        progress=False)
+    assert all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------
