@@ -18,6 +18,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ from cam2mask_lib.experiments import THRESHOLDS, grid_profile
 from cam2mask_lib.losses import make_loss
 from cam2mask_lib.postprocess import collect_stats
 from cam2mask_lib.profiles import get_profile
+from cam2mask_lib.refine import (RefineConfig, calibrate, guide_images, image_loader,
+                                 self_training_targets)
 from cam2mask_lib.report import machine, software
 from cam2mask_lib.seg_stage import held_out_folds
 from cam2mask_lib.segment import SegConfig, SegmenterTrainer
@@ -154,6 +157,21 @@ def main(argv=None) -> None:
             score()
             scoring[where] = n / timed(score, device)
 
+        # 3c. Table 5's self-training targets (the default refinement, calibrated on the labels),
+        # made on the device from each batch's images as the trainer hands them over; the paper
+        # profile keeps no memo, so they are made again in every epoch of its network
+        cfg_r = RefineConfig()
+        loader = image_loader(SimpleNamespace(images=lambda: ds, device=device), size)
+        cal = calibrate(cache, loader, labels.astype(bool), size, cfg_r, device=device)
+
+        def self_targets():
+            for c in chunks:
+                x8 = ds.uint8_batch(c)
+                self_training_targets(cache, lambda _r, x8=x8: guide_images(x8, device, size), c,
+                                      labels.astype(bool), size, cfg_r, cal)
+        self_targets()
+        targets_rate = n / timed(self_targets, device)
+
         # 4. segmentation training: a U-Net with the classifier's encoder on the true masks
         seg = SegConfig(arch="unet", encoder=f"tu-{args.encoder}", epochs=1,
                         batch_size=args.seg_batch, device=str(device), slim=device.type == "cpu",
@@ -198,6 +216,8 @@ def main(argv=None) -> None:
           f" (the bare classifier trains {rows_out[0][2]:.1f})")
     print(f"scoring cached CAMs (aug smoothing, {len(THRESHOLDS)} thresholds), images/s: " +
           "; ".join(f"on {where} {r:.1f}" for where, r in scoring.items()))
+    print(f"Table 5's self-training targets (default refinement) on {device}, images/s: "
+          f"{targets_rate:.1f}")
     rate = {name.split(" (")[0]: p for name, p, _ in rows_out}
     # the paper profile's counts: 12,568 images, 5 folds x 30 epochs (4/5 trained, 1/5 validated
     # per epoch, counted at the training rate), 3 CAM variants (one with 6 views: counted at its
@@ -221,20 +241,24 @@ def main(argv=None) -> None:
     unit = {"tables 3 and 5": (5 * seg_folds, seg_epochs * N * 4 / 5),
             "grid": (17 * grid_folds, seg_epochs * defective * 4 / 5)}
     seg_s = sum(n * imgs for n, imgs in unit.values()) / rate["segmentation training"]
-    total = n_folds * fold_s + cam_s + score_s + seg_s
+    # Table 5's network: its targets made per batch, every epoch, on every held-out fold
+    targets_s = seg_folds * seg_epochs * N * 4 / 5 / targets_rate
+    total = n_folds * fold_s + cam_s + score_s + seg_s + targets_s
     n_nets = sum(n for n, _ in unit.values())
     print(f"\nprojected paper profile on this device at these shapes: classifier + out-of-fold "
           f"{n_folds * fold_s / 3600:.2f} h, CAMs {cam_s / 60:.1f} min, scoring them "
           f"{score_s / 60:.1f} min, segmentation networks "
           f"{seg_s / 3600:.2f} h ({n_nets} network trainings: 5 set-ups x {seg_folds} folds, "
-          f"17 grid runs x {grid_folds}); total {total / 3600:.2f} h")
+          f"17 grid runs x {grid_folds}) and Table 5's self-training targets "
+          f"{targets_s / 60:.1f} min; total {total / 3600:.2f} h")
     # several such devices under torchrun (cam2mask train --stages classifier segmentation grid):
     # folds dealt round-robin, CAMs on rank 0, (network, fold) pairs dealt round-robin
     pairs = [imgs / rate["segmentation training"] for n, imgs in unit.values()
              for _ in range(n)]  # in the order train_networks deals them
     for g in (2, 4, 8):
         seg_g = max(sum(pairs[r::g]) for r in range(g))
-        spread = -(-n_folds // g) * fold_s + cam_s + score_s + seg_g
+        spread = (-(-n_folds // g) * fold_s + cam_s + score_s + seg_g
+                  + targets_s / min(g, seg_folds))
         print(f"  on {g} such devices (torchrun, assuming the same rate per device): "
               f"{spread / 3600:.2f} h")
 
