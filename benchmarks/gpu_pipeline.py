@@ -32,8 +32,7 @@ from cam2mask_lib.experiments import THRESHOLDS, grid_profile
 from cam2mask_lib.losses import make_loss
 from cam2mask_lib.postprocess import collect_stats
 from cam2mask_lib.profiles import get_profile
-from cam2mask_lib.refine import (RefineConfig, calibrate, guide_images, image_loader,
-                                 self_training_targets)
+from cam2mask_lib.refine import refine_stage
 from cam2mask_lib.report import machine, software
 from cam2mask_lib.seg_stage import held_out_folds
 from cam2mask_lib.segment import SegConfig, SegmenterTrainer
@@ -160,15 +159,12 @@ def main(argv=None) -> None:
         # 3c. Table 5's self-training targets (the default refinement, calibrated on the labels),
         # made on the device from each batch's images as the trainer hands them over; the paper
         # profile keeps no memo, so they are made again in every epoch of its network
-        cfg_r = RefineConfig()
-        loader = image_loader(SimpleNamespace(images=lambda: ds, device=device), size)
-        cal = calibrate(cache, loader, labels.astype(bool), size, cfg_r, device=device)
+        refined = refine_stage(SimpleNamespace(images=lambda: ds, device=device, index=index),
+                               cache, size=size)
 
         def self_targets():
             for c in chunks:
-                x8 = ds.uint8_batch(c)
-                self_training_targets(cache, lambda _r, x8=x8: guide_images(x8, device, size), c,
-                                      labels.astype(bool), size, cfg_r, cal)
+                refined.targets(c, ds.uint8_batch(c))
         self_targets()
         targets_rate = n / timed(self_targets, device)
 

@@ -105,12 +105,18 @@ def smooth(views: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return _smooth_t(torch.as_tensor(np.asarray(views, dtype=np.float32)), size).numpy()
 
 
-def _smooth_t(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """:func:`smooth` on a tensor, on its device."""
+def unflip_views(low: torch.Tensor) -> torch.Tensor:
+    """A float copy of per-view maps ``[N, V, ...]`` (views in :data:`AUG_VIEWS` order) with the
+    flipped views flipped back."""
     low = low.float().clone()
     flipped = [v for v, (flip, _) in enumerate(AUG_VIEWS) if flip]
     low[:, flipped] = low[:, flipped].flip(-1)
-    return _upsample_t(low, size).mean(dim=1)
+    return low
+
+
+def _smooth_t(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`smooth` on a tensor, on its device."""
+    return _upsample_t(unflip_views(low), size).mean(dim=1)
 
 
 def _final_t(low: torch.Tensor, size: tuple[int, int], aug_smooth: bool) -> torch.Tensor:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cams import AUG_VIEWS
+from .cams import AUG_VIEWS, unflip_views
 from .losses import IGNORE
 from .metrics import DiceReport, dice
 from .utils import ConfigError
@@ -135,9 +135,7 @@ def absolute_maps_on(device, low: np.ndarray, size: tuple[int, int],
         if t.dim() == 4:
             t = t[:, None]
         if t.shape[1] == len(AUG_VIEWS):
-            t = t.clone()
-            flipped = [v for v, (flip, _) in enumerate(AUG_VIEWS) if flip]
-            t[:, flipped] = t[:, flipped].flip(-1)
+            t = unflip_views(t)
         n, v, c, h, w = t.shape
         up = F.interpolate(t.reshape(n * v, c, h, w), size=tuple(size), mode="bilinear",
                            align_corners=False).reshape(n, v, c, *size).mean(1)

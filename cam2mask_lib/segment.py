@@ -362,8 +362,8 @@ def train_segmenter(ds, targets, rows, num_classes: int, cfg: SegConfig, out: st
     ``targets(rows) -> uint8 [len(rows), C, H, W]`` (0/1, IGNORE = 255 for pixels that do not
     count); targets with a ``guide`` that is ``ds`` are called ``targets(rows, images)`` with the
     batch's uint8 images. Checkpoints every epoch atomically in ``out`` and resumes from them; a
-    finished run (``out/final.pt``) is loaded, not retrained. ``encoder_state``: initial encoder weights (see
-    :func:`load_encoder`). Returns the model (the EMA or SWA average when asked for) in eval
+    finished run (``out/final.pt``) is loaded, not retrained. ``encoder_state``: initial encoder
+    weights (see :func:`load_encoder`). Returns the model (the EMA or SWA average when asked for) in eval
     mode, on the training device."""
     out = Path(out)
     trainer = SegmenterTrainer(ds, targets, rows, num_classes, cfg, out, progress, fold,
