@@ -691,7 +691,7 @@ def refinement_markdown_table(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     for col in out.columns[1:]:
         pct = "share" in col or "gap" in col
-        out[col] = [f"{v:.0%}" if pct else f"{v:.3f}" for v in out[col]]
+        out[col] = [f"{v + 0.0:.0%}" if pct else f"{v:.3f}" for v in out[col]]  # no "-0%"
     return out
 
 

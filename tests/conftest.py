@@ -35,3 +35,33 @@ def copy_of(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return make
+
+
+@pytest.fixture(scope="session")
+def generic(tmp_path_factory):
+    """A generic-format set shared by the tests (read-only: copy to modify): 24 images of odd
+    sizes; class 'dark' = a dark box, class 'bright' = a bright box, some images defect-free."""
+    root = tmp_path_factory.mktemp("generic") / "ds"
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    for c in ("dark", "bright"):
+        (root / "masks" / c).mkdir(parents=True)
+    rows = ["image,dark,bright"]
+    for k in range(24):
+        h, w = int(rng.integers(40, 70)), int(rng.integers(90, 150))
+        img = rng.normal(120, 10, (h, w)).clip(0, 255)
+        labels = [k % 3 == 0, k % 4 == 1]
+        for c, (flag, val) in enumerate(zip(labels, (30, 230))):
+            m = np.zeros((h, w), np.uint8)
+            if flag:
+                y, x = int(rng.integers(0, h - 15)), int(rng.integers(0, w - 25))
+                m[y:y + 15, x:x + 25] = 1
+                img[m == 1] = val
+                Image.fromarray(m * 255).save(root / "masks" / ("dark", "bright")[c]
+                                              / f"im{k:02d}.png")
+        ext = "png" if k % 2 else "jpg"
+        Image.fromarray(img.astype(np.uint8)).convert("RGB").save(
+            root / "images" / f"im{k:02d}.{ext}")
+        rows.append(f"im{k:02d},{int(labels[0])},{int(labels[1])}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -1,0 +1,72 @@
+"""benchmarks/real_quality.py on a small generic-format set (the real data it defaults to is not
+part of the project): the table it writes, its inputs following the data, and what it refuses."""
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cam2mask_lib.utils import repo_root
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "real_quality", repo_root() / "benchmarks" / "real_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_inputs_follow_the_images_aspect_ratio(bench):
+    square = np.full((5, 2), 200)
+    assert bench.input_sizes(square) == ((256, 256), (128, 128))  # the committed NEU-Seg table's
+    sheet = np.tile([256, 1600], (5, 1))
+    (h, w), (sh, sw) = bench.input_sizes(sheet)
+    assert w >= 6 * h and sw >= 4 * sh and h % 32 == 0 and sw % 32 == 0  # 96x640, 64x320
+    assert bench.input_sizes(sheet, (64, 64), (32, 32)) == ((64, 64), (32, 32))
+
+
+def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
+    out, art = tmp_path / "out", tmp_path / "art"
+    args = ["--data", str(generic), "--artifacts", str(art), "--out", str(out),
+            "--image-size", "64", "128", "--seg-size", "32", "64", "--epochs", "1",
+            "--seg-epochs", "1", "--no-progress"]
+    bench.main(args)
+    capsys.readouterr()
+    text = (out / "real_quality.md").read_text()
+    assert "scored at 32x64" in text and "classifier mobilenetv3_small_050 at 64x128" in text
+    assert "reused" not in text  # trained by this run
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["no mask"][2] == "0%"
+    reference = next(k for k in rows if "(the reference)" in k)
+    assert rows[reference][2] == "100%"
+    assert any(k.startswith("U-Net self-trained") for k in rows)
+    made = json.loads((out / "real_quality.json").read_text())
+    assert made["data"] == "ds" and made["images"] == 24 and made["seg_size"] == [32, 64]
+    bench.main(args)  # again: the same table from the cached classifier, said so
+    again = (out / "real_quality.md").read_text()
+    assert "the classifier reused from the artifacts folder" in again
+    strip = lambda t: [line for line in t.splitlines() if not line.startswith(("Wall", "8 images"))]
+    assert strip(again) == strip(text)
+    capsys.readouterr()
+
+    # another data set's table is not replaced without --force, and nothing is trained
+    other = tmp_path / "other"
+    shutil.copytree(generic, other)
+    mask = other / "masks" / "dark" / "im00.png"
+    Image.fromarray(np.roll(np.asarray(Image.open(mask)), 3, axis=1)).save(mask)  # one differs
+    with pytest.raises(SystemExit, match="--force"):
+        bench.main(["--data", str(other)] + args[2:])
+    assert (out / "real_quality.md").read_text() == again
+    # no true masks, or a fold the recipe does not have: refused before any work
+    shutil.rmtree(other / "masks")
+    for bad, why in ((["--data", str(other)], "no true masks"),
+                     (["--data", str(generic), "--score-folds", "3"], "--score-folds")):
+        fresh = tmp_path / "fresh"
+        with pytest.raises(SystemExit, match=why):
+            bench.main(bad + ["--artifacts", str(fresh), "--out", str(fresh), "--no-progress"])
+        assert not fresh.exists()
