@@ -426,8 +426,9 @@ def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainC
         return train_fold(ds, labels, folds, fold, cfg, out)  # done: read
     avg = trainer.average()
     save_checkpoint(out / "final.pt", avg.state_dict())
-    probs = 1 / (1 + np.exp(-predict_logits(avg, ds, trainer.val_rows, cfg.batch_size * 2,
-                                             cfg.num_workers)))
+    with np.errstate(over="ignore"):  # exp of a large -logit is inf: the probability 0, exactly
+        probs = 1 / (1 + np.exp(-predict_logits(avg, ds, trainer.val_rows, cfg.batch_size * 2,
+                                                 cfg.num_workers)))
     np.save(out / "oof.npy", probs)
     write_json(done, {"history": history, "averaged_epochs": [e for _, e in trainer.top]})
     return {"oof": probs, "rows": trainer.val_rows, "history": history}

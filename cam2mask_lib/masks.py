@@ -232,6 +232,12 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         h, w = (int(v) for v in np.median(index.shapes, axis=0))
         say(f"input size {fitted[0]}x{fitted[1]}: the images' median shape {h}x{w} at the "
             f"profile's pixel budget, sides multiples of 32 (--image-size H W to choose)")
+    always = [c for c, n in zip(ctx.index.class_names, positives) if n == len(ctx.index)]
+    if always:  # said before the training, which cannot fix it
+        say(f"class(es) {always}: every image is labelled with them, so the classifier has no "
+            f"image without them to contrast: their CAMs show where it looked, not what "
+            f"differs, and their ROC-AUC is undefined. Add defect-free images (labelled 0) "
+            f"for masks that follow the evidence")
     rows = np.arange(len(ctx.index))
     cls = cache = ens = None
     if run is None:
@@ -249,6 +255,8 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names, "method": method,
                      "classifier": str(run["dir"]) if run else "trained with cross-validation",
                      "classifier_auc": dict(zip(ctx.index.class_names, [float(a) for a in auc]))}
+    if always:
+        summary["classes_on_every_image"] = always
     never = [c for c, n in zip(ctx.index.class_names, positives) if n == 0]
     if never:  # no positive image: nothing to localise, and ROC-AUC is undefined
         probs = probs.copy()

@@ -154,10 +154,24 @@ def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, t
                  "--image-size", "32", "64", "--epochs", "1"]) == 0
     assert "['bright']: no image is labelled with them" in capsys.readouterr().out
     assert "bright" not in (out2 / "masks.csv").read_text()
+    def strict(text):  # what other tools' JSON parsers accept: no NaN
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    summary = strict((out2 / "cam2mask_masks.json").read_text())["summary"]
+    assert summary["classifier_auc"]["bright"] is None and summary["classifier_auc"]["dark"] > 0
+    # a class on every image: said, with what to do; masks are still made
+    (data / "labels.csv").write_text("\n".join([labels[0]] + [l.split(",")[0] + ",1,0"
+                                                              for l in labels[1:]]) + "\n")
+    shutil.rmtree(data / "masks")
+    out4 = tmp_path / "o4"
+    assert main(["masks", "--data", str(data), "--out", str(out4), "--profile", "smoke",
+                 "--image-size", "32", "64", "--epochs", "1", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert said.index("['dark']: every image is labelled") < said.index("masks: label-only")
+    assert strict((out4 / "cam2mask_masks.json").read_text())["summary"][
+        "classes_on_every_image"] == ["dark"]
     # no positive label at all: refused before anything is written, with the reason
     (data / "labels.csv").write_text("\n".join([labels[0]] + [l.split(",")[0] + ",0,0"
                                                               for l in labels[1:]]) + "\n")
-    shutil.rmtree(data / "masks")
     assert main(["masks", "--data", str(data), "--out", str(tmp_path / "o3"), "--profile",
                  "smoke", "--no-progress"]) == 2
     assert "no image is labelled with any class" in capsys.readouterr().err
