@@ -144,8 +144,9 @@ def build_segmenter(arch: str, encoder: str = "resnet18", classes: int = 4,
     try:
         if arch == "resnet_encdec":
             return ResNetEncDec(encoder=encoder, classes=classes, pretrained=pretrained)
-        return smp.create_model(arch, encoder_name=encoder,
-                                encoder_weights="imagenet" if pretrained else None,
+        # smp names timm ("tu-") weights by the encoder's tag and asks for True; its own, "imagenet"
+        weights = (True if encoder.startswith("tu-") else "imagenet") if pretrained else None
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights,
                                 classes=classes, **kwargs)
     except (OSError, ConnectionError, RuntimeError) as e:  # no network, no hub, no file
         if not pretrained:
