@@ -29,7 +29,6 @@ from pathlib import Path
 
 from cam2mask_lib import pipeline
 from cam2mask_lib.data import load_dataset
-from cam2mask_lib.classify import run_dir
 from cam2mask_lib.experiments import refinement_markdown_table, refinement_stage
 from cam2mask_lib.masks import fit_input_size
 from cam2mask_lib.profiles import get_profile
@@ -105,8 +104,6 @@ def main(argv=None) -> None:
     print(f"inputs: classifier {image_size[0]}x{image_size[1]}, segmentation and scoring "
           f"{seg_size[0]}x{seg_size[1]}" + ("" if args.image_size and args.seg_size else
           " (the images' median aspect ratio at the default pixel budgets)"), flush=True)
-    trained = run_dir(ctx.artifacts / "classifier", ctx.index, ctx.folds, ctx.profile.classifier)
-    reused = all((trained / f"fold{k}" / "done.json").is_file() for k in range(ctx.profile.n_folds))
     run = pipeline.classifier_stage(ctx, progress=progress)
     cache = pipeline.cam_stage(ctx, run, progress=progress)
     t_cls = time.perf_counter() - t0
@@ -129,7 +126,8 @@ def main(argv=None) -> None:
             f"{image_size[1]}, {args.epochs} epochs x {ctx.profile.n_folds} folds; "
             f"U-Nets (encoder from the fold's classifier, slim decoder) {args.seg_epochs} epochs. "
             f"Wall time {wall / 60:.1f} min (classifier and CAMs {t_cls / 60:.1f} min"
-            f"{'; the classifier reused from the artifacts folder' if reused else ''}).\n\n"
+            f"{'' if run.trained else '; the classifier reused from the artifacts folder'})"
+            f".\n\n"
             f"{markdown_table(fmt)}\n\n{ctx.prov.line()}\n")
     atomic_write_text(out / "real_quality.md", text)
     print("\n" + text)

@@ -442,7 +442,8 @@ def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainC
 class ClassifierRun:
     """A cross-validated classifier: its run folder, configuration, class names, out-of-fold
     probabilities ``oof`` [N, C] (NaN for folds not trained), training history, ROC-AUC per class
-    on the union of the finished folds, and whether every fold finished."""
+    on the union of the finished folds, whether every fold finished, and which folds this call
+    trained (the others were read from their finished folders)."""
 
     dir: Path
     config: TrainConfig
@@ -451,6 +452,7 @@ class ClassifierRun:
     history: pd.DataFrame
     auc: np.ndarray
     complete: bool
+    trained: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -483,13 +485,16 @@ def train_cv(index, folds: np.ndarray, cfg: TrainConfig, base: Path,
         if not 0 <= k < n_folds:
             raise ConfigError(f"fold {k} does not exist; folds are 0..{n_folds - 1}")
     oof = np.full(index.labels.shape, np.nan, dtype=np.float64)
-    hist = []
+    hist, trained = [], []
     for k in tqdm(range(n_folds), desc="folds", disable=not bars(progress)):
         fdir = out / f"fold{k}"
-        if k not in todo and not (fdir / "done.json").is_file():
+        finished = (fdir / "done.json").is_file()
+        if k not in todo and not finished:
             continue
         say(progress, f"classifier: fold {k + 1}/{n_folds} ({out.name})")
         res = train_fold(ds, index.labels, folds, k, cfg, fdir, progress=progress, ddp=ddp)
+        if not finished:
+            trained.append(k)
         oof[res["rows"]] = res["oof"]
         hist += res["history"]
     history = pd.DataFrame(hist)
@@ -502,7 +507,8 @@ def train_cv(index, folds: np.ndarray, cfg: TrainConfig, base: Path,
     auc = roc_auc_per_class(index.labels[done_rows], oof[done_rows]) if done_rows.any() else \
         np.full(index.num_classes, np.nan)
     return ClassifierRun(dir=out, config=cfg, class_names=list(index.class_names), oof=oof,
-                         history=history, auc=auc, complete=not np.isnan(oof).any())
+                         history=history, auc=auc, complete=not np.isnan(oof).any(),
+                         trained=tuple(trained))
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,8 +170,9 @@ class DatasetIndex:
         and (with ``masks``) every mask (its RLE, or its PNG's bytes). Caches keyed by it notice
         an image or a mask that was replaced or edited in place, not only renamed."""
         if masks not in self._fingerprints:
-            parts = [list(self.image_ids), [_file_digest(p) for p in self.image_paths],
-                     self.labels.tolist()]
+            if "images" not in self._fingerprints:  # read once for both fingerprints
+                self._fingerprints["images"] = [_file_digest(p) for p in self.image_paths]
+            parts = [list(self.image_ids), self._fingerprints["images"], self.labels.tolist()]
             if masks and self.rles is not None:
                 parts.append([sorted(d.items()) for d in self.rles])
             elif masks and self.mask_paths is not None:
