@@ -580,19 +580,21 @@ def gallery_items(ctx: Context, run: ClassifierRun, cache: CamCache, rep: DiceRe
 # each row changes one thing against the paper's post-processing or against the default
 TECHNIQUES = {
     "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)":
-        RefineConfig(region="image", deviation=None),
+        RefineConfig(region="image", grey="off"),
     "absolute CAMs, cut at the negatives' median peak":
-        RefineConfig(region="negatives", deviation=None),
-    "Otsu threshold per image": RefineConfig(region="otsu", deviation=None),
-    "PAR (10 iterations), then > 0.3": RefineConfig(region="image", deviation=None,
-                                                    par_iterations=10),
+        RefineConfig(region="negatives", grey="off"),
+    "Otsu threshold per image": RefineConfig(region="otsu", grey="off"),
+    "PAR (10 iterations), then > 0.3": RefineConfig(region="image", grey="off", par_iterations=10),
     "grey-level departure > 1 robust sd inside the CAM > 0.3, either sign":
-        RefineConfig(polarity_t=None),
-    "the same, of each class's sign learnt from the labels (the default)": RefineConfig(),
+        RefineConfig(grey="either"),
+    "the same, of each class's sign by a t-test of its images against the others'":
+        RefineConfig(grey="labels"),
+    "sign and sds of each class from where its departures concentrate (the default)":
+        RefineConfig(),
     "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }
 PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
-DEFAULT_TECHNIQUE = "the same, of each class's sign learnt from the labels (the default)"
+DEFAULT_TECHNIQUE = "sign and sds of each class from where its departures concentrate (the default)"
 NO_MASK = "no mask"
 SELF_TRAINED = ("U-Net self-trained on the default's masks, + classifier gate, threshold fitted "
                 "to its teacher")

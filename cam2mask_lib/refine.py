@@ -21,10 +21,14 @@ What the defect looks like (the *shape*):
 * :func:`grey_zscore`: each pixel's robust z-score against its own image (median and MAD of the
   grey level): a defect on steel is a local departure from the sheet's texture, so inside the
   region only pixels that depart from the image's typical grey are kept;
-  :func:`class_polarity` learns from the labels whether a class is darker or brighter than the
-  sheet (its images hold more dark, or bright, pixels than the others', by a t-test): then only
-  departures of that sign count, and a class whose labels show no direction keeps its region
-  whole (the grey level says nothing about it).
+  :class:`Contrast` and :func:`contrast_departures` learn, per class, which departures to keep
+  (the default): in the images labelled with the class, departures of the defect's sign crowd
+  into the class's region, while the sheet's own departures are as frequent outside it; the
+  sign and the number of robust sds whose excess inside the region gives the highest estimated
+  Dice are kept, and a class whose departures do not concentrate there keeps its region whole
+  (the grey level says nothing about it). :func:`class_polarity` is the earlier rule: the sign
+  from a t-test between the class's images and the others' (a class on images shared with
+  classes of the other sign shows none).
 
 Learning from them (self-training): :func:`confident_labels` turns a region and a shape into
 targets for a segmentation network (defect, background, and an ignored band between), which
@@ -61,12 +65,17 @@ class RefineConfig:
     images' peaks) or "otsu" (the per-image scaled map above its Otsu threshold).
     ``par_iterations``: pixel-adaptive refinement of the map first (0: off). ``deviation``: inside
     the region keep only pixels whose grey level departs from the image's own by more than this
-    many robust standard deviations (None: keep the whole region). ``polarity_t``: a class whose
-    images are darker (brighter) than the others' by this t statistic keeps only dark (bright)
-    departures, one without such a direction keeps its whole region (:func:`class_polarity`;
-    None: departures of either sign for every class). ``confidence``: the
+    many robust standard deviations. ``grey``: which departures count: "contrast" (per class, the
+    sign and the number of sds from ``deviations`` learnt from where the departures concentrate
+    in the class's labelled images, :func:`contrast_departures`; a class whose departures do not
+    reach ``min_purity`` keeps its whole region), "labels" (``deviation`` sds of the sign of
+    :func:`class_polarity`: a class whose images are darker (brighter) than the others' by the t
+    statistic ``polarity_t``; one without a direction keeps its whole region), "either"
+    (``deviation`` sds of either sign) or "off" (no grey-level test: the whole region). Under
+    "contrast", ``polarity_t`` is the two-proportion z a sign's concentration needs.
+    ``confidence``: the
     classifier's probability a class needs to get a mask. ``band``: the self-training targets'
-    background, as factors of the region's cut and of ``deviation``: a pixel is background below
+    background, as factors of the region's cut and of the class's sds: a pixel is background below
     ``band`` x either (or where the label says the class is absent), ignored between."""
 
     region: str = "image"
@@ -75,8 +84,11 @@ class RefineConfig:
     par_iterations: int = 0
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12)
     par_temperature: float = 0.3
-    deviation: float | None = 1.0
-    polarity_t: float | None = 2.58
+    grey: str = "contrast"
+    deviation: float = 1.0
+    deviations: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+    min_purity: float = 0.5
+    polarity_t: float = 2.58
     confidence: float = 0.5
     band: float = 0.5
 
@@ -89,27 +101,44 @@ class RefineConfig:
             raise ConfigError(f"refine negative_quantile={self.negative_quantile}: must be in (0, 1)")
         if self.par_iterations < 0:
             raise ConfigError(f"refine par_iterations={self.par_iterations}: must be >= 0")
-        if self.deviation is not None and self.deviation < 0:
-            raise ConfigError(f"refine deviation={self.deviation}: must be >= 0 or None")
-        if self.polarity_t is not None and self.polarity_t <= 0:
-            raise ConfigError(f"refine polarity_t={self.polarity_t}: must be > 0 or None")
+        if self.grey not in GREY_RULES:
+            raise ConfigError(f"refine grey {self.grey!r}: choose one of {GREY_RULES}")
+        if self.deviation <= 0:
+            raise ConfigError(f"refine deviation={self.deviation}: must be > 0")
+        if not self.deviations or min(self.deviations) <= 0:
+            raise ConfigError(f"refine deviations={self.deviations}: give one or more sds > 0")
+        if not 0 < self.min_purity <= 1:
+            raise ConfigError(f"refine min_purity={self.min_purity}: must be in (0, 1]")
+        if self.polarity_t <= 0:
+            raise ConfigError(f"refine polarity_t={self.polarity_t}: must be > 0")
         if not 0 <= self.band <= 1:
             raise ConfigError(f"refine band={self.band}: must be in [0, 1]")
         object.__setattr__(self, "par_dilations", tuple(int(d) for d in self.par_dilations))
+        object.__setattr__(self, "deviations", tuple(sorted(float(d) for d in self.deviations)))
+
+    @property
+    def reads_grey(self) -> bool:
+        """Whether the grey-level test is on."""
+        return self.grey != "off"
 
     def describe(self) -> str:
         region = {"image": f"per-image scaled CAM > {self.threshold:g}",
                   "negatives": f"absolute CAM > the negatives' {self.negative_quantile:g} quantile",
                   "otsu": "per-image scaled CAM > its Otsu threshold"}[self.region]
         par = f", PAR {self.par_iterations} iterations" if self.par_iterations else ""
-        dev = (f", pixels > {self.deviation:g} robust sd from the image's grey" +
-               (f" in the class's direction where the labels show one (|t| >= "
-                f"{self.polarity_t:g}; else no grey test)"
-                if self.polarity_t is not None else "") if self.deviation is not None else "")
+        dev = {"contrast": ", pixels departing from the image's grey in the sign and by the robust "
+                           "sds learnt per class from where its departures concentrate (no grey "
+                           "test for a class whose departures do not)",
+               "labels": f", pixels > {self.deviation:g} robust sd from the image's grey in the "
+                         f"class's direction where the labels show one (|t| >= "
+                         f"{self.polarity_t:g}; else no grey test)",
+               "either": f", pixels > {self.deviation:g} robust sd from the image's grey",
+               "off": ""}[self.grey]
         return f"{region}{par}{dev}, confidence {self.confidence:g}"
 
 
 REGIONS = ("image", "negatives", "otsu")
+GREY_RULES = ("contrast", "labels", "either", "off")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,13 +314,109 @@ def class_polarity(balance: np.ndarray, labels: np.ndarray, min_t: float = 2.58)
     return out
 
 
-def departures(z: np.ndarray, k: float, polarity: np.ndarray) -> np.ndarray:
-    """``[B, C, H, W]`` bool: pixels departing more than ``k`` from the image's grey (``z``
-    ``[B, H, W]``) in each class's direction (``polarity`` ``[C]``: +1 brighter, -1 darker, 0
-    either way, NaN: the grey level says nothing about the class, every pixel passes)."""
+def departures(z: np.ndarray, k, polarity: np.ndarray) -> np.ndarray:
+    """``[B, C, H, W]`` bool: pixels departing more than ``k`` (one value, or one per class
+    ``[C]``) from the image's grey (``z`` ``[B, H, W]``) in each class's direction (``polarity``
+    ``[C]``: +1 brighter, -1 darker, 0 either way, NaN: the grey level says nothing about the
+    class, every pixel passes)."""
     pol = np.asarray(polarity, np.float32)[None, :, None, None]
+    k = np.broadcast_to(np.asarray(k, np.float32), pol.shape[1:2])[None, :, None, None]
     z = np.asarray(z, np.float32)[:, None]
-    return np.isnan(pol) | (np.where(pol == 0, np.abs(z), pol * z) > k)
+    with np.errstate(invalid="ignore"):  # a NaN k goes with a NaN polarity: every pixel passes
+        return np.isnan(pol) | (np.where(pol == 0, np.abs(z), pol * z) > k)
+
+
+SIGNS = (-1.0, 1.0, 0.0)  # dark, bright, either: the order of Contrast's sign axis
+
+
+@dataclass
+class Contrast:
+    """Departures from the image's grey, inside each class's region and outside the regions of
+    every class an image is labelled with (so that another defect on the same sheet does not count
+    as sheet), counted over the images labelled with the class: ``inside`` and ``outside``
+    ``[C, 3, K]`` are the pixels
+    departing by more than ``ks[k]`` robust sds darker, brighter or either way (:data:`SIGNS`),
+    ``n_in`` and
+    ``n_out`` ``[C]`` all the pixels in and out of the region. Filled batch by batch with
+    :meth:`add`; :func:`contrast_departures` reads it."""
+
+    ks: np.ndarray
+    inside: np.ndarray
+    outside: np.ndarray
+    n_in: np.ndarray
+    n_out: np.ndarray
+
+    @classmethod
+    def empty(cls, num_classes: int, ks) -> "Contrast":
+        ks = np.asarray(ks, np.float64)
+        shape = (num_classes, len(SIGNS), len(ks))
+        return cls(ks, np.zeros(shape), np.zeros(shape), np.zeros(num_classes),
+                   np.zeros(num_classes))
+
+    def add(self, z: np.ndarray, region: np.ndarray, present: np.ndarray) -> None:
+        """Count a batch: ``z`` ``[B, H, W]`` (:func:`grey_zscore`), ``region`` ``[B, C, H, W]``
+        bool, ``present`` ``[B, C]`` the image labels (only labelled images count)."""
+        z = np.asarray(z, np.float32)
+        present = np.asarray(present, bool)
+        region = np.asarray(region, bool)
+        sheet = ~(region & present[:, :, None, None]).any(1)  # [B, H, W]
+        for c in np.flatnonzero(present.any(0)):
+            pick = present[:, c]
+            zz, rr, out = z[pick], region[pick, c], sheet[pick]
+            self.n_in[c] += rr.sum()
+            self.n_out[c] += out.sum()
+            for s, sign in enumerate(SIGNS):
+                v = np.abs(zz) if sign == 0 else sign * zz
+                self.inside[c, s] += _above(v[rr], self.ks)
+                self.outside[c, s] += _above(v[out], self.ks)
+
+
+def _above(values: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """How many of ``values`` exceed each of ``ks``."""
+    v = np.sort(values.ravel())
+    return len(v) - np.searchsorted(v, ks, side="right")
+
+
+def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: float = 2.58
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the sign (``[C]``: -1 dark, +1 bright, 0 either, NaN: none) and the robust sds
+    (``[C]``, NaN with no sign) of the departures that mark its defect, from the image labels
+    alone.
+
+    In the images labelled with the class, the sheet departs from its own grey about as often in
+    the class's region as outside every labelled class's region, the defect only inside. With
+    ``d_in`` and ``d_out`` the shares of region and outside pixels departing by more than k sds
+    in a sign, the region
+    holds ``E = n_in (d_in - d_out)`` departing pixels in excess of the sheet's rate: the defect's
+    share of them (the *purity*) is ``(d_in - d_out) / d_in``. Taking the defect's area ``A`` as
+    the largest excess over every sign and k, keeping those pixels has an estimated Dice of
+    ``2 E / (n_in d_in + A)``, and keeping the whole region ``2 A / (n_in + A)``. The sign and k
+    with the highest estimate among those of purity >= ``min_purity`` are chosen, unless the
+    whole region's estimate is higher (then NaN: no grey-level test for the class). A sign and k
+    count only where ``d_in`` exceeds ``d_out`` by a two-proportion z of at least ``min_z`` (few
+    images must not decide by chance)."""
+    c = contrast
+    num = len(c.n_in)
+    polarity, ks = np.full(num, np.nan), np.full(num, np.nan)
+    for i in range(num):
+        if c.n_in[i] == 0 or c.n_out[i] == 0:
+            continue
+        d_in, d_out = c.inside[i] / c.n_in[i], c.outside[i] / c.n_out[i]  # [signs, K]
+        excess = c.n_in[i] * (d_in - d_out)
+        area = excess.max()
+        if area <= 0:
+            continue
+        pooled = (c.inside[i] + c.outside[i]) / (c.n_in[i] + c.n_out[i])
+        se = np.sqrt(pooled * (1 - pooled) * (1 / c.n_in[i] + 1 / c.n_out[i]))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            purity = np.where(d_in > 0, (d_in - d_out) / d_in, 0.0)
+            z = np.where(se > 0, (d_in - d_out) / se, 0.0)
+        est = np.where((purity >= min_purity) & (excess > 0) & (z >= min_z),
+                       2 * excess / (c.n_in[i] * d_in + area), -np.inf)
+        s, k = np.unravel_index(np.argmax(est), est.shape)
+        if est[s, k] > 2 * area / (c.n_in[i] + area):
+            polarity[i], ks[i] = SIGNS[s], c.ks[k]
+    return polarity, ks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,25 +456,28 @@ def confident_labels(defect: np.ndarray, background: np.ndarray, present: np.nda
 class Calibration:
     """What a combination learns from the image labels: per-class ``scales`` of the absolute maps
     and ``thresholds`` on the scaled (and refined) maps (``region="negatives"``; otherwise ones
-    and the fixed threshold), and each class's ``polarity`` (+1 bright, -1 dark, 0 either sign
-    when no polarity is learnt, NaN: no direction in the labels, so no grey-level test)."""
+    and the fixed threshold), each class's ``polarity`` (+1 bright, -1 dark, 0 either sign, NaN:
+    no grey-level test for the class) and ``deviations``, the robust sds a pixel must depart by
+    (NaN with no test)."""
 
     scales: np.ndarray
     thresholds: np.ndarray
     polarity: np.ndarray
+    deviations: np.ndarray
 
     def describe(self) -> str:
         f = ", ".join
         sign = {1.0: "bright", -1.0: "dark", 0.0: "either"}
+        grey = f("none" if np.isnan(p) else f"{sign[float(p)]} > {k:g} sd"
+                 for p, k in zip(self.polarity, self.deviations))
         return (f"scales [{f(f'{s:.3g}' for s in self.scales)}], thresholds "
-                f"[{f(f'{t:.3g}' for t in self.thresholds)}], polarity "
-                f"[{f('none' if np.isnan(p) else sign[float(p)] for p in self.polarity)}]")
+                f"[{f(f'{t:.3g}' for t in self.thresholds)}], grey-level test [{grey}]")
 
 
 def _guide(images, rows, cfg: RefineConfig):
     """The images of ``rows`` when ``cfg`` reads them (PAR or the grey-level test), else None:
     loaded once per batch and shared by both."""
-    return images(rows) if cfg.par_iterations or cfg.deviation is not None else None
+    return images(rows) if cfg.par_iterations or cfg.reads_grey else None
 
 
 def _maps(cache, rows, size, cfg: RefineConfig, scales, imgs=None) -> np.ndarray:
@@ -369,28 +497,42 @@ def _maps(cache, rows, size, cfg: RefineConfig, scales, imgs=None) -> np.ndarray
 
 def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: RefineConfig,
               batch: int = 32, device="cpu") -> Calibration:
-    """What ``cfg`` needs from the image labels: the classes' polarity (one pass over the images,
-    when ``deviation`` and ``polarity_t`` are set) and, for ``region="negatives"``, scales and
+    """What ``cfg`` needs from the image labels: for ``region="negatives"``, scales and
     thresholds (two passes over the cache: the raw maps' peaks, then the scaled and refined
-    maps' peaks). ``images(rows)`` gives ``[b, 3, H, W]`` at ``size``; the raw maps are made on
-    ``device`` and only their peaks come back."""
+    maps' peaks); then the grey-level test's sign and sds per class (``grey="contrast"``: one
+    pass over the images and maps, :func:`contrast_departures`; ``"labels"``: one pass over the
+    images, :func:`class_polarity`). ``images(rows)`` gives ``[b, 3, H, W]`` at ``size``; the raw
+    maps are made on ``device`` and only their peaks come back."""
     labels = np.asarray(labels, bool)
     n, c = labels.shape
     chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
-    polarity = np.zeros(c)
-    if cfg.deviation is not None and cfg.polarity_t is not None:
+    scales, thresholds = np.ones(c), np.full(c, cfg.threshold)
+    if cfg.region == "negatives":
+        raw = np.concatenate([absolute_maps_on(device, cache.low()[ch], size).amax((-2, -1))
+                              .cpu().numpy() for ch in chunks])
+        scales = class_scales(raw, labels)
+        peaks = (raw / scales[None] if not cfg.par_iterations else np.concatenate(
+            [_maps(cache, ch, size, cfg, scales, images(ch)).max((-2, -1)) for ch in chunks]))
+        thresholds = negative_thresholds(peaks, labels, cfg.negative_quantile)
+    fixed = np.full(c, cfg.deviation)
+    if cfg.grey == "off":
+        return Calibration(scales, thresholds, np.full(c, np.nan), np.full(c, np.nan))
+    if cfg.grey == "either":
+        return Calibration(scales, thresholds, np.zeros(c), fixed)
+    if cfg.grey == "labels":
         k = cfg.deviation
         balance = np.concatenate([((z > k).mean((1, 2)) - (z < -k).mean((1, 2)))
                                   for z in (grey_zscore(images(ch)) for ch in chunks)])
         polarity = class_polarity(balance, labels, cfg.polarity_t)
-    if cfg.region != "negatives":
-        return Calibration(np.ones(c), np.full(c, cfg.threshold), polarity)
-    raw = np.concatenate([absolute_maps_on(device, cache.low()[ch], size).amax((-2, -1)).cpu()
-                          .numpy() for ch in chunks])
-    scales = class_scales(raw, labels)
-    peaks = (raw / scales[None] if not cfg.par_iterations else np.concatenate(
-        [_maps(cache, ch, size, cfg, scales, images(ch)).max((-2, -1)) for ch in chunks]))
-    return Calibration(scales, negative_thresholds(peaks, labels, cfg.negative_quantile), polarity)
+        return Calibration(scales, thresholds, polarity, np.where(np.isnan(polarity), np.nan, k))
+    region_only = Calibration(scales, thresholds, np.full(c, np.nan), np.full(c, np.nan))
+    contrast = Contrast.empty(c, cfg.deviations)
+    for ch in chunks:
+        imgs = images(ch)
+        region = _region(_maps(cache, ch, size, cfg, scales, imgs), cfg, region_only)
+        contrast.add(grey_zscore(imgs), region, labels[ch])
+    polarity, ks = contrast_departures(contrast, cfg.min_purity, cfg.polarity_t)
+    return Calibration(scales, thresholds, polarity, ks)
 
 
 def _region(maps: np.ndarray, cfg: RefineConfig, cal: Calibration, factor: float = 1.0
@@ -413,8 +555,8 @@ def refine_batches(cache, images, rows, probs: np.ndarray, size: tuple[int, int]
         imgs = _guide(images, b, cfg)
         m = _maps(cache, b, size, cfg, cal.scales, imgs)
         masks = _region(m, cfg, cal)
-        if cfg.deviation is not None:
-            masks &= departures(grey_zscore(imgs), cfg.deviation, cal.polarity)
+        if cfg.reads_grey:
+            masks &= departures(grey_zscore(imgs), cal.deviations, cal.polarity)
         yield b, m, gate(masks, probs[b] >= cfg.confidence)
 
 
@@ -422,17 +564,17 @@ def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[i
                           cfg: RefineConfig, cal: Calibration) -> np.ndarray:
     """:func:`confident_labels` of ``rows``: defect = the combination's mask (gated by the image
     labels, not the classifier); background = outside the region cut at ``band`` x its threshold,
-    or pixels that do not depart by ``band`` x ``deviation`` in the class's direction; the rest
+    or pixels that do not depart by ``band`` x the class's sds in its direction; the rest
     ignored."""
     rows = np.asarray(rows)
     imgs = _guide(images, rows, cfg)
     m = _maps(cache, rows, size, cfg, cal.scales, imgs)
     defect = _region(m, cfg, cal).astype(bool)
     background = ~_region(m, cfg, cal, cfg.band).astype(bool)
-    if cfg.deviation is not None:
+    if cfg.reads_grey:
         z = grey_zscore(imgs)
-        defect &= departures(z, cfg.deviation, cal.polarity)
-        background |= ~departures(z, cfg.band * cfg.deviation, cal.polarity)
+        defect &= departures(z, cal.deviations, cal.polarity)
+        background |= ~departures(z, cfg.band * cal.deviations, cal.polarity)
     return confident_labels(defect, background, labels[rows])
 
 

@@ -171,6 +171,7 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "scales": [float(v) for v in cal.scales],
            "thresholds": [float(v) for v in cal.thresholds],
            "polarity": [None if np.isnan(v) else float(v) for v in cal.polarity],
+           "deviations": [None if np.isnan(v) else float(v) for v in cal.deviations],
            "targets_version": REFINED_TARGETS_VERSION}
     return Targets("refined", key, refined.targets, _memo(ctx), guide=ctx.images())
 

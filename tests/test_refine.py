@@ -85,6 +85,50 @@ def test_class_polarity_follows_the_labels_and_departures_its_sign():
     d = refine.departures(z, 1.0, np.array([-1, 1, 0, np.nan]))
     assert d[0, :, 0].tolist() == [[True, False, False, False], [False, False, False, True],
                                    [True, False, False, True], [True, True, True, True]]
+    # one number of sds per class (NaN beside a NaN polarity)
+    d = refine.departures(z, np.array([4.0, 0.4, 0.4, np.nan]), np.array([-1, 1, 0, np.nan]))
+    assert d[0, :, 0].tolist() == [[False, False, False, False], [False, False, True, True],
+                                   [True, True, True, True], [True, True, True, True]]
+
+
+def _contrast_case(seed=6, n=40, size=32):
+    """Grey images with sheet noise (robust z ~ N(0, 1)) and three classes on every image:
+    class 0 has a dark 6x6 defect inside its region, class 1 a region with nothing in it, class
+    2 a defect that is dark in half of its images and bright in the others (outside the other
+    classes' regions, a dark defect of another class)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1, (n, size, size)).astype(np.float32)
+    region = np.zeros((n, 3, size, size), bool)
+    region[:, 0, 4:18, :14] = True
+    region[:, 1, 20:, 16:] = True
+    region[:, 2, :12, 16:30] = True
+    z[:, 8:14, 4:10] -= 6.0  # class 0's defect, in its region
+    z[: n // 2, 2:8, 20:26] -= 6.0  # class 2's, in its region, of both signs
+    z[n // 2:, 2:8, 20:26] += 6.0
+    return z, region, np.ones((n, 3), bool)
+
+
+def test_contrast_learns_the_sign_and_sds_where_departures_concentrate():
+    z, region, present = _contrast_case()
+    c = refine.Contrast.empty(3, refine.RefineConfig().deviations)
+    for s in range(0, len(z), 7):  # batch by batch, as calibrate feeds it
+        c.add(z[s:s + 7], region[s:s + 7], present[s:s + 7])
+    assert c.n_in[0] == 40 * 14 * 14 and c.n_out[0] == 40 * (32 * 32 - 14 * 14 - 12 * 16 - 12 * 14)
+    assert c.inside[0, 0, 0] > c.outside[0, 0, 0] / 2
+    pol, ks = refine.contrast_departures(c)
+    assert pol[0] == -1 and ks[0] >= 2  # dark; far enough out that the sheet's noise is left
+    assert np.isnan(pol[1]) and np.isnan(ks[1])  # no concentration: no grey-level test
+    assert pol[2] == 0 and ks[2] >= 2  # dark in some images, bright in others: either sign
+    # the chosen cut keeps the defect and little else, better than the whole region
+    d = refine.departures(z, ks, pol) & region
+    tp = d[:, 0, 8:14, 4:10].sum()
+    assert tp > 0.95 * 40 * 36 and d[:, 0].sum() < 1.3 * tp
+    # only the labelled images count
+    none = refine.Contrast.empty(3, [1.0, 2.0])
+    none.add(z, region, np.zeros_like(present))
+    assert none.n_in.sum() == 0 and np.isnan(refine.contrast_departures(none)[0]).all()
+    # a purity nothing reaches leaves every class without a test
+    assert np.isnan(refine.contrast_departures(c, min_purity=1.0)[0][1:]).all()
 
 
 def test_par_keeps_constants_and_stops_at_edges():
@@ -141,11 +185,14 @@ def test_gate_and_threshold_masks():
 
 def test_config_is_checked():
     for bad in ({"region": "mean"}, {"negative_quantile": 1.0}, {"par_iterations": -1},
-                {"band": 1.5}, {"threshold": 0}, {"deviation": -1}, {"polarity_t": 0}):
+                {"band": 1.5}, {"threshold": 0}, {"deviation": 0}, {"polarity_t": 0},
+                {"grey": "mean"}, {"deviations": ()}, {"deviations": (1.0, -1.0)},
+                {"min_purity": 0}):
         with pytest.raises(ConfigError):
             refine.RefineConfig(**bad)
     assert "Otsu" in refine.RefineConfig(region="otsu").describe()
-    assert "robust sd" not in refine.RefineConfig(deviation=None).describe()
+    assert "robust sd" not in refine.RefineConfig(grey="off").describe()
+    assert refine.RefineConfig(deviations=(2, 0.5)).deviations == (0.5, 2.0)
 
 
 class _Cache:
@@ -182,7 +229,7 @@ def _case(n=20):
 
 def test_negative_calibration_and_refine_batches_on_a_cache():
     labels, low, imgs = _case()
-    cfg = refine.RefineConfig(region="negatives", deviation=None, negative_quantile=0.9)
+    cfg = refine.RefineConfig(region="negatives", grey="off", negative_quantile=0.9)
     cal = refine.calibrate(_Cache(low), None, labels, (8, 8), cfg, batch=7)
     assert cal.thresholds.shape == (2,) and (cal.thresholds < 0.5).all()
     probs = labels.astype(float)
@@ -198,11 +245,15 @@ def test_the_grey_level_narrows_the_region_to_the_defect():
     labels, low, imgs = _case()
     load = lambda rows: imgs[np.asarray(rows)]  # noqa: E731
     probs = labels.astype(float)
-    for region in refine.REGIONS:
-        wide = refine.RefineConfig(region=region, deviation=None)
-        cfg = refine.RefineConfig(region=region, deviation=3.0)
+    for region, grey in zip(refine.REGIONS, ("contrast", "labels", "contrast")):
+        wide = refine.RefineConfig(region=region, grey="off")
+        cfg = refine.RefineConfig(region=region, grey=grey, deviation=3.0)
         cal = refine.calibrate(_Cache(low), load, labels, (8, 8), cfg)
         assert cal.polarity[0] == -1  # the class-0 defect is dark, learnt from the labels
+        if grey == "contrast":  # class 1 has no grey-level cue: its region stays whole
+            assert np.isnan(cal.polarity[1]) and np.isnan(cal.deviations[1])
+        else:  # the t-test between images is fooled: next to class 0's dark images, class 1's
+            assert cal.polarity[1] == 1  # look bright, though nothing in them departs
         w = np.concatenate([m for *_, m in refine.refine_batches(_Cache(low), load, np.arange(20),
                                                                  probs, (8, 8), wide, cal)])
         n = np.concatenate([m for *_, m in refine.refine_batches(_Cache(low), load, np.arange(20),
@@ -229,12 +280,21 @@ def test_self_training_cache_key_follows_what_the_labels_taught(tmp_path):
     cache = SimpleNamespace(path=tmp_path / "cams" / "run")
 
     def key(polarity):
-        cal = refine.Calibration(np.ones(2), np.full(2, 0.3), np.asarray(polarity, float))
+        cal = refine.Calibration(np.ones(2), np.full(2, 0.3), np.asarray(polarity, float),
+                                 np.where(np.isnan(polarity), np.nan, 1.0))
         ref = refine.Refined(ctx, cache, refine.RefineConfig(), cal, (8, 8))
         return refined_targets(ctx, ref).key
 
     assert key([-1, 1]) == key([-1, 1])
     assert key([-1, 1]) != key([-1, np.nan]) != key([-1, 0])
+
+    def key_k(ks):  # the sds learnt per class too
+        cal = refine.Calibration(np.ones(2), np.full(2, 0.3), np.array([-1.0, 1.0]),
+                                 np.asarray(ks, float))
+        return refined_targets(ctx, refine.Refined(ctx, cache, refine.RefineConfig(), cal,
+                                                   (8, 8))).key
+
+    assert key_k([1, 2]) != key_k([1, 1])
 
 
 def test_a_self_trained_network_is_cut_where_it_agrees_with_its_teacher():
@@ -276,7 +336,7 @@ def test_refined_targets_take_the_training_batch_instead_of_reading_it_again():
     ds = SimpleNamespace(uint8_batch=uint8_batch)
     ctx = SimpleNamespace(images=lambda: ds, device=torch.device("cpu"),
                           index=SimpleNamespace(labels=labels))
-    cfg = refine.RefineConfig(deviation=3.0, par_iterations=2)
+    cfg = refine.RefineConfig(par_iterations=2)
     cal = refine.calibrate(_Cache(low), refine.image_loader(ctx, (8, 8)), labels, (8, 8), cfg)
     ref = refine.Refined(ctx, _Cache(low), cfg, cal, (8, 8))
     rows = np.array([3, 12, 5, 17])
