@@ -42,12 +42,15 @@ def cpu_model() -> str:
 
 
 def machine(device: torch.device | str = "cpu") -> str:
-    """What computes: the GPU's name on CUDA, else the CPU's model, with torch's thread count."""
+    """What computes: the GPU's name on CUDA, else the CPU's model and the vector instructions
+    torch's kernels use on it (AVX2, AVX512: they sum in different orders, so the same seed
+    gives slightly different weights, and tables, on CPUs of the two kinds), with torch's thread
+    count."""
     device = torch.device(device)
     if device.type == "cuda":
         what = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        what = f"CPU {cpu_model()}"
+        what = f"CPU {cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
     return f"{what}, {torch.get_num_threads()} torch threads"
 
 
