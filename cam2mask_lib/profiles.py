@@ -156,7 +156,8 @@ PROFILES: dict[str, Profile] = {
               "epochs (all masks empty; measured). Trained on the defective images of folds 1-2, "
               "scored on fold 0: 3 epochs per network in Table 3 (~20 s each); the grid uses 2 "
               "epochs on 160 images per run (17 runs in ~2 min). Sized for a 15-minute run on 2 "
-              "cores; clean runs measure about 20 min on the 2-core build machine, two thirds of "
+              "cores; clean runs measure 10.6 min on a 2-core AVX-512 machine and 20.4 min on an AVX2 "
+              "one, two thirds of "
               "it training (README: time of the default run).",
         **_cpu_scale(n=1600, made_at=(256, 1600), read_at=(128, 800), epochs=10, batch=16,
                      seg_size=(64, 384), seg_epochs=3),
