@@ -334,11 +334,9 @@ class Contrast:
     """Departures from the image's grey, inside each class's region and outside the regions of
     every class an image is labelled with (so that another defect on the same sheet does not count
     as sheet), counted over the images labelled with the class: ``inside`` and ``outside``
-    ``[C, 3, K]`` are the pixels
-    departing by more than ``ks[k]`` robust sds darker, brighter or either way (:data:`SIGNS`),
-    ``n_in`` and
-    ``n_out`` ``[C]`` all the pixels in and out of the region. Filled batch by batch with
-    :meth:`add`; :func:`contrast_departures` reads it."""
+    ``[C, 3, K]`` are the pixels departing by more than ``ks[k]`` robust sds darker, brighter or
+    either way (:data:`SIGNS`), ``n_in`` and ``n_out`` ``[C]`` all the pixels in and out of the
+    region. Filled batch by batch with :meth:`add`; :func:`contrast_departures` reads it."""
 
     ks: np.ndarray
     inside: np.ndarray
@@ -386,9 +384,9 @@ def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: floa
     In the images labelled with the class, the sheet departs from its own grey about as often in
     the class's region as outside every labelled class's region, the defect only inside. With
     ``d_in`` and ``d_out`` the shares of region and outside pixels departing by more than k sds
-    in a sign, the region
-    holds ``E = n_in (d_in - d_out)`` departing pixels in excess of the sheet's rate: the defect's
-    share of them (the *purity*) is ``(d_in - d_out) / d_in``. Taking the defect's area ``A`` as
+    in a sign, the region holds ``E = n_in (d_in - d_out)`` departing pixels in excess of the
+    sheet's rate: the defect's share of them (the *purity*) is ``(d_in - d_out) / d_in``. Taking
+    the defect's area ``A`` as
     the largest excess over every sign and k, keeping those pixels has an estimated Dice of
     ``2 E / (n_in d_in + A)``, and keeping the whole region ``2 A / (n_in + A)``. The sign and k
     with the highest estimate among those of purity >= ``min_purity`` are chosen, unless the
