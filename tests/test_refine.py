@@ -115,6 +115,10 @@ def test_contrast_learns_the_sign_and_sds_where_departures_concentrate():
         c.add(z[s:s + 7], region[s:s + 7], present[s:s + 7])
     assert c.n_in[0] == 40 * 14 * 14 and c.n_out[0] == 40 * (32 * 32 - 14 * 14 - 12 * 16 - 12 * 14)
     assert c.inside[0, 0, 0] > c.outside[0, 0, 0] / 2
+    r0 = region[:, 0]  # the counts are the plain ones: dark (sign 0) departures in class 0's region
+    assert c.inside[0, 0].tolist() == [int(((-z[r0]) > k).sum()) for k in c.ks]
+    sheet = ~region.any(1)  # either way (sign 2) outside every region
+    assert c.outside[0, 2].tolist() == [int((np.abs(z[sheet]) > k).sum()) for k in c.ks]
     pol, ks = refine.contrast_departures(c)
     assert pol[0] == -1 and ks[0] >= 2  # dark; far enough out that the sheet's noise is left
     assert np.isnan(pol[1]) and np.isnan(ks[1])  # no concentration: no grey-level test
