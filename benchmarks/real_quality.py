@@ -127,7 +127,7 @@ def main(argv=None) -> None:
             f"U-Nets (encoder from the fold's classifier, slim decoder) {args.seg_epochs} epochs. "
             f"Wall time {wall / 60:.1f} min (classifier and CAMs {t_cls / 60:.1f} min"
             f"{'' if run.trained else '; the classifier reused from the artifacts folder'})"
-            f".\n\n"
+            f". The default learnt from the labels: {res.refined.calibration.describe()}.\n\n"
             f"{markdown_table(fmt)}\n\n{ctx.prov.line()}\n")
     atomic_write_text(out / "real_quality.md", text)
     print("\n" + text)

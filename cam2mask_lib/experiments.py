@@ -589,12 +589,15 @@ TECHNIQUES = {
         RefineConfig(grey="either"),
     "the same, of each class's sign by a t-test of its images against the others'":
         RefineConfig(grey="labels"),
-    "sign and sds of each class from where its departures concentrate (the default)":
-        RefineConfig(),
+    "sign and sds of each class from where its departures concentrate, inside its CAM region":
+        RefineConfig(whole_image=False),
+    "the same, or local departures anywhere in the image for a class its region misses (the "
+    "default)": RefineConfig(),
     "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }
 PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
-DEFAULT_TECHNIQUE = "sign and sds of each class from where its departures concentrate (the default)"
+DEFAULT_TECHNIQUE = ("the same, or local departures anywhere in the image for a class its region "
+                     "misses (the default)")
 NO_MASK = "no mask"
 SELF_TRAINED = ("U-Net self-trained on the default's masks, + classifier gate, threshold fitted "
                 "to its teacher")

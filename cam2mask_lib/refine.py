@@ -29,6 +29,12 @@ What the defect looks like (the *shape*):
   (the grey level says nothing about it). :func:`class_polarity` is the earlier rule: the sign
   from a t-test between the class's images and the others' (a class on images shared with
   classes of the other sign shows none).
+* :func:`local_zscore`: the same against the pixel's neighbourhood (the grey level minus its
+  Gaussian blur), which finds small defects on an uneven sheet. A class whose CAM region does
+  not localise it (its departures do not concentrate there) is tested on the whole image instead:
+  :meth:`Contrast.add_images` compares the local departures of the images labelled with the
+  class with those of the images without it, and the class keeps them anywhere in the image
+  when their estimated Dice beats its whole region's.
 
 Learning from them (self-training): :func:`confident_labels` turns a region and a shape into
 targets for a segmentation network (defect, background, and an ignored band between), which
@@ -41,6 +47,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
+
+import math
 
 import cv2
 import numpy as np
@@ -72,7 +80,11 @@ class RefineConfig:
     :func:`class_polarity`: a class whose images are darker (brighter) than the others' by the t
     statistic ``polarity_t``; one without a direction keeps its whole region), "either"
     (``deviation`` sds of either sign) or "off" (no grey-level test: the whole region). Under
-    "contrast", ``polarity_t`` is the two-proportion z a sign's concentration needs.
+    "contrast", ``polarity_t`` is the two-proportion z a sign's concentration needs, and
+    ``whole_image``: a class whose departures do not concentrate in its region may be tested on
+    the whole image instead, on the departures from each pixel's neighbourhood (a Gaussian of
+    ``local_sigma`` x the image's shorter side, :func:`local_zscore`) that are more frequent in
+    its labelled images than in the others (:meth:`Contrast.add_images`).
     ``confidence``: the
     classifier's probability a class needs to get a mask. ``band``: the self-training targets'
     background, as factors of the region's cut and of the class's sds: a pixel is background below
@@ -89,6 +101,8 @@ class RefineConfig:
     deviations: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
     min_purity: float = 0.5
     polarity_t: float = 2.58
+    whole_image: bool = True
+    local_sigma: float = 0.125
     confidence: float = 0.5
     band: float = 0.5
 
@@ -109,6 +123,9 @@ class RefineConfig:
             raise ConfigError(f"refine deviations={self.deviations}: give one or more sds > 0")
         if not 0 < self.min_purity <= 1:
             raise ConfigError(f"refine min_purity={self.min_purity}: must be in (0, 1]")
+        if not 0 < self.local_sigma <= 0.3:
+            raise ConfigError(f"refine local_sigma={self.local_sigma}: must be in (0, 0.3] (a "
+                              "share of the image's shorter side)")
         if self.polarity_t <= 0:
             raise ConfigError(f"refine polarity_t={self.polarity_t}: must be > 0")
         if not 0 <= self.band <= 1:
@@ -128,7 +145,11 @@ class RefineConfig:
         par = f", PAR {self.par_iterations} iterations" if self.par_iterations else ""
         dev = {"contrast": ", pixels departing from the image's grey in the sign and by the robust "
                            "sds learnt per class from where its departures concentrate (no grey "
-                           "test for a class whose departures do not)",
+                           "test for a class whose departures do not" + (
+                               f"; or, where that beats its region, local departures (Gaussian "
+                               f"{self.local_sigma:g} of the side) anywhere in the image, learnt "
+                               f"against the images without the class)" if self.whole_image
+                               else ")"),
                "labels": f", pixels > {self.deviation:g} robust sd from the image's grey in the "
                          f"class's direction where the labels show one (|t| >= "
                          f"{self.polarity_t:g}; else no grey test)",
@@ -289,11 +310,37 @@ def grey_zscore(images: torch.Tensor | np.ndarray) -> np.ndarray:
     where darker than the image's typical grey (a robust z-score: a defect covering less than half
     the image moves neither the median nor the MAD)."""
     with torch.no_grad():
-        g = _tensor(images).mean(1)  # on the images' device
-        flat = g.flatten(1)
-        med = flat.median(1).values
-        mad = (flat - med[:, None]).abs().median(1).values
-        return ((g - med[:, None, None]) / (1.4826 * mad[:, None, None] + 1e-3)).cpu().numpy()
+        return _robust_z(_tensor(images).mean(1)).cpu().numpy()  # on the images' device
+
+
+def _robust_z(g: torch.Tensor) -> torch.Tensor:
+    """``(g - median) / (1.4826 MAD)`` of each ``[H, W]`` map of ``g`` ``[B, H, W]``."""
+    flat = g.flatten(1)
+    med = flat.median(1).values
+    mad = (flat - med[:, None]).abs().median(1).values
+    return (g - med[:, None, None]) / (1.4826 * mad[:, None, None] + 1e-3)
+
+
+def local_zscore(images: torch.Tensor | np.ndarray, sigma: float = 0.125) -> np.ndarray:
+    """The robust z-score (:func:`grey_zscore`'s) of each pixel's grey level minus its Gaussian
+    blur of ``sigma`` x the image's shorter side (:func:`gaussian_blur`): ``[B, H, W]`` float32,
+    negative where a pixel is darker than its neighbourhood. A small defect departs from it on a
+    sheet whose grey drifts across the image, where the image's global grey hides it."""
+    with torch.no_grad():
+        g = _tensor(images).mean(1, keepdim=True)
+        return _robust_z((g - gaussian_blur(g, sigma * min(g.shape[-2:])))[:, 0]).cpu().numpy()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` ``[B, 1, H, W]`` blurred by a Gaussian of ``sigma`` pixels, kernel radius 3 sigma,
+    reflected at the borders: torchvision's ``gaussian_blur`` as two 1-D passes (50x faster on
+    the CPU at sigma 16 than its 2-D kernel; equal within 1e-4, tested)."""
+    r = int(3 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
 
 def class_polarity(balance: np.ndarray, labels: np.ndarray, min_t: float = 2.58) -> np.ndarray:
@@ -368,6 +415,23 @@ class Contrast:
                 self.inside[c, s] += _above(v[rr], self.ks)
                 self.outside[c, s] += _above(v[out], self.ks)
 
+    def add_images(self, z: np.ndarray, present: np.ndarray) -> None:
+        """Count a batch for the whole-image comparison: ``inside`` the images labelled with the
+        class (every pixel), ``outside`` the images without it. ``z`` ``[B, H, W]``
+        (:func:`local_zscore`), ``present`` ``[B, C]``. Dark and bright only: against its
+        neighbourhood a dark defect draws a bright ring (the blur it is compared with is darker
+        there), so "either way" would count the ring as defect."""
+        z = np.asarray(z, np.float32).reshape(len(z), -1)
+        present = np.asarray(present, bool)
+        per_image = np.zeros((len(z), len(SIGNS), len(self.ks)))  # each image counted once
+        for s, sign in enumerate(SIGNS[:2]):
+            per_image[:, s] = ((sign * z)[:, :, None] > self.ks[None, None]).sum(1)
+        for c in range(present.shape[1]):
+            for pick, counts, n in ((present[:, c], self.inside, self.n_in),
+                                    (~present[:, c], self.outside, self.n_out)):
+                n[c] += z[pick].size
+                counts[c] += per_image[pick].sum(0)
+
 
 def _above(values: np.ndarray, ks: np.ndarray) -> np.ndarray:
     """How many of ``values`` exceed each of ``ks`` (one comparison pass per k: 2x faster than a
@@ -375,8 +439,8 @@ def _above(values: np.ndarray, ks: np.ndarray) -> np.ndarray:
     return np.array([np.count_nonzero(values > k) for k in ks], np.int64)
 
 
-def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: float = 2.58
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: float = 2.58,
+                        region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per class, the sign (``[C]``: -1 dark, +1 bright, 0 either, NaN: none) and the robust sds
     (``[C]``, NaN with no sign) of the departures that mark its defect, from the image labels
     alone.
@@ -392,7 +456,11 @@ def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: floa
     with the highest estimate among those of purity >= ``min_purity`` are chosen, unless the
     whole region's estimate is higher (then NaN: no grey-level test for the class). A sign and k
     count only where ``d_in`` exceeds ``d_out`` by a two-proportion z of at least ``min_z`` (few
-    images must not decide by chance)."""
+    images must not decide by chance).
+
+    ``region`` ``[C]``: for the whole-image comparison (:meth:`Contrast.add_images`), the pixels
+    of each class's region in its labelled images, whose estimate ``2 A / (region + A)`` (the
+    region holding the whole defect, at best) a choice must beat instead."""
     c = contrast
     num = len(c.n_in)
     polarity, ks = np.full(num, np.nan), np.full(num, np.nan)
@@ -412,7 +480,8 @@ def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: floa
         est = np.where((purity >= min_purity) & (excess > 0) & (z >= min_z),
                        2 * excess / (c.n_in[i] * d_in + area), -np.inf)
         s, k = np.unravel_index(np.argmax(est), est.shape)
-        if est[s, k] > 2 * area / (c.n_in[i] + area):
+        n_region = c.n_in[i] if region is None else region[i]
+        if est[s, k] > 2 * area / (n_region + area):
             polarity[i], ks[i] = SIGNS[s], c.ks[k]
     return polarity, ks
 
@@ -456,18 +525,25 @@ class Calibration:
     and ``thresholds`` on the scaled (and refined) maps (``region="negatives"``; otherwise ones
     and the fixed threshold), each class's ``polarity`` (+1 bright, -1 dark, 0 either sign, NaN:
     no grey-level test for the class) and ``deviations``, the robust sds a pixel must depart by
-    (NaN with no test)."""
+    (NaN with no test); ``local``: the classes tested on their local departures anywhere in the
+    image instead of their region (:func:`local_zscore`; none by default)."""
 
     scales: np.ndarray
     thresholds: np.ndarray
     polarity: np.ndarray
     deviations: np.ndarray
+    local: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.local = (np.zeros(len(self.polarity), bool) if self.local is None
+                      else np.asarray(self.local, bool))
 
     def describe(self) -> str:
         f = ", ".join
         sign = {1.0: "bright", -1.0: "dark", 0.0: "either"}
         grey = f("none" if np.isnan(p) else f"{sign[float(p)]} > {k:g} sd"
-                 for p, k in zip(self.polarity, self.deviations))
+                 + (" of its neighbourhood, anywhere in the image" if loc else "")
+                 for p, k, loc in zip(self.polarity, self.deviations, self.local))
         return (f"scales [{f(f'{s:.3g}' for s in self.scales)}], thresholds "
                 f"[{f(f'{t:.3g}' for t in self.thresholds)}], grey-level test [{grey}]")
 
@@ -525,12 +601,32 @@ def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: Ref
         return Calibration(scales, thresholds, polarity, np.where(np.isnan(polarity), np.nan, k))
     region_only = Calibration(scales, thresholds, np.full(c, np.nan), np.full(c, np.nan))
     contrast = Contrast.empty(c, cfg.deviations)
+    whole = Contrast.empty(c, cfg.deviations)
     for ch in chunks:
         imgs = images(ch)
         region = _region(_maps(cache, ch, size, cfg, scales, imgs), cfg, region_only)
         contrast.add(grey_zscore(imgs), region, labels[ch])
+        if cfg.whole_image:
+            whole.add_images(local_zscore(imgs, cfg.local_sigma), labels[ch])
     polarity, ks = contrast_departures(contrast, cfg.min_purity, cfg.polarity_t)
-    return Calibration(scales, thresholds, polarity, ks)
+    local = np.zeros(c, bool)
+    if cfg.whole_image:  # where the region says nothing of the grey, the whole image may
+        lp, lk = contrast_departures(whole, cfg.min_purity, cfg.polarity_t, contrast.n_in)
+        local = np.isnan(polarity) & ~np.isnan(lp)
+        polarity, ks = np.where(local, lp, polarity), np.where(local, lk, ks)
+    return Calibration(scales, thresholds, polarity, ks, local)
+
+
+def _departing(imgs, cfg: RefineConfig, cal: Calibration, factor: float = 1.0) -> np.ndarray:
+    """``[B, C, H, W]`` bool: the pixels of the batch ``imgs`` departing by ``factor`` x each
+    class's sds in its sign: from the image's grey (:func:`grey_zscore`), or for the ``local``
+    classes from their neighbourhood (:func:`local_zscore`)."""
+    d = departures(grey_zscore(imgs), factor * cal.deviations, cal.polarity)
+    if cal.local.any():
+        near = departures(local_zscore(imgs, cfg.local_sigma), factor * cal.deviations,
+                          cal.polarity)
+        d[:, cal.local] = near[:, cal.local]
+    return d
 
 
 def _region(maps: np.ndarray, cfg: RefineConfig, cal: Calibration, factor: float = 1.0
@@ -552,9 +648,11 @@ def refine_batches(cache, images, rows, probs: np.ndarray, size: tuple[int, int]
         b = rows[s:s + batch]
         imgs = _guide(images, b, cfg)
         m = _maps(cache, b, size, cfg, cal.scales, imgs)
-        masks = _region(m, cfg, cal)
+        masks = _region(m, cfg, cal).astype(bool)
         if cfg.reads_grey:
-            masks &= departures(grey_zscore(imgs), cal.deviations, cal.polarity)
+            d = _departing(imgs, cfg, cal)
+            masks &= d
+            masks[:, cal.local] = d[:, cal.local]  # a class tested on the whole image: anywhere
         yield b, m, gate(masks, probs[b] >= cfg.confidence)
 
 
@@ -570,9 +668,11 @@ def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[i
     defect = _region(m, cfg, cal).astype(bool)
     background = ~_region(m, cfg, cal, cfg.band).astype(bool)
     if cfg.reads_grey:
-        z = grey_zscore(imgs)
-        defect &= departures(z, cal.deviations, cal.polarity)
-        background |= ~departures(z, cfg.band * cal.deviations, cal.polarity)
+        d, near = _departing(imgs, cfg, cal), _departing(imgs, cfg, cal, cfg.band)
+        defect &= d
+        background |= ~near
+        # a class tested on the whole image: its departures anywhere, the rest background
+        defect[:, cal.local], background[:, cal.local] = d[:, cal.local], ~near[:, cal.local]
     return confident_labels(defect, background, labels[rows])
 
 

@@ -172,6 +172,7 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "thresholds": [float(v) for v in cal.thresholds],
            "polarity": [None if np.isnan(v) else float(v) for v in cal.polarity],
            "deviations": [None if np.isnan(v) else float(v) for v in cal.deviations],
+           "local": [bool(v) for v in cal.local],
            "targets_version": REFINED_TARGETS_VERSION}
     return Targets("refined", key, refined.targets, _memo(ctx), guide=ctx.images())
 

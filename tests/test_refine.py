@@ -363,3 +363,84 @@ def test_refined_targets_take_the_training_batch_instead_of_reading_it_again():
     assert np.array_equal(first, own[:2])
     with pytest.raises(TypeError, match="rows only"):
         Targets("true", {}, lambda r: own)(rows, torch.from_numpy(big[rows]))
+
+
+def test_local_zscore_is_the_robust_z_of_the_grey_minus_its_gaussian_blur():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(8)
+    # a sheet whose grey drifts from 60 to 200 across the image, and a small dark defect on it
+    img = np.linspace(60, 200, 64, dtype=np.float32)[None, None, None, :].repeat(48, 2)
+    img = np.repeat(img + rng.normal(0, 2, (1, 1, 48, 64)).astype(np.float32), 3, 1)
+    img[:, :, 20:23, 50:53] -= 30.0  # darker than its neighbours, not than the image's median
+    z = refine.local_zscore(img, sigma=0.125)
+    # the library's blur (scipy: "mirror" is torch's reflect; radius 3 sigma) gives the same
+    g = img.mean(1, keepdims=True)
+    ref = gaussian_filter(g[0, 0].astype(np.float64), 0.125 * 48, mode="mirror", truncate=3.0)
+    assert np.abs(refine.gaussian_blur(torch.from_numpy(g), 0.125 * 48)[0, 0].numpy()
+                  - ref).max() < 1e-3
+    d = g[0, 0] - ref  # torch's median of an even count is the lower middle value, numpy's the mean
+    ref_z = (d - np.median(d)) / (1.4826 * np.median(np.abs(d - np.median(d))) + 1e-3)
+    assert z.shape == (1, 48, 64) and np.abs(z[0] - ref_z).max() < 0.05
+    assert z[0, 20:23, 50:53].max() < -5  # the defect departs from its neighbourhood
+    assert (z[0, :, 8:-8] < -5).sum() == 9  # and only it, away from the borders (a reflected
+    # ramp bends there, so the blur is off by a few sds of this sheet at the first columns)
+    # where the image's grey level does not see it
+    assert refine.grey_zscore(img)[0, 20:23, 50:53].min() > -1
+
+
+def _misplaced_case(n=40, size=32):
+    """Class 0's CAM looks at the top-left corner, its defect (a dark 3x3 spot) is anywhere else;
+    class 1 (the other half of the images) has a CAM blob and no defect at all."""
+    rng = np.random.default_rng(9)
+    labels = np.zeros((n, 2), bool)
+    labels[: n // 2, 0] = True
+    labels[n // 2:, 1] = True
+    low = rng.random((n, 1, 2, 4, 4)).astype(np.float32) * 0.2
+    low[: n // 2, 0, 0, 0, 0] += 3.0
+    low[n // 2:, 0, 1, 2:, 2:] += 2.0
+    imgs = np.repeat(120 + rng.normal(0, 2, (n, 1, size, size)).astype(np.float32), 3, 1)
+    spots = rng.integers(12, size - 4, (n // 2, 2))
+    for i, (y, x) in enumerate(spots):
+        imgs[i, :, y:y + 3, x:x + 3] -= 40.0
+    return labels, low, imgs, spots
+
+
+def test_a_class_its_region_misses_is_tested_on_the_whole_image():
+    labels, low, imgs, spots = _misplaced_case()
+    load = lambda rows: imgs[np.asarray(rows)]  # noqa: E731
+    probs = labels.astype(float)
+    cal = refine.calibrate(_Cache(low), load, labels, (32, 32), refine.RefineConfig(), batch=16)
+    assert cal.local.tolist() == [True, False]  # class 1: nothing to find anywhere
+    assert cal.polarity[0] == -1 and cal.deviations[0] >= 2 and np.isnan(cal.polarity[1])
+    c = refine.Contrast.empty(2, [1.0, 3.0])  # the counts: each image once, dark and bright only
+    z = refine.local_zscore(imgs)
+    c.add_images(z, labels)
+    assert c.n_in.tolist() == [20 * 32 * 32] * 2 and (c.inside[:, 2] == 0).all()
+    assert c.inside[0, 0, 1] == (-z[:20] > 3).sum() and c.outside[0, 1, 0] == (z[20:] > 1).sum()
+    assert "anywhere in the image" in cal.describe()
+    masks = np.concatenate([m for *_, m in refine.refine_batches(
+        _Cache(low), load, np.arange(40), probs, (32, 32), refine.RefineConfig(), cal)])
+    for i, (y, x) in enumerate(spots):  # the spot, outside the class's CAM region, and little else
+        assert masks[i, 0, y:y + 3, x:x + 3].all() and masks[i, 0].sum() <= 12
+    assert not masks[20:, 0].any()  # the classifier's gate still holds
+    t = refine.self_training_targets(_Cache(low), load, np.arange(40), labels, (32, 32),
+                                     refine.RefineConfig(), cal)
+    y, x = spots[0]
+    assert (t[0, 0, y:y + 3, x:x + 3] == 1).all() and (t[0, 0] == 0).mean() > 0.9
+    # without the whole-image test the class keeps its CAM region, which misses the spots
+    off = refine.RefineConfig(whole_image=False)
+    cal_off = refine.calibrate(_Cache(low), load, labels, (32, 32), off, batch=16)
+    assert not cal_off.local.any() and np.isnan(cal_off.polarity).all()
+    with pytest.raises(ConfigError, match="local_sigma"):
+        refine.RefineConfig(local_sigma=0.5)
+
+
+def test_the_separable_blur_equals_torchvisions():
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
+
+    x = torch.rand(2, 1, 40, 56) * 255
+    for sigma in (1.0, 5.0, 12.5):
+        r = int(3 * sigma + 0.5)
+        ref = tv_blur(x, [2 * r + 1, 2 * r + 1], [sigma, sigma])
+        assert torch.allclose(refine.gaussian_blur(x, sigma), ref, atol=1e-3)
