@@ -34,7 +34,8 @@ What the defect looks like (the *shape*):
   not localise it (its departures do not concentrate there) is tested on the whole image instead:
   :meth:`Contrast.add_images` compares the local departures of the images labelled with the
   class with those of the images without it, and the class keeps them anywhere in the image
-  when their estimated Dice beats its whole region's.
+  when their estimated Dice beats its whole region's and its region does not hold them
+  (:func:`region_misses`).
 
 Learning from them (self-training): :func:`confident_labels` turns a region and a shape into
 targets for a segmentation network (defect, background, and an ignored band between), which
@@ -601,20 +602,41 @@ def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: Ref
         return Calibration(scales, thresholds, polarity, np.where(np.isnan(polarity), np.nan, k))
     region_only = Calibration(scales, thresholds, np.full(c, np.nan), np.full(c, np.nan))
     contrast = Contrast.empty(c, cfg.deviations)
-    whole = Contrast.empty(c, cfg.deviations)
+    whole, near = Contrast.empty(c, cfg.deviations), Contrast.empty(c, cfg.deviations)
     for ch in chunks:
         imgs = images(ch)
         region = _region(_maps(cache, ch, size, cfg, scales, imgs), cfg, region_only)
         contrast.add(grey_zscore(imgs), region, labels[ch])
         if cfg.whole_image:
-            whole.add_images(local_zscore(imgs, cfg.local_sigma), labels[ch])
+            z = local_zscore(imgs, cfg.local_sigma)
+            whole.add_images(z, labels[ch])
+            near.add(z, region, labels[ch])
     polarity, ks = contrast_departures(contrast, cfg.min_purity, cfg.polarity_t)
     local = np.zeros(c, bool)
     if cfg.whole_image:  # where the region says nothing of the grey, the whole image may
         lp, lk = contrast_departures(whole, cfg.min_purity, cfg.polarity_t, contrast.n_in)
-        local = np.isnan(polarity) & ~np.isnan(lp)
+        local = (np.isnan(polarity) & ~np.isnan(lp)
+                 & region_misses(near, lp, lk, cfg.min_purity))
         polarity, ks = np.where(local, lp, polarity), np.where(local, lk, ks)
     return Calibration(scales, thresholds, polarity, ks, local)
+
+
+def region_misses(near: Contrast, polarity: np.ndarray, ks: np.ndarray,
+                  min_purity: float = 0.5) -> np.ndarray:
+    """``[C]`` bool: whether each class's region misses the departures of its sign and sds
+    (``polarity``, ``ks`` ``[C]``, from the whole-image comparison): in the images labelled with
+    the class, they are not concentrated in its region, their purity there (``near``, counted
+    as :meth:`Contrast.add` counts) below ``min_purity``. A region that holds them localises the
+    class, and keeps it (NaN polarity: False)."""
+    out = np.zeros(len(polarity), bool)
+    for i, (p, k) in enumerate(zip(polarity, ks)):
+        if np.isnan(p) or near.n_in[i] == 0 or near.n_out[i] == 0:
+            out[i] = not np.isnan(p)  # a region of every pixel or of none says nothing
+            continue
+        s, j = SIGNS.index(float(p)), int(np.flatnonzero(near.ks == k)[0])
+        d_in, d_out = near.inside[i, s, j] / near.n_in[i], near.outside[i, s, j] / near.n_out[i]
+        out[i] = d_in <= 0 or (d_in - d_out) / d_in < min_purity
+    return out
 
 
 def _departing(imgs, cfg: RefineConfig, cal: Calibration, factor: float = 1.0) -> np.ndarray:

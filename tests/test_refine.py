@@ -444,3 +444,28 @@ def test_the_separable_blur_equals_torchvisions():
         r = int(3 * sigma + 0.5)
         ref = tv_blur(x, [2 * r + 1, 2 * r + 1], [sigma, sigma])
         assert torch.allclose(refine.gaussian_blur(x, sigma), ref, atol=1e-3)
+
+
+def test_a_region_that_holds_the_departures_keeps_its_class():
+    """The whole-image test is for a class its region misses: where the class's CAM blob sits on
+    its spots, the region localises it and no class is moved to the whole image."""
+    labels, low, imgs, spots = _misplaced_case()
+    low[:20, 0, 0] = 0.0
+    for i, (y, x) in enumerate(spots):  # the class-0 CAM now peaks on its spot (4x4 map of 32)
+        low[i, 0, 0, (y + 1) // 8, (x + 1) // 8] = 3.0
+    load = lambda rows: imgs[np.asarray(rows)]  # noqa: E731
+    cal = refine.calibrate(_Cache(low), load, labels, (32, 32), refine.RefineConfig(), batch=16)
+    assert not cal.local.any() and cal.polarity[0] == -1  # the region rule finds the spots
+    # region_misses itself: departures inside the region (purity 1) or spread evenly (purity 0)
+    near = refine.Contrast.empty(1, [1.0, 2.0])
+    z = np.zeros((4, 8, 8), np.float32)
+    region = np.zeros((4, 1, 8, 8), bool)
+    region[:, 0, :4] = True
+    z[:, 1, 1] = -5.0
+    near.add(z, region, np.ones((4, 1), bool))
+    assert refine.region_misses(near, np.array([-1.0]), np.array([2.0])).tolist() == [False]
+    z[:, 6, 1] = -5.0  # as many outside
+    near = refine.Contrast.empty(1, [1.0, 2.0])
+    near.add(z, region, np.ones((4, 1), bool))
+    assert refine.region_misses(near, np.array([-1.0]), np.array([2.0])).tolist() == [True]
+    assert refine.region_misses(near, np.array([np.nan]), np.array([np.nan])).tolist() == [False]
