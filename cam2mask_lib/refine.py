@@ -49,8 +49,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-import math
-
 import cv2
 import numpy as np
 import torch
