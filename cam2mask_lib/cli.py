@@ -7,8 +7,8 @@
     cam2mask reproduce [--profile P] [--only NN ...] [--data-dir DIR] [--set KEY=VALUE ...]
                        [--override FIELD=VALUE ...] [--random-weights]
     cam2mask masks --data DIR --out OUT [--profile P] [--method refined|paper] [--model RUN]
-                   [--image-size H W] [--epochs N] [--weights-path FILE] [--seg-weights-path FILE]
-                   [--random-weights] [--force]
+                   [--image-size H W] [--epochs N] [--seg-epochs N] [--weights-path FILE]
+                   [--seg-weights-path FILE] [--random-weights] [--force]
 """
 from __future__ import annotations
 
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help="network input size (default: the profile's)")
     m.add_argument("--epochs", type=int, help="classifier epochs (default: the profile's)")
+    m.add_argument("--seg-epochs", type=int,
+                   help="epochs of the self-trained U-Nets (--method refined; default: the "
+                        "profile's segmentation epochs, at least 6)")
     m.add_argument("--encoder", help="timm encoder (default: the profile's)")
     m.add_argument("--folds", type=int, help="cross-validation folds (default: the profile's)")
     m.add_argument("--model", metavar="RUN",
@@ -277,6 +280,7 @@ def _run(args) -> int:
                              progress=_progress(args), model=args.model, method=args.method,
                              image_size=args.image_size,
                              epochs=args.epochs, encoder=args.encoder, n_folds=args.folds,
+                             seg_epochs=args.seg_epochs,
                              weights_path=args.weights_path,
                              seg_weights_path=args.seg_weights_path,
                              random_weights=args.random_weights)

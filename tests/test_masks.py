@@ -186,7 +186,10 @@ def test_bad_options_fail_before_the_output_is_claimed(generic, tmp_path, capsys
                         (["--image-size", "0", "0"], "image_size"),
                         (["--folds", "1"], "--folds 1: cross-validation needs at least 2 folds"),
                         (["--folds", "50"], "--folds 50: .* has only 24 images"),
-                        (["--encoder", "not_a_net"], "not_a_net")):
+                        (["--encoder", "not_a_net"], "not_a_net"),
+                        (["--seg-epochs", "0"], "--seg-epochs 0: must be at least 1"),
+                        (["--seg-epochs", "2", "--method", "paper"],
+                         "--seg-epochs 2: only --method refined")):
         assert main(base + extra) == 2, extra
         import re
         assert re.search(said, capsys.readouterr().err), extra
@@ -247,3 +250,21 @@ def test_masks_random_weights_flag_reaches_every_network(tmp_path):
     with pytest.raises(ConfigError, match="contradicts"):
         _settings_profile(base, index, 3, {"random_weights": True,
                                            "seg_weights_path": str(tmp_path / "u.pth")}, "refined")
+
+
+def test_self_training_epochs_have_a_floor_and_an_option(generic):
+    """The refined method's U-Nets train the profile's segmentation epochs, at least
+    SELF_TRAIN_EPOCHS (3 did not learn NEU-Seg's small defects), or what --seg-epochs says."""
+    from cam2mask_lib import masks
+    from cam2mask_lib.data import load_dataset
+    from cam2mask_lib.profiles import get_profile
+
+    index = load_dataset(generic)
+    for name in ("smoke", "cpu", "paper"):
+        base = get_profile(name)
+        prof = masks._settings_profile(base, index, 2, {}, "refined")
+        assert prof.segmentation.net.epochs == max(base.segmentation.net.epochs,
+                                                   masks.SELF_TRAIN_EPOCHS), name
+        assert masks._settings_profile(base, index, 2, {"seg_epochs": 2}, "refined"
+                                       ).segmentation.net.epochs == 2
+    assert get_profile("cpu").segmentation.net.epochs < masks.SELF_TRAIN_EPOCHS  # a real floor
