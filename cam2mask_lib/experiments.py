@@ -590,14 +590,16 @@ TECHNIQUES = {
     "the same, of each class's sign by a t-test of its images against the others'":
         RefineConfig(grey="labels"),
     "sign and sds of each class from where its departures concentrate, inside its CAM region":
-        RefineConfig(whole_image=False),
-    "the same, or local departures anywhere in the image for a class its region misses (the "
+        RefineConfig(whole_image=False, local_region=False),
+    "the same, or local departures anywhere in the image for a class its region misses":
+        RefineConfig(local_region=False),
+    "the same, a class with a grey cue in its region measured from its neighbourhood there (the "
     "default)": RefineConfig(),
     "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }
 PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
-DEFAULT_TECHNIQUE = ("the same, or local departures anywhere in the image for a class its region "
-                     "misses (the default)")
+DEFAULT_TECHNIQUE = ("the same, a class with a grey cue in its region measured from its "
+                     "neighbourhood there (the default)")
 NO_MASK = "no mask"
 SELF_TRAINED = ("U-Net self-trained on the default's masks, + classifier gate, threshold fitted "
                 "to its teacher")
@@ -702,6 +704,29 @@ def refinement_markdown_table(table: pd.DataFrame) -> pd.DataFrame:
         pct = "share" in col or "gap" in col
         out[col] = [f"{v + 0.0:.0%}" if pct else f"{v:.3f}" for v in out[col]]  # no "-0%"
     return out
+
+
+@dataclass
+class CommittedTable:
+    """A refinement table another command made and committed (``benchmarks/real_quality.py`` on
+    real data this repository does not hold): the table, its header and provenance line."""
+
+    table: pd.DataFrame
+    header: str
+    provenance: str
+
+
+def committed_real_table(folder: str | Path) -> CommittedTable | None:
+    """The table ``benchmarks/real_quality.py`` wrote to ``folder`` (its ``real_quality.csv``,
+    the first paragraph and the provenance line of its ``real_quality.md``), or None where there
+    is none: read, never recomputed, so a notebook can set it beside its own table."""
+    folder = Path(folder)
+    csv, md = folder / "real_quality.csv", folder / "real_quality.md"
+    if not (csv.is_file() and md.is_file()):
+        return None
+    paragraphs = [p.strip() for p in md.read_text().split("\n\n") if p.strip()]
+    header = next((p for p in paragraphs if not p.startswith(("#", "|"))), "")
+    return CommittedTable(pd.read_csv(csv), header, paragraphs[-1])
 
 
 def refinement_examples(ctx: Context, run: ClassifierRun, res: RefinementResult,

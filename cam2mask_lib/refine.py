@@ -84,6 +84,11 @@ class RefineConfig:
     the whole image instead, on the departures from each pixel's neighbourhood (a Gaussian of
     ``local_sigma`` x the image's shorter side, :func:`local_zscore`) that are more frequent in
     its labelled images than in the others (:meth:`Contrast.add_images`).
+    ``local_region`` (under "contrast"): a class whose departures from the image's grey
+    concentrate in its region (it has a grey-level cue there) has its pixels measured from their
+    neighbourhood instead (the same :func:`local_zscore`, in the sign the image's grey showed:
+    a dark defect draws a bright ring against its blur; the sds learnt again on it), which takes
+    out the sheet's slow drift of grey.
     ``confidence``: the
     classifier's probability a class needs to get a mask. ``band``: the self-training targets'
     background, as factors of the region's cut and of the class's sds: a pixel is background below
@@ -102,6 +107,7 @@ class RefineConfig:
     polarity_t: float = 2.58
     whole_image: bool = True
     local_sigma: float = 0.125
+    local_region: bool = True
     confidence: float = 0.5
     band: float = 0.5
 
@@ -142,9 +148,11 @@ class RefineConfig:
                   "negatives": f"absolute CAM > the negatives' {self.negative_quantile:g} quantile",
                   "otsu": "per-image scaled CAM > its Otsu threshold"}[self.region]
         par = f", PAR {self.par_iterations} iterations" if self.par_iterations else ""
-        dev = {"contrast": ", pixels departing from the image's grey in the sign and by the robust "
-                           "sds learnt per class from where its departures concentrate (no grey "
-                           "test for a class whose departures do not" + (
+        frm = (f" (measured then from their neighbourhood, Gaussian {self.local_sigma:g} of "
+               f"the side)" if self.local_region else "")
+        dev = {"contrast": ", pixels departing from the image's grey in the sign and by the "
+                           "robust sds learnt per class from where its departures concentrate"
+                           f"{frm} (no grey test for a class whose departures do not" + (
                                f"; or, where that beats its region, local departures (Gaussian "
                                f"{self.local_sigma:g} of the side) anywhere in the image, learnt "
                                f"against the images without the class)" if self.whole_image
@@ -397,9 +405,12 @@ class Contrast:
         return cls(ks, np.zeros(shape), np.zeros(shape), np.zeros(num_classes),
                    np.zeros(num_classes))
 
-    def add(self, z: np.ndarray, region: np.ndarray, present: np.ndarray) -> None:
+    def add(self, z: np.ndarray, region: np.ndarray, present: np.ndarray,
+            either: bool = True) -> None:
         """Count a batch: ``z`` ``[B, H, W]`` (:func:`grey_zscore`), ``region`` ``[B, C, H, W]``
-        bool, ``present`` ``[B, C]`` the image labels (only labelled images count)."""
+        bool, ``present`` ``[B, C]`` the image labels (only labelled images count).
+        ``either=False``: dark and bright only, for departures from the neighbourhood
+        (:func:`local_zscore`; see :meth:`add_images`)."""
         z = np.asarray(z, np.float32)
         present = np.asarray(present, bool)
         region = np.asarray(region, bool)
@@ -409,7 +420,7 @@ class Contrast:
             zz, rr, out = z[pick], region[pick, c], sheet[pick]
             self.n_in[c] += rr.sum()
             self.n_out[c] += out.sum()
-            for s, sign in enumerate(SIGNS):
+            for s, sign in enumerate(SIGNS if either else SIGNS[:2]):
                 v = np.abs(zz) if sign == 0 else sign * zz
                 self.inside[c, s] += _above(v[rr], self.ks)
                 self.outside[c, s] += _above(v[out], self.ks)
@@ -439,7 +450,8 @@ def _above(values: np.ndarray, ks: np.ndarray) -> np.ndarray:
 
 
 def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: float = 2.58,
-                        region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        region: np.ndarray | None = None, signs: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Per class, the sign (``[C]``: -1 dark, +1 bright, 0 either, NaN: none) and the robust sds
     (``[C]``, NaN with no sign) of the departures that mark its defect, from the image labels
     alone.
@@ -459,7 +471,9 @@ def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: floa
 
     ``region`` ``[C]``: for the whole-image comparison (:meth:`Contrast.add_images`), the pixels
     of each class's region in its labelled images, whose estimate ``2 A / (region + A)`` (the
-    region holding the whole defect, at best) a choice must beat instead."""
+    region holding the whole defect, at best) a choice must beat instead. ``signs`` ``[C]``: each
+    class's choice limited to that sign, and its area to that sign's excess (NaN: no choice for
+    the class)."""
     c = contrast
     num = len(c.n_in)
     polarity, ks = np.full(num, np.nan), np.full(num, np.nan)
@@ -468,7 +482,8 @@ def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: floa
             continue
         d_in, d_out = c.inside[i] / c.n_in[i], c.outside[i] / c.n_out[i]  # [signs, K]
         excess = c.n_in[i] * (d_in - d_out)
-        area = excess.max()
+        allowed = np.ones(len(SIGNS), bool) if signs is None else np.isin(SIGNS, signs[i])
+        area = excess[allowed].max() if allowed.any() else 0.0
         if area <= 0:
             continue
         pooled = (c.inside[i] + c.outside[i]) / (c.n_in[i] + c.n_out[i])
@@ -476,7 +491,7 @@ def contrast_departures(contrast: Contrast, min_purity: float = 0.5, min_z: floa
         with np.errstate(invalid="ignore", divide="ignore"):
             purity = np.where(d_in > 0, (d_in - d_out) / d_in, 0.0)
             z = np.where(se > 0, (d_in - d_out) / se, 0.0)
-        est = np.where((purity >= min_purity) & (excess > 0) & (z >= min_z),
+        est = np.where((purity >= min_purity) & (excess > 0) & (z >= min_z) & allowed[:, None],
                        2 * excess / (c.n_in[i] * d_in + area), -np.inf)
         s, k = np.unravel_index(np.argmax(est), est.shape)
         n_region = c.n_in[i] if region is None else region[i]
@@ -525,24 +540,30 @@ class Calibration:
     and the fixed threshold), each class's ``polarity`` (+1 bright, -1 dark, 0 either sign, NaN:
     no grey-level test for the class) and ``deviations``, the robust sds a pixel must depart by
     (NaN with no test); ``local``: the classes tested on their local departures anywhere in the
-    image instead of their region (:func:`local_zscore`; none by default)."""
+    image instead of their region; ``near``: the classes whose departures are measured from
+    each pixel's neighbourhood (:func:`local_zscore`), not from the image's grey
+    (:func:`grey_zscore`): every ``local`` class, and inside their region the others under
+    ``RefineConfig.local_region`` (none of either by default)."""
 
     scales: np.ndarray
     thresholds: np.ndarray
     polarity: np.ndarray
     deviations: np.ndarray
     local: np.ndarray | None = None
+    near: np.ndarray | None = None
 
     def __post_init__(self):
-        self.local = (np.zeros(len(self.polarity), bool) if self.local is None
-                      else np.asarray(self.local, bool))
+        none = np.zeros(len(self.polarity), bool)
+        self.local = none if self.local is None else np.asarray(self.local, bool)
+        self.near = self.local | (none if self.near is None else np.asarray(self.near, bool))
 
     def describe(self) -> str:
         f = ", ".join
         sign = {1.0: "bright", -1.0: "dark", 0.0: "either"}
         grey = f("none" if np.isnan(p) else f"{sign[float(p)]} > {k:g} sd"
-                 + (" of its neighbourhood, anywhere in the image" if loc else "")
-                 for p, k, loc in zip(self.polarity, self.deviations, self.local))
+                 + (" of its neighbourhood" if nr else "")
+                 + (", anywhere in the image" if loc else "")
+                 for p, k, loc, nr in zip(self.polarity, self.deviations, self.local, self.near))
         return (f"scales [{f(f'{s:.3g}' for s in self.scales)}], thresholds "
                 f"[{f(f'{t:.3g}' for t in self.thresholds)}], grey-level test [{grey}]")
 
@@ -605,18 +626,24 @@ def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: Ref
         imgs = images(ch)
         region = _region(_maps(cache, ch, size, cfg, scales, imgs), cfg, region_only)
         contrast.add(grey_zscore(imgs), region, labels[ch])
-        if cfg.whole_image:
+        if cfg.whole_image or cfg.local_region:
             z = local_zscore(imgs, cfg.local_sigma)
-            whole.add_images(z, labels[ch])
-            near.add(z, region, labels[ch])
+            near.add(z, region, labels[ch], either=False)
+            if cfg.whole_image:
+                whole.add_images(z, labels[ch])
     polarity, ks = contrast_departures(contrast, cfg.min_purity, cfg.polarity_t)
+    sharp = np.zeros(c, bool)
+    if cfg.local_region:  # a class with a grey cue in its region: measured on its neighbourhood
+        np_, nk = contrast_departures(near, cfg.min_purity, cfg.polarity_t, signs=polarity)
+        sharp = ~np.isnan(polarity) & ~np.isnan(np_)
+        polarity, ks = np.where(sharp, np_, polarity), np.where(sharp, nk, ks)
     local = np.zeros(c, bool)
     if cfg.whole_image:  # where the region says nothing of the grey, the whole image may
         lp, lk = contrast_departures(whole, cfg.min_purity, cfg.polarity_t, contrast.n_in)
         local = (np.isnan(polarity) & ~np.isnan(lp)
                  & region_misses(near, lp, lk, cfg.min_purity))
         polarity, ks = np.where(local, lp, polarity), np.where(local, lk, ks)
-    return Calibration(scales, thresholds, polarity, ks, local)
+    return Calibration(scales, thresholds, polarity, ks, local, sharp)
 
 
 def region_misses(near: Contrast, polarity: np.ndarray, ks: np.ndarray,
@@ -639,13 +666,16 @@ def region_misses(near: Contrast, polarity: np.ndarray, ks: np.ndarray,
 
 def _departing(imgs, cfg: RefineConfig, cal: Calibration, factor: float = 1.0) -> np.ndarray:
     """``[B, C, H, W]`` bool: the pixels of the batch ``imgs`` departing by ``factor`` x each
-    class's sds in its sign: from the image's grey (:func:`grey_zscore`), or for the ``local``
+    class's sds in its sign: from the image's grey (:func:`grey_zscore`), or for the ``near``
     classes from their neighbourhood (:func:`local_zscore`)."""
+    if cal.near.all():
+        return departures(local_zscore(imgs, cfg.local_sigma), factor * cal.deviations,
+                          cal.polarity)
     d = departures(grey_zscore(imgs), factor * cal.deviations, cal.polarity)
-    if cal.local.any():
+    if cal.near.any():
         near = departures(local_zscore(imgs, cfg.local_sigma), factor * cal.deviations,
                           cal.polarity)
-        d[:, cal.local] = near[:, cal.local]
+        d[:, cal.near] = near[:, cal.near]
     return d
 
 

@@ -173,6 +173,7 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "polarity": [None if np.isnan(v) else float(v) for v in cal.polarity],
            "deviations": [None if np.isnan(v) else float(v) for v in cal.deviations],
            "local": [bool(v) for v in cal.local],
+           "near": [bool(v) for v in cal.near],
            "targets_version": REFINED_TARGETS_VERSION}
     return Targets("refined", key, refined.targets, _memo(ctx), guide=ctx.images())
 

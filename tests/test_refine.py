@@ -251,7 +251,8 @@ def test_the_grey_level_narrows_the_region_to_the_defect():
     probs = labels.astype(float)
     for region, grey in zip(refine.REGIONS, ("contrast", "labels", "contrast")):
         wide = refine.RefineConfig(region=region, grey="off")
-        cfg = refine.RefineConfig(region=region, grey=grey, deviation=3.0)
+        # departures from the image's grey (on 8x8 images a neighbourhood is a pixel or two)
+        cfg = refine.RefineConfig(region=region, grey=grey, deviation=3.0, local_region=False)
         cal = refine.calibrate(_Cache(low), load, labels, (8, 8), cfg)
         assert cal.polarity[0] == -1  # the class-0 defect is dark, learnt from the labels
         if grey == "contrast":  # class 1 has no grey-level cue: its region stays whole
@@ -469,3 +470,54 @@ def test_a_region_that_holds_the_departures_keeps_its_class():
     near.add(z, region, np.ones((4, 1), bool))
     assert refine.region_misses(near, np.array([-1.0]), np.array([2.0])).tolist() == [True]
     assert refine.region_misses(near, np.array([np.nan]), np.array([np.nan])).tolist() == [False]
+
+
+def test_a_class_with_a_grey_cue_is_measured_from_its_neighbourhood():
+    """A sheet with a wide, slow dark shading inside class 0's CAM region, and a sharp dark spot
+    (the defect) in the same region: measured from the image's grey the class keeps the shading
+    with the spot; measured from each pixel's neighbourhood (``local_region``, the default) the
+    shading mostly goes, the spot stays."""
+    rng = np.random.default_rng(10)
+    n, size = 40, 64
+    labels = np.zeros((n, 2), bool)
+    labels[: n // 2, 0] = True
+    labels[n // 2:, 1] = True
+    low = rng.random((n, 1, 2, 4, 4)).astype(np.float32) * 0.2
+    low[: n // 2, 0, 0, :, :2] += 3.0  # class 0 looks at the left half
+    low[n // 2:, 0, 1, 1:3, 1:3] += 2.0  # class 1: a blob, no defect at all
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    shade = -40 * np.exp(-((yy - 32) ** 2 + (xx - 8) ** 2) / (2 * 16.0 ** 2))
+    imgs = np.repeat(130 + rng.normal(0, 4, (n, 1, size, size)).astype(np.float32), 3, 1)
+    imgs[: n // 2] += shade  # the shading is on class 0's sheets
+    spots = np.stack([rng.integers(8, size - 11, n // 2), rng.integers(16, 28, n // 2)], 1)
+    for i, (y, x) in enumerate(spots):
+        imgs[i, :, y:y + 3, x:x + 3] -= 40.0
+    load = lambda rows: imgs[np.asarray(rows)]  # noqa: E731
+    probs = labels.astype(float)
+
+    def masks_of(cfg):
+        cal = refine.calibrate(_Cache(low), load, labels, (size, size), cfg, batch=16)
+        m = np.concatenate([m for *_, m in refine.refine_batches(
+            _Cache(low), load, np.arange(n), probs, (size, size), cfg, cal)])
+        assert all(m[i, 0, y:y + 3, x:x + 3].all() for i, (y, x) in enumerate(spots))
+        return cal, m[: n // 2, 0].sum()
+
+    cal, kept = masks_of(refine.RefineConfig())
+    assert cal.near.tolist() == [True, False] and not cal.local.any()
+    assert cal.polarity[0] == -1 and np.isnan(cal.polarity[1])
+    assert "dark" in cal.describe() and "of its neighbourhood" in cal.describe()
+    cal_g, kept_g = masks_of(refine.RefineConfig(local_region=False))
+    assert not cal_g.near.any() and cal_g.polarity[0] == -1  # the same cue, from the image's grey
+    assert kept_g > 3 * kept  # which keeps the shading as well
+    # Contrast.add counts dark and bright only when asked (a dark spot's ring is bright)
+    c = refine.Contrast.empty(2, [1.0])
+    c.add(refine.local_zscore(imgs[:4]), np.ones((4, 2, size, size), bool), labels[:4],
+          either=False)
+    assert (c.inside[:, 2] == 0).all() and c.inside[0, 0, 0] > 0
+    # the sign of the neighbourhood's test is the image grey's: a ring of the other sign is not
+    # chosen, however much of it there is
+    c = refine.Contrast(np.array([1.0]), np.array([[[20.0], [100.0], [0.0]]] * 2),
+                        np.array([[[1.0], [1.0], [0.0]]] * 2), np.full(2, 1e3), np.full(2, 1e3))
+    assert refine.contrast_departures(c)[0].tolist() == [1.0, 1.0]  # the bright ring
+    pol, ks = refine.contrast_departures(c, signs=np.array([-1.0, np.nan]))
+    assert pol[0] == -1 and ks[0] == 1.0 and np.isnan(pol[1]) and np.isnan(ks[1])
