@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 
 from .eda import CLASS_COLORS
@@ -122,5 +123,21 @@ def plot_class_bars(per_class, ylabel="Dice (non-empty masks)", reference=None):
         ax.plot(range(len(reference)), reference, "k_", markersize=30, mew=2, label="reference")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_gap_closed(tables: dict, rows, column: str = "gap closed"):
+    """Horizontal bars: for each row name of ``rows`` (the ``masks`` column of the refinement
+    tables), ``column`` in each table of ``tables`` (label -> DataFrame), one colour per table; a
+    row a table lacks is left out of its colour."""
+    long = [{"masks": r, "data": label, column: float(t.set_index("masks").loc[r, column])}
+            for label, t in tables.items() for r in rows if r in set(t["masks"])]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) * len(tables) + 1))
+    sns.barplot(data=pd.DataFrame(long), y="masks", x=column, hue="data", ax=ax, orient="h")
+    ax.axvline(1.0, color="k", lw=1, ls=":")
+    ax.set_ylabel("")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(tables))
     fig.tight_layout()
     return fig

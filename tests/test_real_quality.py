@@ -70,3 +70,25 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
         with pytest.raises(SystemExit, match=why):
             bench.main(bad + ["--artifacts", str(fresh), "--out", str(fresh), "--no-progress"])
         assert not fresh.exists()
+
+
+def test_committed_real_table_reads_what_the_benchmark_wrote(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from cam2mask_lib import experiments as ex
+    from cam2mask_lib import viz
+
+    assert ex.committed_real_table(tmp_path) is None  # nothing there: nothing invented
+    table = pd.DataFrame({"masks": ["no mask", "a", "b"], "gap closed": [0.0, 0.5, 1.0]})
+    (tmp_path / "real_quality.csv").write_text(table.to_csv(index=False))
+    (tmp_path / "real_quality.md").write_text(
+        "### Title\n\n12 images scored.\n\n| masks | gap closed |\n| --- | --- |\n\n_Provenance._\n")
+    got = ex.committed_real_table(tmp_path)
+    assert got.header == "12 images scored." and got.provenance == "_Provenance._"
+    assert got.table["gap closed"].tolist() == [0.0, 0.5, 1.0]
+    other = pd.DataFrame({"masks": ["a"], "gap closed": [0.25]})
+    fig = viz.plot_gap_closed({"real": got.table, "other": other}, ["a", "b"])
+    widths = sorted(round(p.get_width(), 3) for p in fig.axes[0].patches if p.get_width())
+    assert widths == [0.25, 0.5, 1.0]  # a row a table lacks is left out of its colour
