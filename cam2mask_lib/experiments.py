@@ -577,10 +577,12 @@ def gallery_items(ctx: Context, run: ClassifierRun, cache: CamCache, rep: DiceRe
 # Beyond the paper: label-only refinement (notebook 06, benchmarks/real_quality.py)
 # ------------------------------------------------------------------------------------------------
 
+PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
+DEFAULT_TECHNIQUE = ("the same, a class with a grey cue in its region measured from its "
+                     "neighbourhood there (the default)")
 # each row changes one thing against the paper's post-processing or against the default
 TECHNIQUES = {
-    "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)":
-        RefineConfig(region="image", grey="off"),
+    PAPER_TECHNIQUE: RefineConfig(region="image", grey="off"),
     "absolute CAMs, cut at the negatives' median peak":
         RefineConfig(region="negatives", grey="off"),
     "Otsu threshold per image": RefineConfig(region="otsu", grey="off"),
@@ -593,13 +595,9 @@ TECHNIQUES = {
         RefineConfig(whole_image=False, local_region=False),
     "the same, or local departures anywhere in the image for a class its region misses":
         RefineConfig(local_region=False),
-    "the same, a class with a grey cue in its region measured from its neighbourhood there (the "
-    "default)": RefineConfig(),
+    DEFAULT_TECHNIQUE: RefineConfig(),
     "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }
-PAPER_TECHNIQUE = "CAM masks, the paper's post-processing (per-image scaled CAM > 0.3)"
-DEFAULT_TECHNIQUE = ("the same, a class with a grey cue in its region measured from its "
-                     "neighbourhood there (the default)")
 NO_MASK = "no mask"
 SELF_TRAINED = ("U-Net self-trained on the default's masks, + classifier gate, threshold fitted "
                 "to its teacher")

@@ -131,8 +131,11 @@ def plot_gap_closed(tables: dict, rows, column: str = "gap closed"):
     """Horizontal bars: for each row name of ``rows`` (the ``masks`` column of the refinement
     tables), ``column`` in each table of ``tables`` (label -> DataFrame), one colour per table; a
     row a table lacks is left out of its colour."""
-    long = [{"masks": r, "data": label, column: float(t.set_index("masks").loc[r, column])}
-            for label, t in tables.items() for r in rows if r in set(t["masks"])]
+    long = []
+    for label, t in tables.items():
+        values = t.set_index("masks")[column]
+        long += [{"masks": r, "data": label, column: float(values[r])}
+                 for r in rows if r in values.index]
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) * len(tables) + 1))
     sns.barplot(data=pd.DataFrame(long), y="masks", x=column, hue="data", ax=ax, orient="h")
     ax.axvline(1.0, color="k", lw=1, ls=":")
