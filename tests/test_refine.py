@@ -386,8 +386,35 @@ def test_local_zscore_is_the_robust_z_of_the_grey_minus_its_gaussian_blur():
     assert z[0, 20:23, 50:53].max() < -5  # the defect departs from its neighbourhood
     assert (z[0, :, 8:-8] < -5).sum() == 9  # and only it, away from the borders (a reflected
     # ramp bends there, so the blur is off by a few sds of this sheet at the first columns)
+    assert (z[0] < -5).sum() > 9
+    # a local line continues the ramp straight to the borders: nothing bends there
+    lin = refine.local_zscore(img, sigma=0.125, edge="linear")
+    assert lin[0, 20:23, 50:53].max() < -5 and (lin[0] < -5).sum() == 9
+    assert np.abs(lin[0, :, :4]).max() < 0.8 * np.abs(z[0, :, :4]).max()
     # where the image's grey level does not see it
     assert refine.grey_zscore(img)[0, 20:23, 50:53].min() > -1
+
+
+def test_the_linear_edge_blurs_a_plane_into_itself():
+    """A line fitted under the kernel at each pixel is exact on a plane, so its blur is the plane
+    everywhere; the plain reflection bends it within 3 sigma of the borders. Inside, both are
+    the plain Gaussian blur, and near a border the fit's noise stays below the pixels'."""
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(56.0), indexing="ij")
+    plane = (30 + 2.0 * xx - 1.5 * yy)[None, None]
+    for sigma in (2.0, 6.0):
+        assert torch.allclose(refine.gaussian_blur(plane, sigma, "linear"), plane, atol=1e-2)
+        assert (refine.gaussian_blur(plane, sigma, "reflect") - plane).abs().max() > 1
+    # inside, away from the borders, the two are the same blur
+    x = torch.rand(1, 1, 40, 56) * 255
+    a, b = refine.gaussian_blur(x, 3.0, "linear"), refine.gaussian_blur(x, 3.0, "reflect")
+    assert torch.allclose(a[..., 10:-10, 10:-10], b[..., 10:-10, 10:-10], atol=1e-3)
+    noise = torch.randn(400, 1, 40, 56, generator=torch.Generator().manual_seed(0))
+    edge = refine.gaussian_blur(noise, 3.0, "linear")[:, 0, :, 0]  # the first column
+    assert edge.std() < 0.5 * noise.std()
+    with pytest.raises(ValueError, match="edge='wrap'"):
+        refine.gaussian_blur(x, 3.0, "wrap")
+    with pytest.raises(ConfigError, match="local_edge"):
+        refine.RefineConfig(local_edge="wrap")
 
 
 def _misplaced_case(n=40, size=32):
