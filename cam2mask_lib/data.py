@@ -332,16 +332,33 @@ def check_class_name(name: str, where: str) -> str:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     """A CSV as strings: a byte-order mark (Excel's "CSV UTF-8") is accepted, a trailing comma
-    on a row does not shift its columns, and an empty or unreadable file is a DataError naming
-    it."""
+    on a row does not shift its columns, and an empty or unreadable file, or a row with a value
+    past the header's columns (which pandas would drop), is a DataError naming it."""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                           index_col=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                             index_col=False)
+        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+            _check_no_extra_values(path, len(df.columns))
+        return df
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; expected a header line and one row per "
                         f"image (or per mask)") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _check_no_extra_values(path: Path, columns: int) -> None:
+    """Empty fields past the header's ``columns`` are trailing commas; a value there is an error
+    naming its line."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for line, fields in enumerate(_csv.reader(f), start=1):
+            extra = [v for v in fields[columns:] if v.strip()]
+            if extra:
+                raise DataError(f"{path}, line {line}: {len(fields)} fields where the header has "
+                                f"{columns} ({extra[0]!r} past the last column); quote a value "
+                                f"that holds a comma, or remove the extra field")
 
 
 def _line(row: int) -> int:

@@ -126,3 +126,9 @@ def test_excel_bom_empty_file_and_trailing_comma(tmp_path, severstal_dir):
         load_severstal(sev)
     (sev / "train.csv").write_text("ImageId,ClassId,EncodedPixels\na.jpg,1,1 3,\n")
     assert load_severstal(sev).rles[0] == {0: "1 3"}
+    # a value past the header's columns is not dropped in silence: the error names its line
+    (sev / "train.csv").write_text("ImageId,ClassId,EncodedPixels\na.jpg,1,1 3,,\n"
+                                   "a.jpg,2,5 6,7 8\n")
+    with pytest.raises(DataError, match=r"train.csv, line 3: 4 fields where the header has 3 "
+                                        r"\('7 8' past the last column\)"):
+        load_severstal(sev)
