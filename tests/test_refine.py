@@ -301,6 +301,13 @@ def test_self_training_cache_key_follows_what_the_labels_taught(tmp_path):
 
     assert key_k([1, 2]) != key_k([1, 1])
 
+    def key_cfg(cfg):  # and every field of the refinement's configuration
+        cal = refine.Calibration(np.ones(2), np.full(2, 0.3), np.array([-1.0, 1.0]), np.ones(2))
+        return refined_targets(ctx, refine.Refined(ctx, cache, cfg, cal, (8, 8))).key
+
+    assert key_cfg(refine.RefineConfig()) == key_cfg(refine.RefineConfig(local_edge="reflect"))
+    assert key_cfg(refine.RefineConfig()) != key_cfg(refine.RefineConfig(local_edge="linear"))
+
 
 def test_a_self_trained_network_is_cut_where_it_agrees_with_its_teacher():
     """An under-confident network (probabilities 0.3 on its teacher's mask, 0.1 elsewhere) is cut
