@@ -339,6 +339,9 @@ def _read_csv(path: Path) -> pd.DataFrame:
             warnings.simplefilter("always", pd.errors.ParserWarning)
             df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
                              index_col=False)
+        for w in caught:  # the others are shown as they would have been
+            if not issubclass(w.category, pd.errors.ParserWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
             _check_no_extra_values(path, len(df.columns))
         return df

@@ -344,7 +344,13 @@ def local_zscore(images: torch.Tensor | np.ndarray, sigma: float = 0.125,
     Dice and the self-trained network does not, so "reflect" stays the default; README)."""
     with torch.no_grad():
         g = _tensor(images).mean(1, keepdim=True)
-        return _robust_z((g - gaussian_blur(g, sigma * min(g.shape[-2:]), edge))[:, 0]).cpu().numpy()
+        blur = gaussian_blur(g, sigma * min(g.shape[-2:]), edge)
+        return _robust_z((g - blur)[:, 0]).cpu().numpy()
+
+
+def _local_z(imgs, cfg: RefineConfig) -> np.ndarray:
+    """:func:`local_zscore` with the configuration's blur (``local_sigma``, ``local_edge``)."""
+    return local_zscore(imgs, cfg.local_sigma, cfg.local_edge)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, edge: str = "reflect") -> torch.Tensor:
@@ -370,11 +376,11 @@ def _blur_axis(x: torch.Tensor, k: torch.Tensor, t: torch.Tensor, r: int, axis: 
     """One pass of :func:`gaussian_blur` along ``axis`` (-1: columns, -2: rows)."""
     shape = (1, 1, 1, -1) if axis == -1 else (1, 1, -1, 1)
     pad = (r, r, 0, 0) if axis == -1 else (0, 0, r, r)
-    conv = lambda v, w: F.conv2d(F.pad(v, pad), w.view(shape))  # noqa: E731  (zeros outside)
     if edge == "reflect":
         return F.conv2d(F.pad(x, pad, mode="reflect"), k.view(shape))
     if edge != "linear":
         raise ValueError(f"edge={edge!r}: expected one of {EDGES}")
+    conv = lambda v, w: F.conv2d(F.pad(v, pad), w.view(shape))  # noqa: E731  (zeros outside)
     inside = torch.ones_like(x[:1])
     w0, w1, w2 = conv(inside, k), conv(inside, k * t), conv(inside, k * t * t)
     y0, y1 = conv(x, k), conv(x, k * t)
@@ -660,7 +666,7 @@ def calibrate(cache, images, labels: np.ndarray, size: tuple[int, int], cfg: Ref
         region = _region(_maps(cache, ch, size, cfg, scales, imgs), cfg, region_only)
         contrast.add(grey_zscore(imgs), region, labels[ch])
         if cfg.whole_image or cfg.local_region:
-            z = local_zscore(imgs, cfg.local_sigma, cfg.local_edge)
+            z = _local_z(imgs, cfg)
             near.add(z, region, labels[ch], either=False)
             if cfg.whole_image:
                 whole.add_images(z, labels[ch])
@@ -702,12 +708,10 @@ def _departing(imgs, cfg: RefineConfig, cal: Calibration, factor: float = 1.0) -
     class's sds in its sign: from the image's grey (:func:`grey_zscore`), or for the ``near``
     classes from their neighbourhood (:func:`local_zscore`)."""
     if cal.near.all():
-        return departures(local_zscore(imgs, cfg.local_sigma, cfg.local_edge), factor * cal.deviations,
-                          cal.polarity)
+        return departures(_local_z(imgs, cfg), factor * cal.deviations, cal.polarity)
     d = departures(grey_zscore(imgs), factor * cal.deviations, cal.polarity)
     if cal.near.any():
-        near = departures(local_zscore(imgs, cfg.local_sigma, cfg.local_edge), factor * cal.deviations,
-                          cal.polarity)
+        near = departures(_local_z(imgs, cfg), factor * cal.deviations, cal.polarity)
         d[:, cal.near] = near[:, cal.near]
     return d
 
