@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--epochs", type=int, help="classifier epochs (default: the profile's)")
     m.add_argument("--seg-epochs", type=int,
                    help="epochs of the self-trained U-Nets (--method refined; default: the "
-                        "profile's segmentation epochs, at least 6)")
+                        "profile's segmentation epochs, at least 6, and on a small set enough "
+                        "to train on 12,000 images in all, at most 24)")
     m.add_argument("--encoder", help="timm encoder (default: the profile's)")
     m.add_argument("--folds", type=int, help="cross-validation folds (default: the profile's)")
     m.add_argument("--model", metavar="RUN",

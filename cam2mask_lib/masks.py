@@ -156,13 +156,34 @@ class _EnsembleMaps:
 # (160x160) 3 epochs did not learn the small "inclusion" spots its teacher marks (student 0.796 <
 # teacher 0.809 on defective images), 6 did (0.834); chosen on that development set.
 SELF_TRAIN_EPOCHS = 6
+# ... and at least this many training images in all (epochs x the images of the other folds), up
+# to SELF_TRAIN_MAX_EPOCHS: NEU-Seg dev's 6 epochs x 2,083 images. A small set needs more epochs
+# for as many optimiser steps: on one-class sets of 1,200 and 800 images derived from NEU-Seg dev
+# (README: Real steel) 6 epochs left the student below its teacher (0.643 < 0.659, 0.233 <
+# 0.368); 15 and 23 epochs by this rule gave 0.695 (above) and 0.338 (nearer).
+SELF_TRAIN_IMAGES = 12_000
+SELF_TRAIN_MAX_EPOCHS = 24
+
+
+def _n_train(n_images: int, n_folds: int) -> int:
+    """About how many images a fold's network trains on: those of the other folds."""
+    return max(1, n_images * (n_folds - 1) // n_folds)
+
+
+def self_train_epochs(base_epochs: int, n_images: int, n_folds: int) -> int:
+    """Epochs of the refined method's self-trained U-Nets on ``n_images`` split in ``n_folds``:
+    the profile's ``base_epochs``, at least :data:`SELF_TRAIN_EPOCHS`, and at least enough
+    epochs to see :data:`SELF_TRAIN_IMAGES` training images (capped at
+    :data:`SELF_TRAIN_MAX_EPOCHS`, so a tiny set stays quick)."""
+    by_images = min(SELF_TRAIN_MAX_EPOCHS, -(-SELF_TRAIN_IMAGES // _n_train(n_images, n_folds)))
+    return max(base_epochs, SELF_TRAIN_EPOCHS, by_images)
 
 
 def _settings_profile(base, index, n_folds, overrides, method):
     """The profile of a masks run: the classifier's overrides, and for the refined method a
     segmentation input fitted to the data like the classifier's (the profile's segmentation
-    pixel budget) with every fold held out once, self-trained for ``seg_epochs`` (default: the
-    profile's segmentation epochs, at least :data:`SELF_TRAIN_EPOCHS`); where every encoder
+    pixel budget) with every fold held out once, self-trained for ``seg_epochs`` (default:
+    :func:`self_train_epochs`); where every encoder
     starts (local files, or random weights when asked)."""
     overrides, seg, net = dict(overrides), {}, {}
     seg_epochs = overrides.pop("seg_epochs", None)
@@ -183,8 +204,8 @@ def _settings_profile(base, index, n_folds, overrides, method):
         budget = base.segmentation.size or base.image_size
         seg = {"size": fit_input_size(index.shapes, budget), "folds": tuple(range(n_folds)),
                "defective_only": False}
-        net["epochs"] = (seg_epochs if seg_epochs is not None
-                         else max(base.segmentation.net.epochs, SELF_TRAIN_EPOCHS))
+        net["epochs"] = (seg_epochs if seg_epochs is not None else self_train_epochs(
+            base.segmentation.net.epochs, len(index.shapes), n_folds))
         if "encoder" in overrides and base.segmentation.net.encoder_init == "classifier":
             net["encoder"] = f"tu-{overrides['encoder']}"
     if net:
@@ -248,6 +269,14 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
         h, w = (int(v) for v in np.median(index.shapes, axis=0))
         say(f"input size {fitted[0]}x{fitted[1]}: the images' median shape {h}x{w} at the "
             f"profile's pixel budget, sides multiples of 32 (--image-size H W to choose)")
+    if method == "refined" and run is None:
+        e = prof.segmentation.net.epochs
+        say(f"self-training: a U-Net per fold, {e} epochs" + (
+            " (--seg-epochs)" if "seg_epochs" in overrides else
+            f" (the profile's {base.segmentation.net.epochs}, at least {SELF_TRAIN_EPOCHS}, and "
+            f"enough to train on {SELF_TRAIN_IMAGES:,} images in all with "
+            f"{_n_train(len(index), n_folds)} per fold's network, at most "
+            f"{SELF_TRAIN_MAX_EPOCHS}; --seg-epochs N to choose)"))
     always = [c for c, n in zip(ctx.index.class_names, positives) if n == len(ctx.index)]
     if always:  # said before the training, which cannot fix it
         say(f"class(es) {always}: every image is labelled with them, so the classifier has no "
@@ -381,7 +410,8 @@ def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
         gate = pp.Params(cfg.confidence, teacher_thresholds(ctx, net, refined).tolist(), 0)
     summary["postprocessing"] = (
         f"label-only refinement ({cfg.describe()})" +
-        (", then a U-Net per fold self-trained on those masks, its output > "
+        (f", then a U-Net per fold self-trained on those masks "
+         f"({ctx.profile.segmentation.net.epochs} epochs), its output > "
          + ", ".join(f"{t:g} (class {c})" for c, t in zip(ctx.index.class_names, gate.threshold))
          + " (the thresholds whose masks agree best with the refined masks it learned from) "
          f"where the classifier's probability >= {cfg.confidence:g}"
@@ -391,6 +421,8 @@ def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
     write_json(out / "params.json", {"method": "refined", "refine": refined.describe(),
                                      "segmentation_size": list(size),
                                      "network": str(net.dir) if net is not None else None,
+                                     "network_epochs": (ctx.profile.segmentation.net.epochs
+                                                        if net is not None else None),
                                      "network_thresholds": (list(gate.threshold)
                                                             if gate is not None else None),
                                      "note": summary["postprocessing"]})

@@ -17,6 +17,8 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
     said = capsys.readouterr().out
     assert "self-trained on those masks" in said and "nothing tuned on true masks" in said
     assert "Dice on defective images" in said
+    from cam2mask_lib.masks import SELF_TRAIN_MAX_EPOCHS  # 24 images: the cap, said up front
+    assert f"self-training: a U-Net per fold, {SELF_TRAIN_MAX_EPOCHS} epochs (the profile's" in said
     for k in range(24):
         ext = "png" if k % 2 else "jpg"
         w, h = Image.open(generic / "images" / f"im{k:02d}.{ext}").size
@@ -34,6 +36,7 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
     assert "nothing tuned on these masks" in report and "refined CAM masks alone" in report
     params = json.loads((out / "params.json").read_text())
     assert params["method"] == "refined" and params["network"]
+    assert params["network_epochs"] == SELF_TRAIN_MAX_EPOCHS
     assert len(list((out / "previews").glob("*.jpg"))) == 24
     state = json.loads((out / "cam2mask_masks.json").read_text())
     assert state["complete"]
@@ -72,7 +75,8 @@ def test_paper_method_reports_tuned_and_untuned_and_no_masks_means_its_defaults(
     assert params == {"confidence": 0.5, "threshold": 0.3, "min_area": 0}
     # the default without true masks: the label-only refinement, not fixed thresholds
     out = tmp_path / "r"
-    assert main(["masks", "--data", str(data), "--out", str(out)] + common) == 0
+    assert main(["masks", "--data", str(data), "--out", str(out), "--seg-epochs", "2"]
+                + common) == 0
     assert "label-only refinement" in capsys.readouterr().out
     assert json.loads((out / "params.json").read_text())["method"] == "refined"
     assert not (out / "dice_report.md").exists()
@@ -93,7 +97,7 @@ def test_masks_with_a_trained_model(generic, tmp_path, capsys):
     the same Dice report; a run with other classes, or a folder that is not a run, is refused."""
     first = tmp_path / "first"
     assert main(["masks", "--data", str(generic), "--out", str(first), "--profile", "smoke",
-                 "--image-size", "32", "64", "--epochs", "1", "--no-progress"]) == 0
+                 "--image-size", "32", "64", "--epochs", "1", "--seg-epochs", "2", "--no-progress"]) == 0
     capsys.readouterr()
     run = next((first / "work" / "classifier").glob("*/config.json")).parent
     out = tmp_path / "reuse"
@@ -134,7 +138,7 @@ def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, t
     shutil.copytree(generic, data)
     out = tmp_path / "o"
     args = ["masks", "--data", str(data), "--out", str(out), "--profile", "smoke",
-            "--image-size", "32", "64", "--epochs", "1", "--no-progress"]
+            "--image-size", "32", "64", "--epochs", "1", "--seg-epochs", "2", "--no-progress"]
     assert main(args) == 0
     capsys.readouterr()
     before = (out / "previews" / "im03.jpg").read_bytes()
@@ -151,7 +155,7 @@ def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, t
     shutil.rmtree(data / "masks" / "bright")
     out2 = tmp_path / "o2"
     assert main(["masks", "--data", str(data), "--out", str(out2), "--profile", "smoke",
-                 "--image-size", "32", "64", "--epochs", "1"]) == 0
+                 "--image-size", "32", "64", "--epochs", "1", "--seg-epochs", "2"]) == 0
     assert "['bright']: no image is labelled with them" in capsys.readouterr().out
     assert "bright" not in (out2 / "masks.csv").read_text()
     def strict(text):  # what other tools' JSON parsers accept: no NaN
@@ -164,7 +168,7 @@ def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, t
     shutil.rmtree(data / "masks")
     out4 = tmp_path / "o4"
     assert main(["masks", "--data", str(data), "--out", str(out4), "--profile", "smoke",
-                 "--image-size", "32", "64", "--epochs", "1", "--no-progress"]) == 0
+                 "--image-size", "32", "64", "--epochs", "1", "--seg-epochs", "2", "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert said.index("['dark']: every image is labelled") < said.index("masks: label-only")
     assert strict((out4 / "cam2mask_masks.json").read_text())["summary"][
@@ -217,7 +221,7 @@ def test_input_size_follows_the_data(tmp_path, capsys):
         rows.append(f"s{k},{k % 2}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     assert main(["masks", "--data", str(root), "--out", str(tmp_path / "o"), "--profile", "smoke",
-                 "--epochs", "1", "--no-progress"]) == 0
+                 "--epochs", "1", "--seg-epochs", "2", "--no-progress"]) == 0
     assert "input size 160x160: the images' median shape 200x200" in capsys.readouterr().out
 
 
@@ -226,7 +230,7 @@ def test_severstal_format_dice_report_names_the_csv(synth_dir, tmp_path, capsys)
     (it used to name DIR/masks, which does not exist in that format)."""
     out = tmp_path / "sev"
     assert main(["masks", "--data", str(synth_dir), "--out", str(out), "--profile", "smoke",
-                 "--image-size", "32", "192", "--epochs", "1", "--no-progress"]) == 0
+                 "--image-size", "32", "192", "--epochs", "1", "--seg-epochs", "2", "--no-progress"]) == 0
     capsys.readouterr()
     report = (out / "dice_report.md").read_text()
     assert "train.csv" in report and str(synth_dir / "masks") not in report
@@ -252,19 +256,43 @@ def test_masks_random_weights_flag_reaches_every_network(tmp_path):
                                            "seg_weights_path": str(tmp_path / "u.pth")}, "refined")
 
 
-def test_self_training_epochs_have_a_floor_and_an_option(generic):
+def test_self_training_epochs_have_a_floor_and_an_option(generic, capsys):
     """The refined method's U-Nets train the profile's segmentation epochs, at least
-    SELF_TRAIN_EPOCHS (3 did not learn NEU-Seg's small defects), or what --seg-epochs says."""
+    SELF_TRAIN_EPOCHS (3 did not learn NEU-Seg's small defects) and, on a small set, enough
+    epochs to see SELF_TRAIN_IMAGES training images (at most SELF_TRAIN_MAX_EPOCHS), or what
+    --seg-epochs says."""
+    from types import SimpleNamespace
+
     from cam2mask_lib import masks
+    from cam2mask_lib.cli import main
     from cam2mask_lib.data import load_dataset
     from cam2mask_lib.profiles import get_profile
 
-    index = load_dataset(generic)
+    index = load_dataset(generic)  # 24 images: the cap
     for name in ("smoke", "cpu", "paper"):
         base = get_profile(name)
         prof = masks._settings_profile(base, index, 2, {}, "refined")
         assert prof.segmentation.net.epochs == max(base.segmentation.net.epochs,
-                                                   masks.SELF_TRAIN_EPOCHS), name
+                                                   masks.SELF_TRAIN_MAX_EPOCHS), name
         assert masks._settings_profile(base, index, 2, {"seg_epochs": 2}, "refined"
                                        ).segmentation.net.epochs == 2
     assert get_profile("cpu").segmentation.net.epochs < masks.SELF_TRAIN_EPOCHS  # a real floor
+    cpu = get_profile("cpu")
+
+    def epochs(n, folds=3):
+        big = SimpleNamespace(shapes=np.array([[200, 200]] * n))
+        return masks._settings_profile(cpu, big, folds, {}, "refined").segmentation.net.epochs
+
+    # NEU-Seg dev (3,125 images, 3 folds: 2,083 to train on) keeps the 6 epochs it was built on
+    assert epochs(3125) == masks.SELF_TRAIN_EPOCHS == 6
+    assert epochs(100_000) == masks.SELF_TRAIN_EPOCHS  # a large set: the floor, not fewer
+    # smaller sets: as many images seen in all, so more epochs, growing as the set shrinks
+    assert epochs(1200) == 15 and epochs(800) == 23  # 800 and 533 training images
+    assert epochs(1200) * 800 >= masks.SELF_TRAIN_IMAGES > (epochs(1200) - 1) * 800
+    assert epochs(30) == masks.SELF_TRAIN_MAX_EPOCHS
+    assert epochs(800, folds=5) < epochs(800, folds=3)  # 640 images to train on, not 533
+    with pytest.raises(SystemExit):  # the option's help says the rule with these numbers
+        main(["masks", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{masks.SELF_TRAIN_IMAGES:,} images" in said
+    assert f"at most {masks.SELF_TRAIN_MAX_EPOCHS})" in said
