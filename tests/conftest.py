@@ -65,3 +65,18 @@ def generic(tmp_path_factory):
         rows.append(f"im{k:02d},{int(labels[0])},{int(labels[1])}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Import ``benchmarks/<name>.py`` (a script folder, not a package) as a module."""
+    import importlib.util
+
+    from cam2mask_lib.utils import repo_root
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, repo_root() / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -1,21 +1,15 @@
 """benchmarks/one_class_subset.py: a one-class set drawn by the labels, with its masks, that
 `cam2mask masks` reads; bad options refused before anything is written."""
-import importlib.util
 
 import numpy as np
 import pytest
 
 from cam2mask_lib.data import load_dataset
-from cam2mask_lib.utils import repo_root
 
 
 @pytest.fixture(scope="module")
-def sub():
-    spec = importlib.util.spec_from_file_location(
-        "one_class_subset", repo_root() / "benchmarks" / "one_class_subset.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def sub(load_benchmark):
+    return load_benchmark("one_class_subset")
 
 
 def test_draws_by_label_and_carries_the_masks(sub, generic, tmp_path, capsys):

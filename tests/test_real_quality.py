@@ -1,6 +1,5 @@
 """benchmarks/real_quality.py on a small generic-format set (the real data it defaults to is not
 part of the project): the table it writes, its inputs following the data, and what it refuses."""
-import importlib.util
 import json
 import shutil
 
@@ -8,16 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cam2mask_lib.utils import repo_root
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location(
-        "real_quality", repo_root() / "benchmarks" / "real_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("real_quality")
 
 
 def test_inputs_follow_the_images_aspect_ratio(bench):
