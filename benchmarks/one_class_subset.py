@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 from cam2mask_lib.data import DataError, check_class_name, load_dataset
-from cam2mask_lib.utils import repo_root
+from cam2mask_lib.utils import dev_data
 
-DEFAULT_DATA = repo_root().parent / "shared" / "data" / "neu_seg_dev"
+DEFAULT_DATA = dev_data()
 
 
 def draw(index, cls: str, positives: int, negatives: int, seed: int) -> tuple[list, list]:

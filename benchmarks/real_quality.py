@@ -33,9 +33,9 @@ from cam2mask_lib.experiments import refinement_markdown_table, refinement_stage
 from cam2mask_lib.masks import fit_input_size
 from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.report import markdown_table
-from cam2mask_lib.utils import atomic_write_text, read_json, repo_root, write_json
+from cam2mask_lib.utils import atomic_write_text, dev_data, read_json, repo_root, write_json
 
-DEFAULT_DATA = repo_root().parent / "shared" / "data" / "neu_seg_dev"
+DEFAULT_DATA = dev_data()
 CLASSIFIER_BUDGET, SEGMENTATION_BUDGET = (256, 256), (128, 128)
 RUN_FILE = "real_quality.json"
 

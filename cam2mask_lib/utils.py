@@ -107,6 +107,12 @@ def repo_root(start: str | os.PathLike | None = None) -> Path:
     return here
 
 
+def dev_data() -> Path:
+    """The real development set the benchmarks read by default: NEU-Seg dev beside the checkout
+    (``../shared/data/neu_seg_dev``); not part of the project, and absent on most machines."""
+    return repo_root().parent / "shared" / "data" / "neu_seg_dev"
+
+
 class UserError(Exception):
     """Something the user gave cannot work (data, a setting, an existing output). The command
     line reports these as a one-line message naming the file or option; any other exception is a
