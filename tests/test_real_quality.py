@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 
-
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
     return load_benchmark("real_quality")
