@@ -101,9 +101,11 @@ def main(argv=None) -> None:
         "segmentation.size": seg_size, "segmentation.folds": tuple(args.score_folds),
         "segmentation.defective_only": False, "segmentation.net.epochs": args.seg_epochs})
     print(ctx.describe(), flush=True)
+    fitted = [what for what, given in (("classifier", args.image_size),
+                                       ("segmentation", args.seg_size)) if not given]
     print(f"inputs: classifier {image_size[0]}x{image_size[1]}, segmentation and scoring "
-          f"{seg_size[0]}x{seg_size[1]}" + ("" if args.image_size and args.seg_size else
-          " (the images' median aspect ratio at the default pixel budgets)"), flush=True)
+          f"{seg_size[0]}x{seg_size[1]}" + (f" ({' and '.join(fitted)}: the images' median "
+          f"aspect ratio at the default pixel budget)" if fitted else ""), flush=True)
     run = pipeline.classifier_stage(ctx, progress=progress)
     cache = pipeline.cam_stage(ctx, run, progress=progress)
     t_cls = time.perf_counter() - t0
