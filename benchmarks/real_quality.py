@@ -71,6 +71,12 @@ def main(argv=None) -> None:
                          "images' median aspect ratio at 128x128 pixels)")
     ap.add_argument("--epochs", type=int, default=10, help="classifier epochs per fold")
     ap.add_argument("--seg-epochs", type=int, default=6, help="segmentation epochs per network")
+    ap.add_argument("--seg-batch", type=int, default=None,
+                    help="segmentation networks' batch (default: the cpu recipe's)")
+    ap.add_argument("--core", type=float, default=1.0,
+                    help="the self-trained U-Net's defect targets of a class no grey-level "
+                         "test narrows: its region cut at this factor x its threshold (1: the "
+                         "whole refined mask)")
     ap.add_argument("--score-folds", type=int, nargs="+", default=[0])
     ap.add_argument("--artifacts", default=str(repo_root() / "artifacts" / "real_quality"))
     ap.add_argument("--out", default=None,
@@ -87,6 +93,10 @@ def main(argv=None) -> None:
     if not index.has_masks:
         raise SystemExit(f"--data {args.data}: no true masks (a generic folder needs masks/, a "
                          f"Severstal one its train.csv); this benchmark scores against them")
+    if args.seg_batch is not None and args.seg_batch < 1:
+        raise SystemExit(f"--seg-batch {args.seg_batch}: must be at least 1")
+    if args.core < 1:
+        raise SystemExit(f"--core {args.core}: must be >= 1 (1: the whole refined mask)")
     k = get_profile("cpu").n_folds
     bad = [f for f in args.score_folds if not 0 <= f < k]
     if bad:
@@ -99,7 +109,8 @@ def main(argv=None) -> None:
     ctx = pipeline.context("cpu", data_dir=data, artifacts_dir=args.artifacts, index=index, **{
         "classifier.image_size": image_size, "classifier.epochs": args.epochs,
         "segmentation.size": seg_size, "segmentation.folds": tuple(args.score_folds),
-        "segmentation.defective_only": False, "segmentation.net.epochs": args.seg_epochs})
+        "segmentation.defective_only": False, "segmentation.net.epochs": args.seg_epochs,
+        "segmentation.net.batch_size": args.seg_batch})
     print(ctx.describe(), flush=True)
     fitted = [what for what, given in (("classifier", args.image_size),
                                        ("segmentation", args.seg_size)) if not given]
@@ -111,7 +122,7 @@ def main(argv=None) -> None:
     t_cls = time.perf_counter() - t0
     print(f"classifier and CAMs: {t_cls:.0f} s; out-of-fold AUC "
           + ", ".join(f"{c} {a:.3f}" for c, a in zip(ctx.index.class_names, run.auc)), flush=True)
-    res = refinement_stage(ctx, run, cache, progress=progress)
+    res = refinement_stage(ctx, run, cache, progress=progress, core=args.core)
     rows, size, df = res.rows, ctx.seg_size, res.table
     for name, sec in res.seconds.items():
         print(f"{name}: {sec:.0f} s", flush=True)
@@ -119,14 +130,19 @@ def main(argv=None) -> None:
     write_json(out / RUN_FILE, {"data": data.name, "fingerprint": index.fingerprint(),
                                 "images": len(index), "image_size": list(image_size),
                                 "seg_size": list(seg_size), "epochs": args.epochs,
-                                "seg_epochs": args.seg_epochs, "score_folds": args.score_folds})
+                                "seg_epochs": args.seg_epochs, "score_folds": args.score_folds,
+                                "seg_batch": ctx.profile.segmentation.net.batch_size,
+                                "core": args.core})
     atomic_write_text(out / "real_quality.csv", df.to_csv(index=False))
     fmt = refinement_markdown_table(df)
+    core = ("" if args.core == 1 else f", the self-trained one on the core of a region no "
+            f"grey-level test narrows (above {args.core:g} x its cut)")
     text = (f"### Label-only masks on {Path(args.data).name}, against a supervised U-Net\n\n"
             f"{len(rows)} images of fold(s) {args.score_folds} scored at {size[0]}x{size[1]}; "
             f"classifier {ctx.profile.classifier.encoder} at {image_size[0]}x"
             f"{image_size[1]}, {args.epochs} epochs x {ctx.profile.n_folds} folds; "
-            f"U-Nets (encoder from the fold's classifier, slim decoder) {args.seg_epochs} epochs. "
+            f"U-Nets (encoder from the fold's classifier, slim decoder) {args.seg_epochs} epochs"
+            f"{'' if args.seg_batch is None else f', batch {args.seg_batch}'}{core}. "
             f"Wall time {wall / 60:.1f} min (classifier and CAMs {t_cls / 60:.1f} min"
             f"{'' if run.trained else '; the classifier reused from the artifacts folder'})"
             f". The default learnt from the labels: {res.refined.calibration.describe()}.\n\n"

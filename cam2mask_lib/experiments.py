@@ -623,7 +623,8 @@ class RefinementResult:
 
 def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
                      techniques: dict[str, RefineConfig] | None = None,
-                     progress: bool = True) -> RefinementResult:
+                     progress: bool = True, core: float = 1.0,
+                     batch_size: int | None = None) -> RefinementResult:
     """Every technique of :mod:`refine` on the held-out rows of the segmentation stage
     (:func:`seg_stage.eval_rows`), label-only, scored at the segmentation input size; a U-Net
     self-trained on the default combination's masks (:func:`seg_stage.refined_targets`), gated
@@ -631,7 +632,11 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     gate (the reference: every label-only row is gated too), its output cut at the paper's 0.2 as
     in Table 3 (and at 0.5 in a row of its own: a network of a few epochs can sit just under 0.5
     and find nothing there). "gap closed" = (Dice - no mask) / (reference - no mask), on
-    defective images."""
+    defective images. ``core``: the self-trained U-Net's targets take only the default's
+    confident core as defect where no grey-level test picks a class's pixels
+    (:class:`refine.RefineConfig`'s ``core``; its masks, the teacher, are the same).
+    ``batch_size``: both networks' batch (default: the profile's segmentation network's; a
+    smaller one takes more optimiser steps in the same epochs)."""
     techniques = TECHNIQUES if techniques is None else techniques
     rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof
     reports: dict[str, DiceReport] = {}
@@ -648,12 +653,14 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
         if cfg == RefineConfig():
             default = ref
     default = default or refine_stage(ctx, cache, RefineConfig())
-    targets = {SELF_TRAINED: refined_targets(ctx, default), SUPERVISED_NET: true_targets(ctx)}
+    student = dataclasses.replace(default, config=dataclasses.replace(default.config, core=core))
+    targets = {SELF_TRAINED: refined_targets(ctx, student), SUPERVISED_NET: true_targets(ctx)}
     nets = {}
     conf = default.config.confidence
     for name, tg in targets.items():
         t = time.perf_counter()
-        nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress)
+        nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress,
+                                      batch_size=batch_size)
         if name == SELF_TRAINED:
             net_gate = Params(conf, teacher_thresholds(ctx, nets[name], default).tolist(), 0)
             st = seg_stats(ctx, nets[name], thresholds=sorted({0.5, *net_gate.threshold}),

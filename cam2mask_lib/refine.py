@@ -93,7 +93,11 @@ class RefineConfig:
     ``confidence``: the
     classifier's probability a class needs to get a mask. ``band``: the self-training targets'
     background, as factors of the region's cut and of the class's sds: a pixel is background below
-    ``band`` x either (or where the label says the class is absent), ignored between."""
+    ``band`` x either (or where the label says the class is absent), ignored between. ``core``:
+    their defect for a class whose mask is its region alone (no grey-level test picks its
+    pixels), as a factor of the region's cut: 1 takes the whole mask; above 1 only the region's
+    confident core (above ``core`` x the cut) is defect and the rest of the mask is ignored
+    too."""
 
     region: str = "image"
     threshold: float = 0.3
@@ -112,6 +116,7 @@ class RefineConfig:
     local_region: bool = True
     confidence: float = 0.5
     band: float = 0.5
+    core: float = 1.0
 
     def __post_init__(self):
         if self.region not in REGIONS:
@@ -139,6 +144,9 @@ class RefineConfig:
             raise ConfigError(f"refine polarity_t={self.polarity_t}: must be > 0")
         if not 0 <= self.band <= 1:
             raise ConfigError(f"refine band={self.band}: must be in [0, 1]")
+        if self.core < 1:
+            raise ConfigError(f"refine core={self.core}: must be >= 1 (1: the whole mask is the "
+                              f"self-training targets' defect)")
         object.__setattr__(self, "par_dilations", tuple(int(d) for d in self.par_dilations))
         object.__setattr__(self, "deviations", tuple(sorted(float(d) for d in self.deviations)))
 
@@ -166,7 +174,9 @@ class RefineConfig:
                          f"{self.polarity_t:g}; else no grey test)",
                "either": f", pixels > {self.deviation:g} robust sd from the image's grey",
                "off": ""}[self.grey]
-        return f"{region}{par}{dev}, confidence {self.confidence:g}"
+        core = (f"; self-training defect of a class with no grey test: its region's core "
+                f"above {self.core:g} x the cut" if self.core != 1 else "")
+        return f"{region}{par}{dev}, confidence {self.confidence:g}{core}"
 
 
 REGIONS = ("image", "negatives", "otsu")
@@ -746,13 +756,17 @@ def refine_batches(cache, images, rows, probs: np.ndarray, size: tuple[int, int]
 def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[int, int],
                           cfg: RefineConfig, cal: Calibration) -> np.ndarray:
     """:func:`confident_labels` of ``rows``: defect = the combination's mask (gated by the image
-    labels, not the classifier); background = outside the region cut at ``band`` x its threshold,
+    labels, not the classifier), for a class with no grey-level test only its region cut at
+    ``core`` x its threshold; background = outside the region cut at ``band`` x its threshold,
     or pixels that do not depart by ``band`` x the class's sds in its direction; the rest
     ignored."""
     rows = np.asarray(rows)
     imgs = _guide(images, rows, cfg)
     m = _maps(cache, rows, size, cfg, cal.scales, imgs)
     defect = _region(m, cfg, cal).astype(bool)
+    if cfg.core != 1:  # a mask that is a CAM blob alone: its rim is a guess, its core is not
+        blob = np.isnan(cal.polarity) if cfg.reads_grey else np.ones(len(cal.polarity), bool)
+        defect[:, blob] = _region(m, cfg, cal, cfg.core).astype(bool)[:, blob]
     background = ~_region(m, cfg, cal, cfg.band).astype(bool)
     if cfg.reads_grey:
         d, near = _departing(imgs, cfg, cal), _departing(imgs, cfg, cal, cfg.band)

@@ -175,6 +175,8 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "local": [bool(v) for v in cal.local],
            "near": [bool(v) for v in cal.near],
            "targets_version": REFINED_TARGETS_VERSION}
+    if refined.config.core == 1:  # the targets of the releases before the option: same key
+        key["refine"].pop("core")
     return Targets("refined", key, refined.targets, _memo(ctx), guide=ctx.images())
 
 

@@ -40,11 +40,21 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     assert any(k.startswith("U-Net self-trained") for k in rows)
     made = json.loads((out / "real_quality.json").read_text())
     assert made["data"] == "ds" and made["images"] == 24 and made["seg_size"] == [32, 64]
+    assert made["core"] == 1.0  # the recipe's batch and whole masks, said in the record
+    assert made["seg_batch"] == bench.get_profile("cpu").segmentation.net.batch_size
+    assert "x its cut" not in text.split("\n\n")[1] and "batch" not in text.split("\n\n")[1]
     bench.main(args)  # again: the same table from the cached classifier, said so
     again = (out / "real_quality.md").read_text()
     assert "the classifier reused from the artifacts folder" in again
     strip = lambda t: [line for line in t.splitlines() if not line.startswith(("Wall", "8 images"))]
     assert strip(again) == strip(text)
+    capsys.readouterr()
+    bench.main(args + ["--core", "2", "--seg-batch", "4"])  # the synthetic set's recipe
+    head = (out / "real_quality.md").read_text().split("\n\n")[1]
+    assert "batch 4" in head and "above 2 x its cut" in head
+    made = json.loads((out / "real_quality.json").read_text())
+    assert made["core"] == 2.0 and made["seg_batch"] == 4
+    again = (out / "real_quality.md").read_text()
     capsys.readouterr()
 
     # another data set's table is not replaced without --force, and nothing is trained
@@ -58,7 +68,9 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     # no true masks, or a fold the recipe does not have: refused before any work
     shutil.rmtree(other / "masks")
     for bad, why in ((["--data", str(other)], "no true masks"),
-                     (["--data", str(generic), "--score-folds", "3"], "--score-folds")):
+                     (["--data", str(generic), "--score-folds", "3"], "--score-folds"),
+                     (["--data", str(generic), "--seg-batch", "0"], "--seg-batch"),
+                     (["--data", str(generic), "--core", "0.5"], "--core")):
         fresh = tmp_path / "fresh"
         with pytest.raises(SystemExit, match=why):
             bench.main(bad + ["--artifacts", str(fresh), "--out", str(fresh), "--no-progress"])

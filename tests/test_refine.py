@@ -1,4 +1,6 @@
 """The label-only refinement techniques (cam2mask_lib.refine), each on a case with a known answer."""
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -191,7 +193,7 @@ def test_config_is_checked():
     for bad in ({"region": "mean"}, {"negative_quantile": 1.0}, {"par_iterations": -1},
                 {"band": 1.5}, {"threshold": 0}, {"deviation": 0}, {"polarity_t": 0},
                 {"grey": "mean"}, {"deviations": ()}, {"deviations": (1.0, -1.0)},
-                {"min_purity": 0}):
+                {"min_purity": 0}, {"core": 0.5}):
         with pytest.raises(ConfigError):
             refine.RefineConfig(**bad)
     assert "Otsu" in refine.RefineConfig(region="otsu").describe()
@@ -307,6 +309,40 @@ def test_self_training_cache_key_follows_what_the_labels_taught(tmp_path):
 
     assert key_cfg(refine.RefineConfig()) == key_cfg(refine.RefineConfig(local_edge="reflect"))
     assert key_cfg(refine.RefineConfig()) != key_cfg(refine.RefineConfig(local_edge="linear"))
+    # the targets' core: 1 keeps the key of the releases before the option (cached networks)
+    assert "core" not in key_cfg(refine.RefineConfig())["refine"]
+    assert key_cfg(refine.RefineConfig()) != key_cfg(refine.RefineConfig(core=2))
+
+
+def test_the_targets_core_keeps_the_confident_defect_and_ignores_the_rim():
+    """With ``core`` the self-training defect of a class with no grey-level test is its region
+    above core x its cut, inside the whole mask's defect; the pixels of the mask outside it are
+    ignored, not background; the background and the absent classes are the same as with the
+    whole mask; a class whose pixels a grey-level test picks keeps them."""
+    labels, low, _ = _case()
+    whole = refine.RefineConfig(region="image", grey="off")
+    cal = refine.calibrate(_Cache(low), None, labels, (8, 8), whole)
+    rows = np.arange(20)
+    t1 = refine.self_training_targets(_Cache(low), None, rows, labels, (8, 8), whole, cal)
+    t2 = refine.self_training_targets(_Cache(low), None, rows, labels, (8, 8),
+                                      dataclasses.replace(whole, core=2.0), cal)
+    maps = refine._maps(_Cache(low), rows, (8, 8), whole, cal.scales)
+    assert ((t2 == 1) <= (t1 == 1)).all() and (t2 == 1).sum() < (t1 == 1).sum()
+    assert ((t2 == 1) == ((maps > 2 * 0.3) & labels[:, :, None, None])).all()
+    rim = (t1 == 1) & (t2 != 1)
+    assert rim.any() and (t2[rim] == IGNORE).all()
+    assert ((t1 == 0) == (t2 == 0)).all()
+    # a class whose pixels a grey-level test picks keeps them; one with no test gets its core
+    _, _, imgs = _case()
+    load = lambda r: imgs[np.asarray(r)]  # noqa: E731
+    grey = refine.RefineConfig(region="image", grey="contrast", deviation=3.0, local_region=False)
+    cal = refine.calibrate(_Cache(low), load, labels, (8, 8), grey)
+    assert cal.polarity[0] == -1 and np.isnan(cal.polarity[1])
+    g1 = refine.self_training_targets(_Cache(low), load, rows, labels, (8, 8), grey, cal)
+    g2 = refine.self_training_targets(_Cache(low), load, rows, labels, (8, 8),
+                                      dataclasses.replace(grey, core=2.0), cal)
+    assert (g1[:, 0] == g2[:, 0]).all()
+    assert (g2[:, 1] == 1).sum() < (g1[:, 1] == 1).sum()
 
 
 def test_a_self_trained_network_is_cut_where_it_agrees_with_its_teacher():
