@@ -32,8 +32,10 @@ from cam2mask_lib.data import load_dataset
 from cam2mask_lib.experiments import refinement_markdown_table, refinement_stage
 from cam2mask_lib.masks import fit_input_size
 from cam2mask_lib.profiles import get_profile
+from cam2mask_lib.refine import RefineConfig
 from cam2mask_lib.report import markdown_table
-from cam2mask_lib.utils import atomic_write_text, dev_data, read_json, repo_root, write_json
+from cam2mask_lib.utils import (ConfigError, atomic_write_text, dev_data, read_json, repo_root,
+                                write_json)
 
 DEFAULT_DATA = dev_data()
 CLASSIFIER_BUDGET, SEGMENTATION_BUDGET = (256, 256), (128, 128)
@@ -95,8 +97,10 @@ def main(argv=None) -> None:
                          f"Severstal one its train.csv); this benchmark scores against them")
     if args.seg_batch is not None and args.seg_batch < 1:
         raise SystemExit(f"--seg-batch {args.seg_batch}: must be at least 1")
-    if args.core < 1:
-        raise SystemExit(f"--core {args.core}: must be >= 1 (1: the whole refined mask)")
+    try:  # the refinement's own check, before any work (the stage builds it after the classifier)
+        RefineConfig(core=args.core)
+    except ConfigError as e:
+        raise SystemExit(f"--core {args.core}: {e}") from None
     k = get_profile("cpu").n_folds
     bad = [f for f in args.score_folds if not 0 <= f < k]
     if bad:
