@@ -79,6 +79,10 @@ def main(argv=None) -> None:
                     help="the self-trained U-Net's defect targets of a class no grey-level "
                          "test narrows: its region cut at this factor x its threshold (1: the "
                          "whole refined mask)")
+    ap.add_argument("--vflip", action="store_true",
+                    help="segmentation networks also trained on images flipped top to bottom")
+    ap.add_argument("--shift", action="store_true",
+                    help="segmentation networks also trained on images rolled along their width")
     ap.add_argument("--score-folds", type=int, nargs="+", default=[0])
     ap.add_argument("--artifacts", default=str(repo_root() / "artifacts" / "real_quality"))
     ap.add_argument("--out", default=None,
@@ -114,7 +118,8 @@ def main(argv=None) -> None:
         "classifier.image_size": image_size, "classifier.epochs": args.epochs,
         "segmentation.size": seg_size, "segmentation.folds": tuple(args.score_folds),
         "segmentation.defective_only": False, "segmentation.net.epochs": args.seg_epochs,
-        "segmentation.net.batch_size": args.seg_batch})
+        "segmentation.net.batch_size": args.seg_batch,
+        **{f"segmentation.net.{k}": True for k in ("vflip", "shift") if getattr(args, k)}})
     print(ctx.describe(), flush=True)
     fitted = [what for what, given in (("classifier", args.image_size),
                                        ("segmentation", args.seg_size)) if not given]
@@ -136,17 +141,20 @@ def main(argv=None) -> None:
                                 "seg_size": list(seg_size), "epochs": args.epochs,
                                 "seg_epochs": args.seg_epochs, "score_folds": args.score_folds,
                                 "seg_batch": ctx.profile.segmentation.net.batch_size,
-                                "core": args.core})
+                                "core": args.core, "vflip": args.vflip, "shift": args.shift})
     atomic_write_text(out / "real_quality.csv", df.to_csv(index=False))
     fmt = refinement_markdown_table(df)
     core = ("" if args.core == 1 else f", the self-trained one on the core of a region no "
             f"grey-level test narrows (above {args.core:g} x its cut)")
+    aug = [what for what, on in (("flipped top to bottom", args.vflip),
+                                 ("rolled along their width", args.shift)) if on]
+    aug = f"; their images also {' and '.join(aug)}" if aug else ""
     text = (f"### Label-only masks on {Path(args.data).name}, against a supervised U-Net\n\n"
             f"{len(rows)} images of fold(s) {args.score_folds} scored at {size[0]}x{size[1]}; "
             f"classifier {ctx.profile.classifier.encoder} at {image_size[0]}x"
             f"{image_size[1]}, {args.epochs} epochs x {ctx.profile.n_folds} folds; "
             f"U-Nets (encoder from the fold's classifier, slim decoder) {args.seg_epochs} epochs"
-            f"{'' if args.seg_batch is None else f', batch {args.seg_batch}'}{core}. "
+            f"{'' if args.seg_batch is None else f', batch {args.seg_batch}'}{core}{aug}. "
             f"Wall time {wall / 60:.1f} min (classifier and CAMs {t_cls / 60:.1f} min"
             f"{'' if run.trained else '; the classifier reused from the artifacts folder'})"
             f". The default learnt from the labels: {res.refined.calibration.describe()}.\n\n"

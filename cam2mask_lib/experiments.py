@@ -624,7 +624,8 @@ class RefinementResult:
 def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
                      techniques: dict[str, RefineConfig] | None = None,
                      progress: bool = True, core: float = 1.0,
-                     batch_size: int | None = None) -> RefinementResult:
+                     batch_size: int | None = None, vflip: bool | None = None,
+                     shift: bool | None = None) -> RefinementResult:
     """Every technique of :mod:`refine` on the held-out rows of the segmentation stage
     (:func:`seg_stage.eval_rows`), label-only, scored at the segmentation input size; a U-Net
     self-trained on the default combination's masks (:func:`seg_stage.refined_targets`), gated
@@ -636,7 +637,9 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     confident core as defect where no grey-level test picks a class's pixels
     (:class:`refine.RefineConfig`'s ``core``; its masks, the teacher, are the same).
     ``batch_size``: both networks' batch (default: the profile's segmentation network's; a
-    smaller one takes more optimiser steps in the same epochs)."""
+    smaller one takes more optimiser steps in the same epochs). ``vflip``, ``shift``: both
+    networks also see their images flipped top to bottom, rolled along their width
+    (:class:`segment.SegConfig`; None: the profile's, off in every profile)."""
     techniques = TECHNIQUES if techniques is None else techniques
     rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof
     reports: dict[str, DiceReport] = {}
@@ -660,7 +663,7 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     for name, tg in targets.items():
         t = time.perf_counter()
         nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, vflip=vflip, shift=shift)
         if name == SELF_TRAINED:
             net_gate = Params(conf, teacher_thresholds(ctx, nets[name], default).tolist(), 0)
             st = seg_stats(ctx, nets[name], thresholds=sorted({0.5, *net_gate.threshold}),

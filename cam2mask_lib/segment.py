@@ -192,7 +192,10 @@ class SegConfig:
     """How a segmentation network is trained; the defaults are the paper's U-Net (EfficientNet-b0
     encoder). ``ema``: evaluate an exponential moving average of the weights (decay per step, e.g.
     0.99); ``swa_start``: evaluate the plain average of the weights at the end of every epoch
-    from this one on (stochastic weight averaging, BatchNorm statistics recomputed after)."""
+    from this one on (stochastic weight averaging, BatchNorm statistics recomputed after).
+    Augmentation, each image drawn on its own and its targets moved with it: ``hflip`` (left to
+    right, the paper's), ``vflip`` (top to bottom) and ``shift`` (rolled along its width by a
+    random number of columns, what leaves one side coming back on the other)."""
 
     arch: str = "unet"
     encoder: str = "efficientnet-b0"  # the paper's (smp's name for the EfficientNet encoder)
@@ -201,6 +204,8 @@ class SegConfig:
     batch_size: int = 16
     lr: float = 1e-3
     hflip: bool = True
+    vflip: bool = False
+    shift: bool = False
     ema: float | None = None
     swa_start: int | None = None
     slim: bool = False
@@ -235,6 +240,9 @@ class SegConfig:
         d = asdict(self)
         for k in ("device", "num_workers"):  # where and how fast, not what
             d.pop(k)
+        for k in ("vflip", "shift"):  # off: the key of the releases before them, caches kept
+            if not d[k]:
+                d.pop(k)
         if self.weights_path is not None:  # the file's bytes, not where it lies
             d["weights_path"] = file_digest(self.weights_path)
         return d
@@ -263,6 +271,22 @@ def load_encoder(model: nn.Module, state: dict) -> None:
                          f"tensors missing or of another shape, e.g. {missing[:3]}); the "
                          f"segmentation encoder must be 'tu-<the classifier's timm encoder>'")
     target.load_state_dict({k: state[k] for k in own})
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, cfg: SegConfig):
+    """Images ``x`` ``[B, 3, H, W]`` and their targets ``y`` ``[B, C, H, W]`` moved together
+    as ``cfg`` asks (:class:`SegConfig`: ``hflip``, ``vflip``, ``shift``), every image drawn on
+    its own from ``gen``."""
+    n = len(x)
+    for dim, on in ((-1, cfg.hflip), (-2, cfg.vflip)):
+        if on:
+            f = (torch.rand(n, generator=gen) < 0.5)[:, None, None, None]
+            x, y = torch.where(f, x.flip(dim), x), torch.where(f, y.flip(dim), y)
+    if cfg.shift:
+        s = torch.randint(0, x.shape[-1], (n,), generator=gen).tolist()
+        x = torch.stack([xi.roll(si, -1) for xi, si in zip(x, s)])
+        y = torch.stack([yi.roll(si, -1) for yi, si in zip(y, s)])
+    return x, y
 
 
 class SegmenterTrainer(ResumableTrainer):
@@ -310,10 +334,7 @@ class SegmenterTrainer(ResumableTrainer):
         y = (self.targets(b, x) if getattr(self.targets, "guide", None) is self.ds
              else self.targets(b))
         y = torch.from_numpy(np.ascontiguousarray(y))
-        if self.cfg.hflip:
-            f = torch.rand(len(b), generator=gen) < 0.5
-            x = torch.where(f[:, None, None, None], x.flip(-1), x)
-            y = torch.where(f[:, None, None, None], y.flip(-1), y)
+        x, y = augment(x, y, gen, self.cfg)
         return to_model(x, self.model), y.to(self.device)
 
     def run_epoch(self, epoch, gen):

@@ -41,6 +41,7 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     made = json.loads((out / "real_quality.json").read_text())
     assert made["data"] == "ds" and made["images"] == 24 and made["seg_size"] == [32, 64]
     assert made["core"] == 1.0  # the recipe's batch and whole masks, said in the record
+    assert made["vflip"] is False and made["shift"] is False
     assert made["seg_batch"] == bench.get_profile("cpu").segmentation.net.batch_size
     assert "x its cut" not in text.split("\n\n")[1] and "batch" not in text.split("\n\n")[1]
     bench.main(args)  # again: the same table from the cached classifier, said so
@@ -49,11 +50,12 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     strip = lambda t: [line for line in t.splitlines() if not line.startswith(("Wall", "8 images"))]
     assert strip(again) == strip(text)
     capsys.readouterr()
-    bench.main(args + ["--core", "2", "--seg-batch", "4"])  # the synthetic set's recipe
+    bench.main(args + ["--core", "2", "--seg-batch", "4", "--vflip", "--shift"])  # the recipe
     head = (out / "real_quality.md").read_text().split("\n\n")[1]
     assert "batch 4" in head and "above 2 x its cut" in head
+    assert "flipped top to bottom and rolled along their width" in head
     made = json.loads((out / "real_quality.json").read_text())
-    assert made["core"] == 2.0 and made["seg_batch"] == 4
+    assert made["core"] == 2.0 and made["seg_batch"] == 4 and made["vflip"] and made["shift"]
     again = (out / "real_quality.md").read_text()
     capsys.readouterr()
 
