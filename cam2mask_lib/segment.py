@@ -195,7 +195,7 @@ class SegConfig:
     from this one on (stochastic weight averaging, BatchNorm statistics recomputed after).
     Augmentation, each image drawn on its own and its targets moved with it: ``hflip`` (left to
     right, the paper's), ``vflip`` (top to bottom) and ``shift`` (rolled along its width by a
-    random number of columns, what leaves one side coming back on the other)."""
+    random number of columns: what leaves one side comes back on the other)."""
 
     arch: str = "unet"
     encoder: str = "efficientnet-b0"  # the paper's (smp's name for the EfficientNet encoder)
@@ -280,8 +280,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, cfg: SegConf
     n = len(x)
     for dim, on in ((-1, cfg.hflip), (-2, cfg.vflip)):
         if on:
-            f = (torch.rand(n, generator=gen) < 0.5)[:, None, None, None]
-            x, y = torch.where(f, x.flip(dim), x), torch.where(f, y.flip(dim), y)
+            f = (torch.rand(n, generator=gen) < 0.5)[:, None, None, None]  # drawn on the CPU
+            x = torch.where(f.to(x.device), x.flip(dim), x)
+            y = torch.where(f.to(y.device), y.flip(dim), y)
     if cfg.shift:
         s = torch.randint(0, x.shape[-1], (n,), generator=gen).tolist()
         x = torch.stack([xi.roll(si, -1) for xi, si in zip(x, s)])
