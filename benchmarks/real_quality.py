@@ -118,8 +118,8 @@ def main(argv=None) -> None:
         "classifier.image_size": image_size, "classifier.epochs": args.epochs,
         "segmentation.size": seg_size, "segmentation.folds": tuple(args.score_folds),
         "segmentation.defective_only": False, "segmentation.net.epochs": args.seg_epochs,
-        "segmentation.net.batch_size": args.seg_batch,
-        **{f"segmentation.net.{k}": True for k in ("vflip", "shift") if getattr(args, k)}})
+        "segmentation.net.batch_size": args.seg_batch,  # None (a flag not given): the recipe's
+        "segmentation.net.vflip": args.vflip or None, "segmentation.net.shift": args.shift or None})
     print(ctx.describe(), flush=True)
     fitted = [what for what, given in (("classifier", args.image_size),
                                        ("segmentation", args.seg_size)) if not given]

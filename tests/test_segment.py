@@ -382,9 +382,8 @@ def test_augmentation_moves_each_image_with_its_targets():
     assert moved.sum() >= n // 2  # most images changed, each its own way
     assert len({tuple(xi[1].flatten().tolist()) for xi in xa}) > 4
     for xi, x0 in zip(xa, x):  # every image is its own pixels, flipped and rolled
-        cands = [x0[1]]
-        for f in cands[:]:
-            cands += [f.flip(-1), f.flip(-2), f.flip(-1).flip(-2)]
+        f = x0[1]
+        cands = [f, f.flip(-1), f.flip(-2), f.flip(-1).flip(-2)]
         assert any((xi[1] == c.roll(s, -1)).all() for c in cands for s in range(w))
     # the same generator state, the same batch; off, nothing moves
     xb, yb = augment(x, y, torch.Generator().manual_seed(1), cfg)
