@@ -37,8 +37,21 @@ def _parse_set(items: list[str], option: str) -> dict:
     return out
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default said once: "(default: X)" is added only where the help does not
+    already name the default and the option has one worth saying (not None, not a flag's
+    False)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if ("default" in help or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or action.default == []):
+            return help
+        return help + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(
         prog="cam2mask", formatter_class=fmt,
         description="Image-level labels -> Grad-CAM -> segmentation masks: a reproducible "

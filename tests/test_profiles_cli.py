@@ -44,6 +44,26 @@ def test_help_for_every_command():
         assert "default" in sub or cmd == "check", cmd
 
 
+def test_help_names_each_default_once():
+    """Every option's help says its default at most once, and never "(default: None)"."""
+    import re
+
+    from cam2mask_lib.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subs.items():
+        for action in sub._actions:
+            text = sub._get_formatter()._expand_help(action) if action.help else ""
+            assert text.count("default") <= 1, (name, action.option_strings, text)
+            assert "(default: None)" not in text and "(default: False)" not in text, (name, text)
+        # a default the help does not name is still said
+        out = sub.format_help()
+        assert not re.search(r"\(default: [^)]*\) \(default:", out), name
+    masks = " ".join(subs["masks"].format_help().split())
+    assert "the training recipe (default: cpu)" in masks and "dataset folder (default" not in masks
+
+
 def test_cli_synth_check_and_errors(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "s"), "--n", "6", "--height", "64",
                  "--width", "400"]) == 0
