@@ -10,11 +10,14 @@ Each seed runs every notebook into a temporary folder (``--keep DIR`` keeps them
 ``--committed DIR`` the profile's own seed is not re-run: its numbers are read from the committed
 tables in DIR, which a clean ``make reproduce`` of the same code made (the run is deterministic, so
 re-running it would give the same numbers and cost another 25 minutes). The table is printed and
-written to ``figures/seed_spread/<profile>.{md,csv}``.
+written to ``figures/seed_spread/<profile>.{md,csv}``, and every re-run seed's CSV tables are kept
+under ``figures/seed_spread/<profile>/seed<S>/``: the report's claims table
+(:mod:`cam2mask_lib.claims`) reads them to say in how many seeds each of the paper's claims holds.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -93,6 +96,7 @@ def main(argv=None) -> None:
                       artifacts=out / "artifacts", extra={"seed": s}, progress=False)
             rows[s] = headline(out / "figures")
             sources[s] = "a clean run of every notebook"
+            keep_tables(out / "figures", Path(args.out) / args.profile / f"seed{s}")
             print(f"seed {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[s].items()), flush=True)
     df = pd.DataFrame(rows).T
     table = spread_table(df)
@@ -114,6 +118,15 @@ def main(argv=None) -> None:
     (out / f"{args.profile}.md").write_text(text)
     df.rename_axis("seed").to_csv(out / f"{args.profile}.csv")
     print(f"wrote {out / (args.profile + '.md')} and .csv")
+
+
+def keep_tables(figures: Path, dest: Path) -> None:
+    """Copy one seed's CSV tables (not its pictures) to ``dest``, replacing what was there."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in sorted(figures.glob("*.csv")):
+        shutil.copy2(f, dest / f.name)
 
 
 def spread_table(df: pd.DataFrame) -> pd.DataFrame:

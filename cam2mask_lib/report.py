@@ -31,11 +31,18 @@ def _version(package: str) -> str:
 
 
 def cpu_model() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` says."""
+    """The processor's model name with its family and model numbers (Linux: /proc/cpuinfo; a
+    virtual machine may name only the vendor, "AMD EPYC", for processors of different
+    generations), else what ``platform`` says."""
     try:
+        info = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        if "model name" in info:
+            ids = [f"{k} {info[k]}" for k in ("cpu family", "model") if info.get(k)]
+            return info["model name"] + (f", family {info['cpu family']} model {info['model']}"
+                                         if len(ids) == 2 else "")
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
@@ -141,27 +148,35 @@ REPORT_SECTIONS = [
 ]
 
 
+def _table_text(path: Path) -> list[str]:
+    """A table file's lines for the report: its heading one level down, its provenance line
+    left out (the report states the provenance once, at the top)."""
+    text = path.read_text(encoding="utf-8").strip().splitlines()
+    out = [("#" + ln if ln.startswith("### ") else ln) for ln in text
+           if not (ln.startswith("_Profile `") or ln.startswith("_Made with "))]
+    return [ln for k, ln in enumerate(out) if ln or (k and out[k - 1])]  # no double blank lines
+
+
 def build_report(figures: str | Path, out: str | Path, title: str, header: str,
-                 timings: dict | None = None) -> Path:
+                 timings: dict | None = None, opening: str | None = None,
+                 appendix: list[tuple[str, Path, str]] = ()) -> Path:
     """Assemble ``out`` (Markdown) from the tables (``<name>.md``) and figures (``<name>.png``)
-    the notebooks wrote under ``figures``, section by section (:data:`REPORT_SECTIONS`), with the
-    wall time of each notebook. A missing table or figure is named as missing, never invented."""
+    the notebooks wrote under ``figures``, section by section (:data:`REPORT_SECTIONS`): first
+    ``opening`` (the claims table and its summary), then the sections, then each ``appendix``
+    entry ``(heading, table file, what it is)``, e.g. the seed spread and the real-steel
+    benchmark, then the wall time of each notebook. A missing table or figure is named as
+    missing, never invented; each table's provenance line is left out, the ``header`` states it
+    once."""
     figures, out = Path(figures), Path(out)
     lines = [f"# {title}", "", header, ""]
-    if timings:
-        lines += ["## Wall time per notebook", "", "| notebook | seconds |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in sorted(timings.items())]
-        lines += [f"| total | {sum(timings.values()):.0f} |", "",
-                  "_The latest execution of each notebook; one that reused finished work "
-                  "(classifier folds, CAM caches, trained networks) is fast, so these are clean-run "
-                  "times only after a clean run (`benchmarks/stage_times.py` makes one)._", ""]
+    if opening:
+        lines += ["## Which of the paper's claims hold", "", opening.strip(), ""]
     for heading, tables, figs in REPORT_SECTIONS:
         lines += [f"## {heading}", ""]
         for t in tables:
             p = figures / f"{t}.md"
             if p.is_file():
-                text = p.read_text(encoding="utf-8").strip().splitlines()
-                lines += [("#" + ln if ln.startswith("### ") else ln) for ln in text] + [""]
+                lines += _table_text(p) + [""]
             else:
                 lines += [f"_Table `{t}` was not produced (its notebook has not run in this "
                           f"profile)._", ""]
@@ -170,4 +185,48 @@ def build_report(figures: str | Path, out: str | Path, title: str, header: str,
             if p.is_file():
                 rel = os.path.relpath(p, out.parent).replace(os.sep, "/")
                 lines += [f"![{f}]({rel})", ""]
+    for heading, path, what in appendix:
+        lines += [f"## {heading}", "", what, ""]
+        if Path(path).is_file():
+            lines += _table_text(Path(path)) + [""]
+        else:
+            lines += [f"_Not measured yet: `{path}` is missing._", ""]
+    if timings:
+        lines += ["## Wall time per notebook", "", "| notebook | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in sorted(timings.items())]
+        lines += [f"| total | {sum(timings.values()):.0f} |", "",
+                  "_The latest execution of each notebook; one that reused finished work "
+                  "(classifier folds, CAM caches, trained networks) is fast, so these are clean-run "
+                  "times only after a clean run (`benchmarks/stage_times.py` makes one)._", ""]
     return atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
+
+
+# The real-steel rows the README quotes (benchmarks/real_quality.py's table): how each row's
+# name begins -> the README's shorter name.
+REAL_STEEL_ROWS = {
+    "no mask": "no mask",
+    "CAM masks, the paper's post-processing": "CAM masks, the paper's post-processing",
+    "the same, a class with a grey cue": "label-only refinement of the CAM masks",
+    "U-Net self-trained on the default's masks": "U-Net self-trained on the refined masks",
+    "supervised U-Net + the same classifier gate": "U-Net trained on the true masks (reference)",
+}
+REAL_STEEL_SHARES = ("gap closed", "non-empty, share of supervised")
+
+
+def real_steel_block(table: str | Path) -> str:
+    """The README's short real-steel table: the rows of :data:`REAL_STEEL_ROWS` of the table
+    ``benchmarks/real_quality.py`` wrote (``real_quality.csv``), read, not recomputed."""
+    table = Path(table)
+    if not table.is_file():
+        return f"_Not measured yet: `{table.name}` is missing._"
+    df = pd.read_csv(table)
+    out = []
+    for start, name in REAL_STEEL_ROWS.items():
+        hit = df[df["masks"].astype(str).str.startswith(start)]
+        if len(hit):
+            r = hit.iloc[0]
+            out.append({"masks": name,
+                        "Dice (defective images)": f"{r['Dice (defective images)']:.3f}",
+                        "Dice (non-empty masks)": f"{r['Dice (non-empty masks)']:.3f}",
+                        **{c: f"{r[c]:.0%}" for c in REAL_STEEL_SHARES}})
+    return markdown_table(pd.DataFrame(out))
