@@ -30,12 +30,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
 from numpy.lib.format import open_memmap
-from pytorch_grad_cam import GuidedBackpropReLUModel
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch.func import jacrev, vmap
 from tqdm import tqdm
 
@@ -49,6 +46,10 @@ AUG_VIEWS = tuple((flip, f) for flip in (False, True) for f in AUG_FACTORS)
 
 
 def _grad_cam_classes() -> dict:
+    # imported here: pytorch-grad-cam pulls in scikit-learn, torchvision and OpenCV (~2 s), and
+    # the fast path, which every stage uses, needs none of them
+    import pytorch_grad_cam as pgc
+
     names = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
              "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM",
              "eigengradcam": "EigenGradCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM",
@@ -245,6 +246,8 @@ def library_cams(model, images, method, aug_smooth, target_layer, target, classe
         def __call__(self, out):
             return torch.sigmoid(out)[..., self.c] if out.ndim == 1 else torch.sigmoid(out)[:, self.c]
 
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     images = to_model(images, model)
     cam = table[method](model=model, target_layers=[target_layer])
     try:
@@ -268,6 +271,8 @@ def guided_gradcam(model, image: torch.Tensor, cls: int, cam: np.ndarray | None 
     if cam is None:
         cam = compute_cams(model, image[None], method="gradcam", classes=[cls])[0, 0]
     device = model_device(model)
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+
     gb_model = GuidedBackpropReLUModel(model=copy.deepcopy(model).eval(), device=device)
     gb = gb_model(image[None].clone().to(device), target_category=cls)  # [H, W, 3]
     sal = np.abs(gb).mean(axis=-1) * cam

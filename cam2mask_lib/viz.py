@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 import pandas as pd
 import seaborn as sns
 
@@ -27,6 +29,18 @@ def _strip(ax, img, title, cam=None, mask=None, truth=None, color=(1, 0.2, 0.2))
     ax.axis("off")
 
 
+def cam_colorbar(fig, axes, label="CAM, scaled to [0, 1]"):
+    """One colour bar for every CAM heatmap of ``axes`` (the maps are drawn with ``jet`` on
+    [0, 1] by :func:`_strip`)."""
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=list(np.ravel(axes)), label=label,
+                 fraction=0.025, pad=0.01)
+
+
+def _dice(pred, truth) -> float:
+    from .metrics import dice
+    return float(dice(np.asarray(pred) != 0, np.asarray(truth) != 0))
+
+
 def plot_cam_steps(image, truth, cam_before, cam_after, label_before, label_after,
                    thresholds=(0.75, 0.3), title=None):
     """As the paper's Figures 10-13: a CAM over its image, binarised at 0.75 and at 0.3, before
@@ -41,11 +55,13 @@ def plot_cam_steps(image, truth, cam_before, cam_after, label_before, label_afte
         _strip(axes[k], image, f"{label}: CAM", cam=cam, truth=truth)
         k += 1
         for t in thresholds:
-            _strip(axes[k], image, f"{label}: CAM > {t}", mask=cam > t, truth=truth)
+            _strip(axes[k], image, f"{label}: CAM > {t}, Dice {_dice(cam > t, truth):.2f}",
+                   mask=cam > t, truth=truth)
             k += 1
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    cam_colorbar(fig, axes)
     return fig
 
 
@@ -68,6 +84,7 @@ def plot_gallery(items, class_names):
         _strip(axes[2 * k + 1, 0], it["image"], f"predicted mask, Dice {it['dice']:.2f}",
                mask=it["pred"], truth=it["truth"], color=CLASS_COLORS[c % len(CLASS_COLORS)])
     fig.tight_layout()
+    cam_colorbar(fig, axes)
     return fig
 
 
@@ -83,18 +100,27 @@ def plot_guided(image, truth, cam, guided, label):
     axes[2].set_title("Guided Grad-CAM: Grad-CAM x guided backpropagation", fontsize=9, loc="left")
     axes[2].axis("off")
     fig.tight_layout()
+    cam_colorbar(fig, axes[1], "Grad-CAM, scaled to [0, 1]")
+    fig.colorbar(axes[2].images[0], ax=axes[2], label="guided Grad-CAM", fraction=0.025,
+                 pad=0.01)
     return fig
 
 
-def plot_predictions(image, truth, preds: dict, class_names, title=None):
-    """One image, its true masks and each model's predicted masks: a strip per entry, every
-    class in its colour (filled: predicted; outlined in the same colour: true)."""
+def plot_predictions(image, truth, preds: dict, class_names, title=None, ncols=None):
+    """One image, its true masks and each model's predicted masks: a panel per entry, every
+    class in its colour (filled: predicted; outlined in the same colour: true), each titled with
+    its Dice over the classes present in the image. Many entries are laid out in columns
+    (``ncols``; default: 1 up to 6 entries, else 3) so the figure stays about as tall as wide."""
 
     h, w = truth.shape[-2:]
-    rows = 1 + len(preds)
-    fig, axes = plt.subplots(rows, 1, figsize=(12, rows * (12 * h / w + 0.35)), squeeze=False)
     entries = [("true masks", truth)] + list(preds.items())
-    for ax, (name, masks) in zip(axes[:, 0], entries):
+    ncols = ncols or (1 if len(entries) <= 6 else 3)
+    nrows = -(-len(entries) // ncols)
+    pw = 12 / ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(12, nrows * (pw * h / w + 0.4)),
+                             squeeze=False)
+    present = [c for c in range(truth.shape[0]) if truth[c].any()]
+    for ax, (name, masks) in zip(axes.ravel(), entries):
         ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         rgba = np.zeros((h, w, 4), np.float32)
         for c in range(masks.shape[0]):
@@ -103,15 +129,44 @@ def plot_predictions(image, truth, preds: dict, class_names, title=None):
             if truth[c].any():
                 ax.contour(truth[c], levels=[0.5], colors=[col[:3]], linewidths=1.0)
         ax.imshow(rgba, interpolation="nearest")
-        ax.set_title(name, fontsize=9, loc="left")
+        score = (f", Dice {np.mean([_dice(masks[c], truth[c]) for c in present]):.2f}"
+                 if present and masks is not truth else "")
+        ax.set_title(f"{name}{score}", fontsize=8 if ncols > 1 else 9, loc="left")
         ax.axis("off")
-    present = [class_names[c] for c in range(truth.shape[0]) if truth[c].any()]
-    fig.suptitle(title or f"classes present: {', '.join(present) or 'none'}", fontsize=10)
+    for ax in axes.ravel()[len(entries):]:
+        ax.axis("off")
+    names = [class_names[c] for c in present]
+    fig.suptitle(title or f"classes present: {', '.join(names) or 'none'}", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_class_bars(per_class, ylabel="Dice (non-empty masks)", reference=None):
+def plot_method_overview(image, cam, cam_mask, net_on_cam, net_on_true, truth, title):
+    """The method on one image and one class, top to bottom: the image, the classifier's CAM,
+    the mask cut from it, a U-Net trained on such CAM masks, a U-Net trained on the true masks,
+    and the truth; every mask's Dice with the truth in its title."""
+
+    h, w = truth.shape
+    steps = [("1. the image (only its label is used to train)", {}),
+             ("2. the classifier's Grad-CAM++ for the labelled class", {"cam": cam}),
+             ("3. CAM mask: the map cut by the post-processing", {"mask": cam_mask}),
+             ("4. U-Net trained on CAM masks", {"mask": net_on_cam}),
+             ("5. U-Net trained on the true masks (the supervised reference)",
+              {"mask": net_on_true}),
+             ("6. the true mask (used only to score)", {"mask": truth})]
+    fig, axes = plt.subplots(len(steps), 1, figsize=(12, len(steps) * (12 * h / w + 0.35)))
+    for ax, (name, kw) in zip(axes, steps):
+        if "mask" in kw and kw["mask"] is not truth:
+            name += f": Dice {_dice(kw['mask'], truth):.2f}"
+        _strip(ax, image, name, truth=truth if kw else None, **kw)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    cam_colorbar(fig, axes[1])
+    return fig
+
+
+def plot_class_bars(per_class, ylabel="Dice (non-empty masks)", reference=None,
+                    title="Dice on each class's non-empty masks"):
     """Grouped bars: one group per class, one bar per row of ``per_class`` (a DataFrame with a
     first column naming the model and one column per class); ``reference`` adds those values as
     black markers (e.g. the thesis's)."""
@@ -122,6 +177,8 @@ def plot_class_bars(per_class, ylabel="Dice (non-empty masks)", reference=None):
     if reference is not None:
         ax.plot(range(len(reference)), reference, "k_", markersize=30, mew=2, label="reference")
     ax.set_ylim(0, 1)
+    ax.set_title(title + (" (black marks: the reference)" if reference is not None else ""),
+                 fontsize=10, loc="left")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
@@ -140,6 +197,7 @@ def plot_gap_closed(tables: dict, rows, column: str = "gap closed"):
     sns.barplot(data=pd.DataFrame(long), y="masks", x=column, hue="data", ax=ax, orient="h")
     ax.axvline(1.0, color="k", lw=1, ls=":")
     ax.set_ylabel("")
+    ax.set_xlabel(f"{column}: 0 = no mask, 1 = the supervised U-Net (dotted)")
     ax.tick_params(axis="y", labelsize=8)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(tables))
     fig.tight_layout()

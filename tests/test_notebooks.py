@@ -72,7 +72,12 @@ def test_cam_and_postprocessing_outputs(smoke_run):
         assert part in exps, part
     d = t2["Dice (defective images)"]
     assert ((d >= 0) & (d <= 1)).all()
-    assert t2["paper Dice"].notna().sum() == 4
+    from cam2mask_lib.experiments import PAPER_DICE
+
+    assert t2[PAPER_DICE].notna().sum() == 4
+    # the paper's numbers stand beside the metric they can be: Dice on non-empty masks
+    cols = list(t2.columns)
+    assert cols.index(PAPER_DICE) == cols.index("Dice (non-empty masks)") + 1
     preds = list((root / "art" / "predictions").glob("*/predictions.csv"))
     assert len(preds) == 1 and preds[0].read_text().startswith("ImageId,ClassId,EncodedPixels")
     assert list((root / "art" / "predictions").glob("*/postprocess_params.json"))
@@ -83,7 +88,7 @@ def test_segmentation_outputs(smoke_run):
     root, _ = smoke_run
     fig = root / "fig"
     for name in ("table3_segmentation.md", "table3_segmentation.csv", "table3_per_class.md",
-                 "table3_per_class_bars.png"):
+                 "table3_per_class_bars.png", "method_overview.png"):
         assert (fig / name).is_file(), name
     t3 = pd.read_csv(fig / "table3_segmentation.csv")
     exps = list(t3["experiment"])
@@ -92,7 +97,13 @@ def test_segmentation_outputs(smoke_run):
                  "network on CAM masks (tuned per class)", "network on confident CAM pixels",
                  "network on confident CAM pixels + classifier gate"):
         assert part in exps, part
-    assert t3["paper Dice"].notna().sum() == 3
+    from cam2mask_lib import experiments as ex
+
+    assert t3[ex.PAPER_DICE].notna().sum() == 3
+    paper_rows = set(t3.loc[t3[ex.PAPER_DICE].notna(), "experiment"])
+    assert paper_rows == {ex.CAM_PAPER_ROW, ex.SUPERVISED_ROW,
+                          ex.network_row(ex.CAM_MASKS_PAPER, gate=True)}
+    assert t3.set_index("experiment").loc[ex.SUPERVISED_ROW, ex.PAPER_RATIO] == pytest.approx(1)
     sup = t3.set_index("experiment").loc["network on true masks + classifier gate"]
     assert sup["ratio to supervised (defective)"] == pytest.approx(1.0)
     d = t3[["Dice (defective images)", "Dice (all images)"]]
@@ -115,7 +126,13 @@ def test_grid_outputs(smoke_run):
     for m in ("U-Net BCE", "U-Net with ResNet encoder CCE", "ResNet encoder-decoder Focal loss",
               "FPN", "DeepLabV3+", "U-Net++", "U-Net (TernausNet-style), SWA"):
         assert m in models, m
-    assert set(t4["loss"]) == {"bce_dice", "cce_dice", "focal", "bce_logdice", "lovasz", "bce_smooth"}
+    assert set(t4["loss"]) == {"bce_dice", "cce_dice", "focal", "bce_logdice", "lovasz",
+                               "bce_smooth", "-"}
+    # the first row is what drawing nothing scores on the same images: every class lost
+    first = t4.iloc[0]
+    assert first["model"] == "baseline: no mask anywhere" and first["loss"] == "-"
+    assert first["Dice (non-empty masks)"] == 0 and first["lost classes"] == "1, 2, 3, 4"
+    assert (t4["Dice (all)"] >= 0).all() and (t4["Dice (all)"] <= 1).all()
     assert t4["thesis Dice (all)"].notna().sum() == 9
     assert t4["lost classes"].notna().all()
 
@@ -125,6 +142,7 @@ def test_beyond_the_paper_outputs(smoke_run):
     root, _ = smoke_run
     fig = root / "fig"
     assert (fig / "refine_predictions_class1.png").is_file()
+    assert (fig / "refine_lesson_self_training.png").is_file()
     t5 = pd.read_csv(fig / "table5_beyond_the_paper.csv").set_index("masks")
     from cam2mask_lib import experiments as ex
     assert list(t5.index) == [ex.NO_MASK, *ex.TECHNIQUES, ex.SELF_TRAINED, ex.SELF_TRAINED_05,
@@ -145,9 +163,25 @@ def test_report(smoke_run):
     for part in ("Profile `smoke`", "SYNTHETIC", "Wall time per notebook", "00_data_eda",
                  "05_architectures_losses", "06_beyond_the_paper", "Table 1", "Table 2",
                  "Table 3", "Table 4", "Table 5",
-                 "![cls_roc_curves](cls_roc_curves.png)", "paper Dice", "thesis Dice (all)"):
+                 "![cls_roc_curves](cls_roc_curves.png)", "paper Dice (compare: non-empty masks)",
+                 "thesis Dice (all)", "## Which of the paper's claims hold",
+                 "| claim | source | paper / thesis |", "## How far a seed moves the numbers",
+                 "## Real steel: label-only masks on NEU-Seg"):
         assert part in rep, part
     assert "was not produced" not in rep
+    assert rep.count("_Profile `smoke`") == 1      # the provenance once, at the top
+
+
+@pytest.mark.notebook
+def test_every_notebook_renders_what_you_should_see(smoke_run):
+    """The closing section is rendered from the run's values (a Markdown output), in 00-06."""
+    root, runs = smoke_run
+    for r in runs[:-1]:
+        nb = nbformat.read(r.output, as_version=4)
+        outs = [o for c in nb.cells[-4:] if c.cell_type == "code" for o in c.get("outputs", [])
+                if "text/markdown" in o.get("data", {})]
+        assert outs, f"{r.name}: no rendered 'What you should see'"
+        assert "nan" not in "".join(o["data"]["text/markdown"] for o in outs).lower().split(), r.name
 
 
 def test_failure_names_notebook_and_cell_and_keeps_last_good_copy(tmp_path):
