@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "classifier folds than ranks (e.g. --fold 0 on two GPUs) the "
                                    "ranks train each fold together instead (DDP, BatchNorm over "
                                    "the whole batch).")
-    t.add_argument("--profile", default="cpu", help="smoke, cpu or paper")
+    t.add_argument("--profile", default="cpu", help="smoke, lecture, cpu or paper")
     t.add_argument("--data-dir", help="dataset folder; default: the profile's synthetic set")
     t.add_argument("--fold", type=int, nargs="+", metavar="K",
                    help="train only these folds of the classifier")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "An interrupted run resumes.")
     m.add_argument("--data", required=True, help="dataset folder")
     m.add_argument("--out", required=True, help="output folder (new, or this command's own)")
-    m.add_argument("--profile", default="cpu", help="smoke, cpu or paper: the training recipe")
+    m.add_argument("--profile", default="cpu", help="smoke, lecture, cpu or paper: the training recipe")
     m.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help="network input size (default: the profile's)")
     m.add_argument("--epochs", type=int, help="classifier epochs (default: the profile's)")
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Execute notebooks/NN_*.ipynb in order with papermill in a "
                                    "profile, writing figures and tables to figures/<profile>/. "
                                    "Stops at the first failure, naming the notebook and cell.")
-    r.add_argument("--profile", default="cpu", help="smoke, cpu or paper")
+    r.add_argument("--profile", default="cpu", help="smoke, lecture, cpu or paper")
     r.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (e.g. 00)")
     r.add_argument("--data-dir", help="dataset folder; default: the profile's synthetic set")
     r.add_argument("--output-dir", help="where executed notebooks go (default: notebooks/ for "

@@ -10,7 +10,7 @@ from cam2mask_lib.profiles import PROFILES, get_profile, load_data
 
 
 def test_profiles_and_overrides():
-    assert {"smoke", "cpu", "paper"} <= set(PROFILES)
+    assert {"smoke", "lecture", "cpu", "paper"} <= set(PROFILES)
     p = get_profile("cpu", classifier={"epochs": 3, "image_size": [64, 400]})
     assert p.classifier.epochs == 3 and p.image_size == (64, 400) and p.name == "cpu"
     assert get_profile("cpu").classifier.epochs == PROFILES["cpu"].classifier.epochs  # not mutated
