@@ -131,6 +131,9 @@ def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
 # Configuration
 # --------------------------------------------------------------------------------------------
 
+MAX_SIDE = 4096  # the largest input side any run may ask for (the paper's widest is 1600)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The classifier's training settings; the defaults are the paper's (section IV).
@@ -166,6 +169,10 @@ class TrainConfig:
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             raise ConfigError(f"classifier image_size {self.image_size}: expected (height, width), "
                              f"each at least 32 pixels (the encoder downsamples 32x)")
+        if max(self.image_size) > MAX_SIDE:
+            raise ConfigError(f"classifier image_size {self.image_size}: each side at most "
+                              f"{MAX_SIDE} pixels (the paper's input is 256x1600; a larger one "
+                              f"would not fit a batch in memory)")
         for name in ("epochs", "batch_size", "top_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"classifier {name}={getattr(self, name)}: must be at least 1")

@@ -292,6 +292,31 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
+# how each format ends: a file cut short lacks its end marker (JPEG's EOI, PNG's IEND chunk)
+_END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}
+_TAIL = 4096
+
+
+def check_complete(paths: Sequence[Path]) -> None:
+    """Refuse a truncated image without decoding every file: a JPEG or PNG whose last bytes lack
+    the format's end marker is decoded in full, and a file that then fails is a DataError
+    naming it (a complete file with a long trailer passes). Cheap enough to run before a long
+    job claims its output."""
+    for p in paths:
+        marker = _END_MARKERS.get(Path(p).suffix.lower())
+        if marker is None:
+            continue
+        try:
+            with open(p, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - _TAIL))
+                tail = f.read()
+        except OSError as e:
+            raise DataError(f"{p}: cannot read image ({e.strerror or e})") from None
+        if marker not in tail:
+            read_image(Path(p))  # raises, naming the file, when it is truncated
+
+
 def read_mask_png(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a mask PNG (any mode; nonzero = defect) as uint8 0/1 ``[H, W]``."""
     try:
@@ -434,6 +459,9 @@ def load_severstal(root: str | Path, csv: str = "train.csv", images: str = "trai
                             f"expected one row per (image, class)")
         seen[(img, c)] = r
         if img not in on_disk:
+            if Path(img).name != img or img in (".", ".."):
+                raise DataError(f"{csv_path}, line {_line(r)}: ImageId {img!r} is a path; "
+                                f"expected the file name of an image inside {img_dir}/")
             raise DataError(f"{csv_path}, line {_line(r)}: image {img!r} is listed but "
                             f"{img_dir / img} does not exist")
         if rle:
@@ -443,6 +471,7 @@ def load_severstal(root: str | Path, csv: str = "train.csv", images: str = "trai
                         f"{csv_path}")
     paths = [on_disk[i] for i in ids]
     shapes = _check_images(paths, check)
+    _check_one_size(shapes, paths)
     # validate every RLE against its image's size now, so a bad row fails at load, named
     labels = np.zeros((len(ids), len(class_names)), dtype=np.uint8)
     for k, d in enumerate(rles):
@@ -459,6 +488,25 @@ def load_severstal(root: str | Path, csv: str = "train.csv", images: str = "trai
     return DatasetIndex(root=root, format="severstal", class_names=list(class_names),
                         image_ids=ids, image_paths=paths, labels=labels, shapes=shapes,
                         has_masks=True, rles=rles, csv_path=csv_path, info=info)
+
+
+def _check_one_size(shapes: np.ndarray, paths: Sequence[Path]) -> None:
+    """Severstal layout: every image has the size of the others. train.csv's run-length codes
+    number pixels down each column, so an image of another size would have its masks decoded at
+    other places (a DataError naming it, both sizes and the way out)."""
+    if len(shapes) < 2:
+        return
+    sizes, counts = np.unique(shapes, axis=0, return_counts=True)
+    if len(sizes) == 1:
+        return
+    ch, cw = (int(v) for v in sizes[np.argmax(counts)])
+    k = next(k for k in range(len(shapes)) if (int(shapes[k][0]), int(shapes[k][1])) != (ch, cw))
+    h, w = (int(v) for v in shapes[k])
+    raise DataError(f"{paths[k]}: {h}x{w} (HxW), but {counts.max()} of the {len(shapes)} images "
+                    f"are {ch}x{cw}; in the Severstal layout every image has one size, because "
+                    f"train.csv's run-length codes number the pixels down each column of that "
+                    f"size. Resize it to {ch}x{cw}, or use the generic layout (labels.csv, "
+                    f"masks/<class>/*.png) for images of several sizes")
 
 
 def load_generic(root: str | Path, check: str = "header") -> DatasetIndex:

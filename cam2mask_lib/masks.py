@@ -38,8 +38,8 @@ from PIL import Image
 from . import paper
 from . import postprocess as pp
 from .cams import compute_cams
-from .classify import load_run, predict_logits, roc_auc_per_class
-from .data import DataError, load_dataset, resize_mask
+from .classify import MAX_SIDE, load_run, predict_logits, roc_auc_per_class
+from .data import DataError, check_complete, load_dataset, resize_mask
 from .eda import overlay
 from .experiments import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, min_areas,
                           per_class_table, stats_from_cache)
@@ -64,7 +64,30 @@ def _preview(index, i: int, masks: np.ndarray, folder: Path) -> None:
     atomic_write_bytes(folder / f"{Path(index.image_ids[i]).stem}.jpg", buf.getvalue())
 
 
+def _check_out(out: Path, data: Path) -> None:
+    """Refuse an ``--out`` that is the data folder, holds it or lies inside it: ``--force``
+    replaces ``--out`` as a whole, which must never reach the user's images, labels or masks."""
+    o, d = out.resolve(), data.resolve()
+    if o == d or o in d.parents or d in o.parents:
+        where = ("is" if o == d else "holds" if o in d.parents else "is inside")
+        raise ConfigError(f"--out {out} {where} the data folder --data {data}: masks are written "
+                          f"(and with --force replaced) there, so it must be a folder of its own "
+                          f"outside the data; choose e.g. --out {d.parent / (d.name + '_masks')}")
+
+
 def _claim_output(out: Path, settings: dict, force: bool) -> None:
+    """Make ``out`` this run's: resume it when it holds this run's settings, else refuse it
+    (or, with ``force``, replace it); a folder that cannot be written is a user error."""
+    try:
+        _claim(out, settings, force)
+    except FileExistsError:
+        raise  # a folder that holds something else: its own message
+    except OSError as e:  # permission, a read-only file system, a file where a folder must be
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); choose a folder "
+                          f"you can write to") from None
+
+
+def _claim(out: Path, settings: dict, force: bool) -> None:
     state = out / STATE_FILE
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is an existing file, not a folder; choose a folder")
@@ -227,7 +250,13 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     data, out = Path(data), Path(out)
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {METHODS}")
+    _check_out(out, data)
+    size = overrides.get("image_size")
+    if size is not None and (len(size) != 2 or min(size) < 32 or max(size) > MAX_SIDE):
+        raise ConfigError(f"--image-size {' '.join(map(str, size))}: expected H W, each side "
+                          f"from 32 to {MAX_SIDE} pixels")
     index = load_dataset(data)  # fails early, naming the file, on bad input
+    check_complete(index.image_paths)  # a truncated file is refused before --out is claimed
     # None: not given; random_weights=False: the flag not set
     overrides = {k: v for k, v in overrides.items()
                  if v is not None and not (k == "random_weights" and not v)}

@@ -79,16 +79,46 @@ def test_corrupt_and_truncated_images(severstal_dir):
         load_severstal(root)
     # a file whose header is fine but whose data is cut: found when decoded, named
     good = root / "train_images" / "a.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 40, 3), dtype=np.uint8)).save(
         root / "train_images" / "b.jpg", quality=95)
     data = (root / "train_images" / "b.jpg").read_bytes()
-    (root / "train_images" / "b.jpg").write_bytes(data[: len(data) // 3])
+    (root / "train_images" / "b.jpg").write_bytes(data[: len(data) - 100])
     idx = load_severstal(root)  # header check passes
     with pytest.raises(DataError, match=r"b.jpg: cannot read image"):
         ImageDataset(idx, (16, 40))[1]
     with pytest.raises(DataError, match=r"b.jpg: cannot read image"):
         load_severstal(root, check="full")
     assert good.is_file()
+
+
+def test_an_image_of_another_size_is_refused_naming_it_and_both_sizes(severstal_dir):
+    """train.csv's codes number pixels down the columns of one image size: an image of another
+    size would have its masks decoded elsewhere (IoU 0 with the true defect), so it is refused."""
+    root = severstal_dir("ImageId,ClassId,EncodedPixels\nc.jpg,3,17 16\n",
+                         {**IMAGES, "c.jpg": (20, 40)})
+    with pytest.raises(DataError, match=r"c.jpg: 20x40 \(HxW\), but 2 of the 3 images are 16x40"):
+        load_severstal(root)
+
+
+def test_an_image_id_that_is_a_path_is_named_as_such(severstal_dir, tmp_path):
+    root = severstal_dir("ImageId,ClassId,EncodedPixels\n../../outside.jpg,1,1 3\n", IMAGES)
+    Image.fromarray(np.full((16, 40, 3), 90, np.uint8)).save(root.parent.parent / "outside.jpg")
+    with pytest.raises(DataError, match=r"line 2: ImageId '../../outside.jpg' is a path; expected "
+                                        r"the file name of an image inside .*train_images/"):
+        load_severstal(root)
+
+
+def test_truncated_images_are_found_from_their_last_bytes(severstal_dir):
+    from cam2mask_lib.data import check_complete
+    root = severstal_dir("ImageId,ClassId,EncodedPixels\na.jpg,1,1 3\n", IMAGES)
+    paths = sorted((root / "train_images").glob("*.jpg"))
+    check_complete(paths)                                  # complete files pass
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data + b"\0" * 5000)              # a long trailer: decoded, still fine
+    check_complete(paths)
+    paths[1].write_bytes(data[: len(data) // 2])           # cut short: named
+    with pytest.raises(DataError, match=r"b.jpg: cannot read image"):
+        check_complete(paths)
 
 
 def test_empty_dataset_and_missing_parts(tmp_path, severstal_dir):

@@ -187,13 +187,15 @@ def test_bad_options_fail_before_the_output_is_claimed(generic, tmp_path, capsys
     base = ["masks", "--data", str(generic), "--out", str(out), "--profile", "smoke", "--no-progress"]
     for extra, said in ((["--epochs", "0"], "epochs=0: must be at least 1"),
                         (["--epochs", "-1"], "epochs=-1: must be at least 1"),
-                        (["--image-size", "0", "0"], "image_size"),
+                        (["--image-size", "0", "0"], "--image-size 0 0: expected H W"),
                         (["--folds", "1"], "--folds 1: cross-validation needs at least 2 folds"),
                         (["--folds", "50"], "--folds 50: .* has only 24 images"),
                         (["--encoder", "not_a_net"], "not_a_net"),
                         (["--seg-epochs", "0"], "--seg-epochs 0: must be at least 1"),
                         (["--seg-epochs", "2", "--method", "paper"],
-                         "--seg-epochs 2: only --method refined")):
+                         "--seg-epochs 2: only --method refined"),
+                        (["--image-size", "100000", "100000"],
+                         "--image-size 100000 100000: expected H W, each side from 32 to 4096")):
         assert main(base + extra) == 2, extra
         import re
         assert re.search(said, capsys.readouterr().err), extra
@@ -201,6 +203,41 @@ def test_bad_options_fail_before_the_output_is_claimed(generic, tmp_path, capsys
     (tmp_path / "file").write_text("x")
     assert main(base[:4] + [str(tmp_path / "file")] + base[5:]) == 2
     assert "is an existing file" in capsys.readouterr().err
+
+
+def test_out_is_never_the_data_nor_above_nor_inside_it_even_with_force(generic, copy_of, capsys):
+    """--force replaces --out as a whole: it must never reach the user's data."""
+    data = copy_of(generic)
+    (data / "notes.txt").write_text("the user's own file")
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+    for out, where in ((data, "is"), (data.parent, "holds"), (data / "masks_out", "is inside")):
+        assert main(["masks", "--data", str(data), "--out", str(out), "--profile", "smoke",
+                     "--force", "--no-progress"]) == 2
+        assert f"{where} the data folder" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
+
+
+def test_an_unwritable_out_is_one_line_and_exit_2(generic, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "masks"          # a file where a folder must be
+    assert main(["masks", "--data", str(generic), "--out", str(out), "--profile", "smoke",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write there" in err and "Traceback" not in err
+
+
+def test_a_truncated_image_is_refused_before_the_output_is_claimed(generic, copy_of, tmp_path,
+                                                                   capsys):
+    data = copy_of(generic)
+    img = sorted((data / "images").iterdir())[3]
+    raw = img.read_bytes()
+    end = b"IEND" if img.suffix == ".png" else b"\xff\xd9"
+    img.write_bytes(raw[: raw.rindex(end) - 40])
+    out = tmp_path / "o"
+    assert main(["masks", "--data", str(data), "--out", str(out), "--profile", "smoke",
+                 "--no-progress"]) == 2
+    assert img.name in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_input_size_follows_the_data(tmp_path, capsys):
