@@ -313,7 +313,7 @@ def lecture_folders(spread: str | Path) -> dict[str, Path]:
             if (d / "table1_classification_auc.csv").is_file()}
 
 
-def _summary(ev: Evaluation, seeds: list[str], lecture: list[str]) -> str:
+def _summary(ev: Evaluation, seeds: list[str], lecture: list[str], profile: str = "cpu") -> str:
     """One paragraph: how many claims hold in every seed, which are noise, which fail."""
     held = [ev.held(k, seeds) for k in range(len(ev.claims))]
     every = [k for k, (h, n) in enumerate(held) if n and h == n]
@@ -325,7 +325,7 @@ def _summary(ev: Evaluation, seeds: list[str], lecture: list[str]) -> str:
     n = max((n for _, n in held), default=0)
     where = f"in all {n} seeds" if n > 1 else "in the one run"
     text = (f"Of the {len(ev.claims)} claims checked, {len(every)} hold {where} of the "
-            f"default profile, {len(noise)} hold in some seeds only (noise at this scale: "
+            f"`{profile}` profile, {len(noise)} hold in some seeds only (noise at this scale: "
             f"{names(noise)}) and {len(never)} hold in none ({names(never)}).")
     if lecture:
         lec = [ev.held(k, lecture) for k in range(len(ev.claims))]
@@ -349,7 +349,7 @@ def claims_block(profile_figures: str | Path, spread_root: str | Path, profile: 
     table = table.rename(columns={"ours": f"ours ({profile}, seed 0)",
                                   "reproduced (default profile)":
                                       f"holds ({profile}, seeds {', '.join(s.split()[-1] for s in seeds)})"})
-    return (markdown_table(table) + "\n\n" + _summary(ev, list(seeds), list(lecture)) + " "
+    return (markdown_table(table) + "\n\n" + _summary(ev, list(seeds), list(lecture), profile) + " "
             "Each of our numbers is the same quantity as the paper's beside it (the Dice on "
             "non-empty masks wherever the paper's Dice is quoted); the data are SYNTHETIC "
             "(`cam2mask synth`), the encoders start from random weights.")
