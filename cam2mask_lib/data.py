@@ -499,8 +499,9 @@ def _check_one_size(shapes: np.ndarray, paths: Sequence[Path]) -> None:
     sizes, counts = np.unique(shapes, axis=0, return_counts=True)
     if len(sizes) == 1:
         return
-    ch, cw = (int(v) for v in sizes[np.argmax(counts)])
-    k = next(k for k in range(len(shapes)) if (int(shapes[k][0]), int(shapes[k][1])) != (ch, cw))
+    common = sizes[np.argmax(counts)]
+    ch, cw = (int(v) for v in common)
+    k = int(np.flatnonzero((shapes != common).any(1))[0])
     h, w = (int(v) for v in shapes[k])
     raise DataError(f"{paths[k]}: {h}x{w} (HxW), but {counts.max()} of the {len(shapes)} images "
                     f"are {ch}x{cw}; in the Severstal layout every image has one size, because "

@@ -760,25 +760,31 @@ def committed_real_table(folder: str | Path) -> CommittedTable | None:
     return CommittedTable(pd.read_csv(csv), header, paragraphs[-1])
 
 
+def _example(ctx: Context, run: ClassifierRun, res: RefinementResult, row: int,
+             sources: dict) -> dict:
+    """One image at the segmentation size with, per label of ``sources``, the masks of a
+    calibrated :class:`Refined` or of the self-trained network (:data:`SELF_TRAINED`, gated):
+    ``{"image", "truth", "preds"}``."""
+    size, preds = ctx.seg_size, {}
+    for label, src in sources.items():
+        preds[label] = (predict_masks_at(ctx, res.nets[SELF_TRAINED], [row], res.net_gate,
+                                         run.oof[[row]], size)[0] if src == SELF_TRAINED
+                        else next(src.batches([row], run.oof))[2][0])
+    return {"image": resize_image(ctx.index.image(row), size),
+            "truth": ctx.true_masks([row], size)[0], "preds": preds}
+
+
 def refinement_examples(ctx: Context, run: ClassifierRun, res: RefinementResult,
                         cache: CamCache) -> list[dict]:
     """One held-out image per class: the image, its true masks, the paper's CAM masks, the
     default refinement's masks and the self-trained network's (gated), at the segmentation size:
     ``[{"row", "class", "image", "truth", "preds"}]``."""
-    size = ctx.seg_size
     paper_ref = (res.techniques.get(PAPER_TECHNIQUE)
                  or refine_stage(ctx, cache, TECHNIQUES[PAPER_TECHNIQUE]))
-    gate = res.net_gate
-    out = []
-    for c, r in first_example_per_class(ctx, res.rows):
-        preds = {"CAM masks (the paper's)": next(paper_ref.batches([r], run.oof))[2][0],
-                 "refined (the default)": next(res.refined.batches([r], run.oof))[2][0],
-                 "self-trained U-Net": predict_masks_at(ctx, res.nets[SELF_TRAINED], [r], gate,
-                                                        run.oof[[r]], size)[0]}
-        out.append({"row": r, "class": ctx.index.class_names[c], "preds": preds,
-                    "image": resize_image(ctx.index.image(r), size),
-                    "truth": ctx.true_masks([r], size)[0]})
-    return out
+    sources = {"CAM masks (the paper's)": paper_ref, "refined (the default)": res.refined,
+               "self-trained U-Net": SELF_TRAINED}
+    return [{"row": r, "class": ctx.index.class_names[c], **_example(ctx, run, res, r, sources)}
+            for c, r in first_example_per_class(ctx, res.rows)]
 
 
 def lesson_row(ctx: Context, res: RefinementResult) -> tuple[int, int]:
@@ -794,15 +800,8 @@ def technique_example(ctx: Context, run: ClassifierRun, res: RefinementResult, r
     """One image at the segmentation size with the masks of each technique in ``names`` (rows
     of Table 5 computed by :func:`refinement_stage`, or :data:`SELF_TRAINED`):
     ``{"image", "truth", "preds"}``."""
-    preds = {}
-    for name in names:
-        if name == SELF_TRAINED:
-            preds[name] = predict_masks_at(ctx, res.nets[SELF_TRAINED], [row], res.net_gate,
-                                           run.oof[[row]], ctx.seg_size)[0]
-        else:
-            preds[name] = next(res.techniques[name].batches([row], run.oof))[2][0]
-    return {"image": resize_image(ctx.index.image(row), ctx.seg_size),
-            "truth": ctx.true_masks([row], ctx.seg_size)[0], "preds": preds}
+    return _example(ctx, run, res, row, {n: n if n == SELF_TRAINED else res.techniques[n]
+                                         for n in names})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ PROFILES: dict[str, Profile] = {
         grid=GridConfig(epochs=2, max_train=160, encoder=None)),
     "lecture": Profile(
         name="lecture",
-        notes="A lab: the whole method, notebooks 00-06, in about 5 minutes on 2 CPU cores. The "
+        notes="A lab: the whole method, notebooks 00-06, in 5-6 minutes on 2 CPU cores. The "
               "cpu profile's recipe at half its data and a third of its training: 800 synthetic "
               "images at Severstal's 256x1600 read at 128x800 (CAM maps of 4x25, as in cpu), 2 "
               "folds, 10 epochs of batch 32 (fewer, larger steps: the fastest way measured to a "

@@ -9,6 +9,7 @@ import pandas as pd
 import seaborn as sns
 
 from .eda import CLASS_COLORS
+from .metrics import dice
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -37,7 +38,6 @@ def cam_colorbar(fig, axes, label="CAM, scaled to [0, 1]"):
 
 
 def _dice(pred, truth) -> float:
-    from .metrics import dice
     return float(dice(np.asarray(pred) != 0, np.asarray(truth) != 0))
 
 
@@ -120,7 +120,7 @@ def plot_predictions(image, truth, preds: dict, class_names, title=None, ncols=N
     fig, axes = plt.subplots(nrows, ncols, figsize=(12, nrows * (pw * h / w + 0.4)),
                              squeeze=False)
     present = [c for c in range(truth.shape[0]) if truth[c].any()]
-    for ax, (name, masks) in zip(axes.ravel(), entries):
+    for k, (ax, (name, masks)) in enumerate(zip(axes.ravel(), entries)):
         ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         rgba = np.zeros((h, w, 4), np.float32)
         for c in range(masks.shape[0]):
@@ -130,7 +130,7 @@ def plot_predictions(image, truth, preds: dict, class_names, title=None, ncols=N
                 ax.contour(truth[c], levels=[0.5], colors=[col[:3]], linewidths=1.0)
         ax.imshow(rgba, interpolation="nearest")
         score = (f", Dice {np.mean([_dice(masks[c], truth[c]) for c in present]):.2f}"
-                 if present and masks is not truth else "")
+                 if present and k > 0 else "")   # entry 0 is the truth itself
         ax.set_title(f"{name}{score}", fontsize=8 if ncols > 1 else 9, loc="left")
         ax.axis("off")
     for ax in axes.ravel()[len(entries):]:
