@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
-from . import distributed, paper
+from . import distributed, paper, weights
 from .data import ImageDataset
 from .device import autocast, model_device, resolve_device, to_model
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
@@ -85,8 +85,26 @@ class Classifier(nn.Module):
         return self.head_from_features(self.features(x))
 
     def param_groups(self, lr_encoder: float, lr_head: float) -> list[dict]:
-        return [{"params": list(self.encoder.parameters()), "lr": lr_encoder, "name": "encoder"},
+        trained = [p for p in self.encoder.parameters() if p.requires_grad]
+        return [{"params": trained, "lr": lr_encoder, "name": "encoder"},
                 {"params": list(self.head.parameters()), "lr": lr_head, "name": "head"}]
+
+    def freeze(self, stages: int) -> None:
+        """Keep the encoder's stem and its first ``stages`` stages as they are (no gradient):
+        the high-resolution layers, whose backward pass costs most, and whose ImageNet features
+        (edges, textures) a defect shares with a photograph."""
+        if stages <= 0:
+            return
+        enc = self.encoder
+        if not all(hasattr(enc, a) for a in ("conv_stem", "bn1", "blocks")):
+            raise ConfigError(f"classifier freeze={stages}: only timm encoders with a stem and "
+                              f"stages (conv_stem, bn1, blocks: EfficientNet, MobileNet) can be "
+                              f"frozen; {type(enc).__name__} cannot")
+        if stages > len(enc.blocks):
+            raise ConfigError(f"classifier freeze={stages}: the encoder has {len(enc.blocks)} "
+                              f"stages")
+        for module in (enc.conv_stem, enc.bn1, *enc.blocks[:stages]):
+            module.requires_grad_(False)
 
 
 def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
@@ -106,6 +124,10 @@ def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,
             raise FileNotFoundError(f"weights_path {path}: file not found")
         enc = timm.create_model(encoder, pretrained=True,
                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    elif pretrained and weights.packaged(encoder) is not None:  # installed, offline
+        enc = timm.create_model(encoder, pretrained=False, **kwargs)
+        own = enc.state_dict()
+        enc.load_state_dict({k: v for k, v in weights.state_dict(encoder).items() if k in own})
     elif pretrained:
         try:
             enc = timm.create_model(encoder, pretrained=True, **kwargs)
@@ -154,6 +176,7 @@ class TrainConfig:
     top_k: int = 3
     pretrained: bool = False
     weights_path: str | None = None  # a local timm weights file (offline ImageNet weights)
+    freeze: int = 0  # the encoder's stem and first stages kept as they start (Classifier.freeze)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -173,6 +196,11 @@ class TrainConfig:
             raise ConfigError(f"classifier image_size {self.image_size}: each side at most "
                               f"{MAX_SIDE} pixels (the paper's input is 256x1600; a larger one "
                               f"would not fit a batch in memory)")
+        if self.freeze < 0:
+            raise ConfigError(f"classifier freeze={self.freeze}: must be >= 0")
+        if self.freeze and not (self.pretrained or self.weights_path):
+            raise ConfigError(f"classifier freeze={self.freeze}: freezing stages of random "
+                              f"weights keeps them random; give ImageNet weights or freeze=0")
         for name in ("epochs", "batch_size", "top_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"classifier {name}={getattr(self, name)}: must be at least 1")
@@ -195,13 +223,22 @@ class TrainConfig:
             d.pop(k)
         if d["decode"] == "workers":  # PIL's pixels, as before the option (keys unchanged)
             d.pop("decode")
+        if not self.freeze:  # a field at its default is left out (the keys before it stay)
+            d.pop("freeze")
         if self.weights_path is not None:  # the file's bytes, not where it lies
             d["weights_path"] = file_digest(self.weights_path)
+        elif self.pretrained and weights.packaged(self.encoder) is not None:
+            d["weights_file"] = file_digest(weights.packaged(self.encoder).path())
         return d
 
     def weights(self) -> str:
         """How the encoder starts, for tables."""
-        return describe_weights(self.pretrained, self.weights_path, "timm's hub")
+        src = weights.packaged(self.encoder)
+        if self.pretrained and self.weights_path is None and src is not None:
+            text = src.describe()
+        else:
+            text = describe_weights(self.pretrained, self.weights_path, "timm's hub")
+        return text + (f", stem and first {self.freeze} stages frozen" if self.freeze else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +352,7 @@ class ClassifierTrainer(ResumableTrainer):
         self.model = build_classifier(cfg.encoder, labels.shape[1], pretrained=cfg.pretrained,
                                       weights_path=cfg.weights_path, hidden=cfg.hidden,
                                       dropout=cfg.dropout)
+        self.model.freeze(cfg.freeze)
         self.model.to(self.device, memory_format=self.memory_format)
         self.opt = torch.optim.Adam(self.model.param_groups(cfg.lr_encoder, cfg.lr_head))
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -365,7 +403,8 @@ class ClassifierTrainer(ResumableTrainer):
         logits = predict_logits(model, self.ds, self.val_rows, cfg.batch_size * 2, cfg.num_workers)
         y_val = self.labels[self.val_rows].astype(np.float32)
         val_loss = float(self.loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val)))
-        auc = roc_auc_per_class(self.labels[self.val_rows], 1 / (1 + np.exp(-logits)))
+        with np.errstate(over="ignore"):  # a confident logit of -90 is a probability of 0
+            auc = roc_auc_per_class(self.labels[self.val_rows], 1 / (1 + np.exp(-logits)))
         self.sched.step(val_loss)
         return {"fold": self.fold, "epoch": epoch, "train_loss": tot / max(n, 1),
                 "val_loss": val_loss,

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="turn a labelled image folder into segmentation masks",
                        description="Train the classifier with cross-validation on the image labels "
                                    "of DIR (generic: images/ + labels.csv [+ masks/], or Severstal "
-                                   "format), compute out-of-fold Grad-CAM++ maps, turn them into "
+                                   "format; by default an EfficientNet-Lite0 from the ImageNet "
+                                   "weights that install with cam2mask), compute out-of-fold Grad-CAM++ maps, turn them into "
                                    "masks (default --method refined: label-only refinement and a "
                                    "self-trained U-Net, nothing tuned on true masks; --method "
                                    "paper: the paper's post-processing, tuned on DIR/masks when it "
@@ -133,12 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--profile", default="cpu", help="smoke, lecture, cpu or paper: the training recipe")
     m.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help="network input size (default: the profile's)")
-    m.add_argument("--epochs", type=int, help="classifier epochs (default: the profile's)")
+    m.add_argument("--epochs", type=int,
+                   help="classifier epochs (default: 4 with the ImageNet-pretrained encoder, "
+                        "else the profile's)")
     m.add_argument("--seg-epochs", type=int,
                    help="epochs of the self-trained U-Nets (--method refined; default: the "
                         "profile's segmentation epochs, at least 6, and on a small set enough "
                         "to train on 12,000 images in all, at most 24)")
-    m.add_argument("--encoder", help="timm encoder (default: the profile's)")
+    m.add_argument("--encoder",
+                   help="timm encoder, trained with the profile's recipe (default: "
+                        "tf_efficientnet_lite0 from packaged ImageNet weights, stem and first two "
+                        "stages frozen; the profile's own where it has ImageNet weights of its own)")
     m.add_argument("--folds", type=int, help="cross-validation folds (default: the profile's)")
     m.add_argument("--model", metavar="RUN",
                    help="use a finished classifier run folder (holding config.json and "
@@ -149,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seg-weights-path",
                    help="local weights file for the segmentation network's encoder")
     m.add_argument("--random-weights", action="store_true",
-                   help=RANDOM_WEIGHTS_HELP)
+                   help="the profile's own classifier recipe, every network from random weights "
+                        "(the cpu profile: MobileNetV3, faster, weaker on small sets)")
     m.add_argument("--method", default="refined", choices=("refined", "paper"),
                    help="refined: label-only refinement + self-trained U-Net (default); paper: "
                         "the paper's CAM post-processing")

@@ -621,6 +621,7 @@ TECHNIQUES = {
     "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }
 NO_MASK = "no mask"
+DEFECT_FREE = "defect-free images with a mask"  # a column where the scored images hold some
 SELF_TRAINED = ("U-Net self-trained on the default's masks, + classifier gate, threshold fitted "
                 "to its teacher")
 SELF_TRAINED_05 = "the same U-Net, output > 0.5"
@@ -724,15 +725,17 @@ def refinement_table(reports: dict[str, DiceReport], class_names) -> pd.DataFram
                                                      sup["dice_nonempty_masks"]),
             **{f"{c}, share of supervised": _ratio(s[f"class {c} (non-empty masks)"],
                                                    sup[f"class {c} (non-empty masks)"])
-               for c in class_names}})
-    return pd.DataFrame(table)
+               for c in class_names},
+            DEFECT_FREE: rep.defect_free_with_mask()})
+    out = pd.DataFrame(table)
+    return out if out[DEFECT_FREE].notna().any() else out.drop(columns=DEFECT_FREE)
 
 
 def refinement_markdown_table(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`refinement_table` for reading: Dice to 3 decimals, shares as percentages."""
     out = table.copy()
     for col in out.columns[1:]:
-        pct = "share" in col or "gap" in col
+        pct = "share" in col or "gap" in col or col == DEFECT_FREE
         out[col] = [f"{v + 0.0:.0%}" if pct else f"{v:.3f}" for v in out[col]]  # no "-0%"
     return out
 
@@ -774,17 +777,32 @@ def _example(ctx: Context, run: ClassifierRun, res: RefinementResult, row: int,
             "truth": ctx.true_masks([row], size)[0], "preds": preds}
 
 
+def median_example_per_class(ctx: Context, rows) -> list[tuple[int, int]]:
+    """``(class, row)``: for every class, the one of ``rows`` whose true mask of the class has the
+    median area among those that hold it (a typical defect for a picture, not the first)."""
+    rows = np.asarray(rows)
+    out = []
+    for c in range(ctx.index.num_classes):
+        cand = rows[ctx.index.labels[rows, c] > 0]
+        if len(cand):
+            area = np.array([ctx.index.mask_area(int(r), c) for r in cand])
+            out.append((c, int(cand[np.argsort(area, kind="stable")[len(cand) // 2]])))
+    return out
+
+
 def refinement_examples(ctx: Context, run: ClassifierRun, res: RefinementResult,
-                        cache: CamCache) -> list[dict]:
-    """One held-out image per class: the image, its true masks, the paper's CAM masks, the
-    default refinement's masks and the self-trained network's (gated), at the segmentation size:
+                        cache: CamCache, picks: list[tuple[int, int]] | None = None
+                        ) -> list[dict]:
+    """One held-out image per class (``picks``: ``(class, row)`` pairs; default the first of
+    each class): the image, its true masks, the paper's CAM masks, the default refinement's
+    masks and the self-trained network's (gated), at the segmentation size:
     ``[{"row", "class", "image", "truth", "preds"}]``."""
     paper_ref = (res.techniques.get(PAPER_TECHNIQUE)
                  or refine_stage(ctx, cache, TECHNIQUES[PAPER_TECHNIQUE]))
     sources = {"CAM masks (the paper's)": paper_ref, "refined (the default)": res.refined,
                "self-trained U-Net": SELF_TRAINED}
     return [{"row": r, "class": ctx.index.class_names[c], **_example(ctx, run, res, r, sources)}
-            for c, r in first_example_per_class(ctx, res.rows)]
+            for c, r in (picks or first_example_per_class(ctx, res.rows))]
 
 
 def lesson_row(ctx: Context, res: RefinementResult) -> tuple[int, int]:

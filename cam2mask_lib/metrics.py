@@ -41,6 +41,12 @@ class DiceReport:
     def defective(self) -> np.ndarray:
         return self.true_nonempty.any(1)
 
+    def defect_free_with_mask(self) -> float:
+        """The share of images holding no defect of any class that get a mask of some class
+        (Kaggle Dice of an empty truth is 0 exactly when a mask is predicted); NaN with none."""
+        free = ~self.defective
+        return float((self.values[free] < 1).any(1).mean()) if free.any() else float("nan")
+
     def summary(self) -> dict:
         """Means under each protocol, overall and per class (NaN where there is nothing to average)."""
         def mean(x):
@@ -60,3 +66,4 @@ def dice_report(pred: np.ndarray, true: np.ndarray, class_names) -> DiceReport:
     """:class:`DiceReport` of predicted and true masks ``[N, C, H, W]``."""
     t = np.asarray(true) != 0
     return DiceReport(dice(pred, true), t.any((-2, -1)), list(class_names))
+

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .utils import atomic_write_bytes, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_text, read_json
 
 # the packages whose versions can move a number (the rest of the environment is in the lock file)
 VERSIONED = ("torch", "timm", "segmentation-models-pytorch", "grad-cam", "numpy")
@@ -201,32 +201,53 @@ def build_report(figures: str | Path, out: str | Path, title: str, header: str,
     return atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
 
 
-# The real-steel rows the README quotes (benchmarks/real_quality.py's table): how each row's
+# The real-data rows the README quotes (benchmarks/real_quality.py's table): how each row's
 # name begins -> the README's shorter name.
-REAL_STEEL_ROWS = {
-    "no mask": "no mask",
+REAL_DATA_ROWS = {
     "CAM masks, the paper's post-processing": "CAM masks, the paper's post-processing",
     "the same, a class with a grey cue": "label-only refinement of the CAM masks",
-    "U-Net self-trained on the default's masks": "U-Net self-trained on the refined masks",
+    "U-Net self-trained on the default's masks": "**U-Net self-trained on the refined masks "
+                                                 "(`cam2mask masks`)**",
     "supervised U-Net + the same classifier gate": "U-Net trained on the true masks (reference)",
 }
-REAL_STEEL_SHARES = ("gap closed", "non-empty, share of supervised")
+REAL_DATA_SHARES = ("gap closed", "non-empty, share of supervised")
+DEFECT_FREE = "defect-free images with a mask"
 
 
-def real_steel_block(table: str | Path) -> str:
-    """The README's short real-steel table: the rows of :data:`REAL_STEEL_ROWS` of the table
-    ``benchmarks/real_quality.py`` wrote (``real_quality.csv``), read, not recomputed."""
-    table = Path(table)
-    if not table.is_file():
-        return f"_Not measured yet: `{table.name}` is missing._"
-    df = pd.read_csv(table)
-    out = []
-    for start, name in REAL_STEEL_ROWS.items():
-        hit = df[df["masks"].astype(str).str.startswith(start)]
-        if len(hit):
+# the real development sets benchmarks/real_quality.py has measured: README name -> folder under
+# figures/real_quality/ (the data lives beside the project, never in it)
+REAL_DATA_SETS = {"NEU-Seg (steel)": "neu_seg_dev", "BSData (ball screws)": "bsdata_dev"}
+
+
+def real_data_folders(figures_root: str | Path) -> dict:
+    """:data:`REAL_DATA_SETS` as ``{name: figures_root/real_quality/<folder>}``."""
+    return {k: Path(figures_root) / "real_quality" / v for k, v in REAL_DATA_SETS.items()}
+
+
+def real_data_block(folders: dict) -> str:
+    """The README's short table of real data: per data set (``{name: folder}``, each holding what
+    ``benchmarks/real_quality.py`` wrote), the rows of :data:`REAL_DATA_ROWS`, the classifier's
+    out-of-fold ROC-AUC beside them; read, not recomputed."""
+    out, missing = [], []
+    for name, folder in folders.items():
+        table, run = Path(folder) / "real_quality.csv", Path(folder) / "real_quality.json"
+        if not table.is_file():
+            missing.append(f"_{name}: not measured yet (`{table.name}` is missing)._")
+            continue
+        df = pd.read_csv(table)
+        auc = read_json(run).get("auc") if run.is_file() else None
+        for start, label in REAL_DATA_ROWS.items():
+            hit = df[df["masks"].astype(str).str.startswith(start)]
+            if not len(hit):
+                continue
             r = hit.iloc[0]
-            out.append({"masks": name,
+            free = r.get(DEFECT_FREE, float("nan"))
+            out.append({"data": name, "masks": label,
                         "Dice (defective images)": f"{r['Dice (defective images)']:.3f}",
                         "Dice (non-empty masks)": f"{r['Dice (non-empty masks)']:.3f}",
-                        **{c: f"{r[c]:.0%}" for c in REAL_STEEL_SHARES}})
-    return markdown_table(pd.DataFrame(out))
+                        **{c: f"{r[c]:.0%}" for c in REAL_DATA_SHARES},
+                        DEFECT_FREE: "no such images" if pd.isna(free) else f"{free:.0%}",
+                        "classifier ROC-AUC": (", ".join(f"{a:.3f}" for a in auc) if auc
+                                               else "n/a")})
+    parts = [markdown_table(pd.DataFrame(out))] if out else []
+    return "\n\n".join(parts + missing)

@@ -16,6 +16,15 @@ def _gray(img: np.ndarray) -> np.ndarray:
     return img[..., 0] if img.ndim == 3 else img
 
 
+def _show(ax, img: np.ndarray) -> None:
+    """An image in its colours, or in grey where its channels are equal."""
+    img = np.asarray(img)
+    if img.ndim == 3 and not (img == img[..., :1]).all():
+        ax.imshow(img.astype(np.uint8), interpolation="nearest")
+    else:
+        ax.imshow(_gray(img), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+
+
 def _strip(ax, img, title, cam=None, mask=None, truth=None, color=(1, 0.2, 0.2)):
     ax.imshow(_gray(img), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     if cam is not None:
@@ -201,4 +210,40 @@ def plot_gap_closed(tables: dict, rows, column: str = "gap closed"):
     ax.tick_params(axis="y", labelsize=8)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(tables))
     fig.tight_layout()
+    return fig
+
+
+def plot_class_examples(examples, cams, class_names, columns=("refined (the default)",
+                                                                "self-trained U-Net")):
+    """One row per example of ``examples`` (:func:`experiments.refinement_examples`: one image
+    per class), its class only: the image, the class's CAM (``cams``, one ``[H, W]`` map per
+    example), the masks of ``columns`` (each with its Dice) and the true mask."""
+    n = len(examples)
+    h, w = examples[0]["truth"].shape[-2:]
+    ncol = 3 + len(columns)
+    fig, axes = plt.subplots(n, ncol, figsize=(2.6 * ncol, n * (2.6 * h / w + 0.45)),
+                             squeeze=False)
+    for r, (ex, cam) in enumerate(zip(examples, cams)):
+        c = list(class_names).index(ex["class"])
+        truth = ex["truth"][c]
+        _show(axes[r, 0], ex["image"])
+        axes[r, 0].set_title(f"class {ex['class']}: image", fontsize=8, loc="left")
+        _show(axes[r, 1], ex["image"])
+        axes[r, 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+        axes[r, 1].set_title("CAM", fontsize=8, loc="left")
+        for k, name in enumerate(columns, start=2):
+            _show(axes[r, k], ex["image"])
+            rgba = np.zeros((h, w, 4), np.float32)
+            rgba[ex["preds"][name][c].astype(bool)] = (1, 0.2, 0.2, 0.55)
+            axes[r, k].imshow(rgba, interpolation="nearest")
+            axes[r, k].set_title(f"{name}, Dice {_dice(ex['preds'][name][c], truth):.2f}",
+                                 fontsize=8, loc="left")
+        _show(axes[r, -1], ex["image"])
+        rgba = np.zeros((h, w, 4), np.float32)
+        rgba[truth.astype(bool)] = (0.2, 1, 0.2, 0.55)
+        axes[r, -1].imshow(rgba, interpolation="nearest")
+        axes[r, -1].set_title("true mask", fontsize=8, loc="left")
+        for ax in axes[r]:
+            ax.axis("off")
+    cam_colorbar(fig, axes)
     return fig

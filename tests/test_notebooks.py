@@ -168,7 +168,8 @@ def test_report(smoke_run):
                  "![cls_roc_curves](cls_roc_curves.png)", "paper Dice (compare: non-empty masks)",
                  "thesis Dice (all)", "## Which of the paper's claims hold",
                  "| claim | source | paper / thesis |", "## How far a seed moves the numbers",
-                 "## Real steel: label-only masks on NEU-Seg"):
+                 "## Real data: label-only masks on NEU-Seg (steel)",
+                 "## Real data: label-only masks on BSData (ball screws)"):
         assert part in rep, part
     assert "was not produced" not in rep
     assert rep.count("_Profile `smoke`") == 1      # the provenance once, at the top

@@ -28,19 +28,30 @@ def test_the_report_states_the_provenance_once_and_appends_missing_tables_as_mis
     assert "Table `table3_segmentation` was not produced" in text
 
 
-def test_the_readmes_real_steel_rows_are_read_from_the_benchmarks_table(tmp_path):
+def test_the_readmes_real_data_rows_are_read_from_the_benchmarks_tables(tmp_path):
+    import json
+
     import pandas as pd
-    rows = list(report.REAL_STEEL_ROWS)
+    rows = list(report.REAL_DATA_ROWS)
     df = pd.DataFrame({"masks": [r + " (suffix)" for r in rows] + ["another row"],
-                       "Dice (defective images)": [0.5, 0.6, 0.7, 0.8, 0.9, 0.1],
-                       "gap closed": [0, 0.25, 0.5, 0.75, 1, 0.1],
-                       "Dice (non-empty masks)": [0, 0.2, 0.4, 0.5, 0.6, 0.1],
-                       "non-empty, share of supervised": [0, 0.3, 0.6, 0.8, 1, 0.1]})
-    df.to_csv(tmp_path / "real_quality.csv", index=False)
-    block = report.real_steel_block(tmp_path / "real_quality.csv")
-    assert block.count("\n") == 6 and "another row" not in block
-    assert "| 0.700 | 0.400 | 50% | 60% |" in block
-    assert "missing" in report.real_steel_block(tmp_path / "none.csv")
+                       "Dice (defective images)": [0.6, 0.7, 0.8, 0.9, 0.1],
+                       "gap closed": [0.25, 0.5, 0.75, 1, 0.1],
+                       "Dice (non-empty masks)": [0.2, 0.4, 0.5, 0.6, 0.1],
+                       "non-empty, share of supervised": [0.3, 0.6, 0.8, 1, 0.1],
+                       report.DEFECT_FREE: [0.5, 0.25, 0.03, 0.02, 0.1]})
+    (tmp_path / "a").mkdir()
+    df.to_csv(tmp_path / "a" / "real_quality.csv", index=False)
+    (tmp_path / "a" / "real_quality.json").write_text(json.dumps({"auc": [0.9876]}))
+    (tmp_path / "b").mkdir()
+    df.drop(columns=report.DEFECT_FREE).to_csv(tmp_path / "b" / "real_quality.csv", index=False)
+    block = report.real_data_block({"set a": tmp_path / "a", "set b": tmp_path / "b",
+                                    "set c": tmp_path / "c"})
+    lines = block.splitlines()
+    assert len([x for x in lines if x.startswith("| set a")]) == 4 and "another row" not in block
+    assert "| set a | label-only refinement of the CAM masks | 0.700 | 0.400 | 50% | 60% | 25% " \
+           "| 0.988 |" in block
+    assert "| set b | " in block and "no such images" in block and "| n/a |" in block
+    assert "set c: not measured yet" in block
 
 
 def test_the_cpu_line_names_family_and_model_where_the_kernel_says_them():
