@@ -33,13 +33,12 @@ from pathlib import Path
 from cam2mask_lib import pipeline
 from cam2mask_lib.data import load_dataset
 from cam2mask_lib.experiments import (DEFECT_FREE, SELF_TRAINED, median_example_per_class,
-                                      refinement_examples,
-                                      refinement_markdown_table, refinement_stage)
+                                      refinement_examples, refinement_markdown_table,
+                                      refinement_stage)
 from cam2mask_lib.masks import classifier_recipe, fit_input_size, masks_profile
 from cam2mask_lib.profiles import get_profile
-from cam2mask_lib.report import markdown_table
-from cam2mask_lib.utils import (atomic_write_text, dev_data, read_json, repo_root, write_json)
-from cam2mask_lib.report import save_figure
+from cam2mask_lib.report import markdown_table, save_figure
+from cam2mask_lib.utils import atomic_write_text, dev_data, read_json, repo_root, write_json
 from cam2mask_lib.viz import plot_class_examples
 
 DEFAULT_DATA = dev_data()

@@ -349,15 +349,21 @@ def segmentation_stage(ctx: Context, run: ClassifierRun, cache: CamCache, high: 
                               tuned, cfg, rows_eval)
 
 
-def first_example_per_class(ctx: Context, rows) -> list[tuple[int, int]]:
-    """``(class, row)``: for every class, the first of ``rows`` whose label has it."""
+def _example_per_class(ctx: Context, rows, pick) -> list[tuple[int, int]]:
+    """``(class, row)``: for every class with an image among ``rows``, ``pick(class, rows whose
+    label has it)``."""
     rows = np.asarray(rows)
     out = []
     for c in range(ctx.index.num_classes):
         cand = rows[ctx.index.labels[rows, c] > 0]
         if len(cand):
-            out.append((c, int(cand[0])))
+            out.append((c, int(pick(c, cand))))
     return out
+
+
+def first_example_per_class(ctx: Context, rows) -> list[tuple[int, int]]:
+    """``(class, row)``: for every class, the first of ``rows`` whose label has it."""
+    return _example_per_class(ctx, rows, lambda c, cand: cand[0])
 
 
 def segmentation_examples(ctx: Context, run: ClassifierRun, seg: SegmentationResult,
@@ -780,14 +786,10 @@ def _example(ctx: Context, run: ClassifierRun, res: RefinementResult, row: int,
 def median_example_per_class(ctx: Context, rows) -> list[tuple[int, int]]:
     """``(class, row)``: for every class, the one of ``rows`` whose true mask of the class has the
     median area among those that hold it (a typical defect for a picture, not the first)."""
-    rows = np.asarray(rows)
-    out = []
-    for c in range(ctx.index.num_classes):
-        cand = rows[ctx.index.labels[rows, c] > 0]
-        if len(cand):
-            area = np.array([ctx.index.mask_area(int(r), c) for r in cand])
-            out.append((c, int(cand[np.argsort(area, kind="stable")[len(cand) // 2]])))
-    return out
+    def median(c, cand):
+        area = np.array([ctx.index.mask_area(int(r), c) for r in cand])
+        return cand[np.argsort(area, kind="stable")[len(cand) // 2]]
+    return _example_per_class(ctx, rows, median)
 
 
 def refinement_examples(ctx: Context, run: ClassifierRun, res: RefinementResult,

@@ -66,4 +66,3 @@ def dice_report(pred: np.ndarray, true: np.ndarray, class_names) -> DiceReport:
     """:class:`DiceReport` of predicted and true masks ``[N, C, H, W]``."""
     t = np.asarray(true) != 0
     return DiceReport(dice(pred, true), t.any((-2, -1)), list(class_names))
-

@@ -25,8 +25,8 @@ def _show(ax, img: np.ndarray) -> None:
         ax.imshow(_gray(img), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
 
 
-def _strip(ax, img, title, cam=None, mask=None, truth=None, color=(1, 0.2, 0.2)):
-    ax.imshow(_gray(img), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+def _strip(ax, img, title, cam=None, mask=None, truth=None, color=(1, 0.2, 0.2), fontsize=9):
+    _show(ax, img)
     if cam is not None:
         ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
     if mask is not None:
@@ -35,7 +35,7 @@ def _strip(ax, img, title, cam=None, mask=None, truth=None, color=(1, 0.2, 0.2))
         ax.imshow(rgba, interpolation="nearest")
     if truth is not None and truth.any():
         ax.contour(truth, levels=[0.5], colors=["lime"], linewidths=1.0)
-    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_title(title, fontsize=fontsize, loc="left")
     ax.axis("off")
 
 
@@ -225,25 +225,12 @@ def plot_class_examples(examples, cams, class_names, columns=("refined (the defa
                              squeeze=False)
     for r, (ex, cam) in enumerate(zip(examples, cams)):
         c = list(class_names).index(ex["class"])
-        truth = ex["truth"][c]
-        _show(axes[r, 0], ex["image"])
-        axes[r, 0].set_title(f"class {ex['class']}: image", fontsize=8, loc="left")
-        _show(axes[r, 1], ex["image"])
-        axes[r, 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-        axes[r, 1].set_title("CAM", fontsize=8, loc="left")
-        for k, name in enumerate(columns, start=2):
-            _show(axes[r, k], ex["image"])
-            rgba = np.zeros((h, w, 4), np.float32)
-            rgba[ex["preds"][name][c].astype(bool)] = (1, 0.2, 0.2, 0.55)
-            axes[r, k].imshow(rgba, interpolation="nearest")
-            axes[r, k].set_title(f"{name}, Dice {_dice(ex['preds'][name][c], truth):.2f}",
-                                 fontsize=8, loc="left")
-        _show(axes[r, -1], ex["image"])
-        rgba = np.zeros((h, w, 4), np.float32)
-        rgba[truth.astype(bool)] = (0.2, 1, 0.2, 0.55)
-        axes[r, -1].imshow(rgba, interpolation="nearest")
-        axes[r, -1].set_title("true mask", fontsize=8, loc="left")
-        for ax in axes[r]:
-            ax.axis("off")
+        img, truth, row = ex["image"], ex["truth"][c], axes[r]
+        _strip(row[0], img, f"class {ex['class']}: image", fontsize=8)
+        _strip(row[1], img, "CAM", cam=cam, fontsize=8)
+        for ax, name in zip(row[2:], columns):
+            pred = ex["preds"][name][c]
+            _strip(ax, img, f"{name}, Dice {_dice(pred, truth):.2f}", mask=pred, fontsize=8)
+        _strip(row[-1], img, "true mask", mask=truth, color=(0.2, 1, 0.2), fontsize=8)
     cam_colorbar(fig, axes)
     return fig
