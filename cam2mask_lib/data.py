@@ -693,6 +693,16 @@ def normalize_images(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+@dataclass(frozen=True)
+class _MappedFile:
+    """Where a memory-mapped array's bytes lie (how :class:`ImageDataset` pickles one)."""
+
+    path: Path
+    offset: int
+    shape: tuple
+    dtype: str
+
+
 class ImageDataset:
     """A torch-style dataset over a :class:`DatasetIndex` at a fixed input size.
 
@@ -734,6 +744,25 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getstate__(self) -> dict:
+        """Pickled (e.g. for a fold's own process) without its decoded images, worker processes
+        or mapped bytes: a memory-mapped ``array`` travels as its file's name and is mapped
+        again on the other side."""
+        state = dict(self.__dict__, _loaders={})
+        if self._cache is not None:
+            state["_cache"] = {}
+        a = self.array
+        if isinstance(a, np.memmap) and a.filename and a.flags.c_contiguous:
+            state["array"] = _MappedFile(Path(a.filename), a.offset, a.shape, a.dtype.str)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        a = state.get("array")
+        if isinstance(a, _MappedFile):
+            state["array"] = np.memmap(a.path, dtype=np.dtype(a.dtype), mode="r", offset=a.offset,
+                                       shape=a.shape)
+        self.__dict__.update(state)
 
     def arrays(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Resized uint8 image ``[H, W, 3]`` and masks ``[C, H, W]`` (or None) of item ``k``."""

@@ -164,3 +164,36 @@ def test_workers_change_no_weight(tiny_run, tmp_path):
     b = torch.load(res.dir / "fold0" / "final.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert np.array_equal(ref.oof[folds == 0], res.oof[folds == 0])
+
+
+def test_folds_in_processes_equal_one_thread_here(tiny_run, tmp_path):
+    """Folds trained side by side in 1-thread processes (a memory-mapped image array crossing
+    as its file's name) give the weights and out-of-fold probabilities that a 1-thread run in
+    this process gives, and a cache key of their own."""
+    import dataclasses
+
+    from cam2mask_lib.data import ImageDataset, image_array
+    idx, folds, cfg = tiny_run
+    arr = image_array(idx, cfg.image_size, tmp_path / "images", progress=False)
+    ds = ImageDataset(idx, cfg.image_size, with_masks=False, array=arr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train_cv(idx, folds, cfg, tmp_path / "ref", progress=False, ds=ds)
+    finally:
+        torch.set_num_threads(threads)
+    par = dataclasses.replace(cfg, fold_processes=2)
+    res = train_cv(idx, folds, par, tmp_path / "par", progress=False, ds=ds)
+    assert res.complete and res.trained == (0, 1, 2)
+    for k in range(3):
+        a = torch.load(ref.dir / f"fold{k}" / "final.pt")
+        b = torch.load(res.dir / f"fold{k}" / "final.pt")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert np.array_equal(ref.oof, res.oof)
+    assert res.dir.name != ref.dir.name and par.key()["threads"] == 1
+    # the process count is speed only: 3 processes reuse the folds 2 made
+    again = train_cv(idx, folds, dataclasses.replace(cfg, fold_processes=3), tmp_path / "par",
+                     progress=False, ds=ds)
+    assert again.dir == res.dir and again.trained == ()
+    with pytest.raises(ValueError, match="fold_processes=-1: must be >= 0"):
+        TrainConfig(fold_processes=-1)
