@@ -303,12 +303,10 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, part=(0, 1
     ``size`` images, and every rank draws for the whole batch and keeps its slice's draws, so the
     flips are those of one process."""
     size = len(x) if size is None else size
-    if cfg.hflip:
-        f = (torch.rand(size, generator=gen) < 0.5)[part[0]::part[1]]
-        x = torch.where(f[:, None, None, None], x.flip(-1), x)
-    if cfg.vflip:
-        f = (torch.rand(size, generator=gen) < 0.5)[part[0]::part[1]]
-        x = torch.where(f[:, None, None, None], x.flip(-2), x)
+    for dim, on in ((-1, cfg.hflip), (-2, cfg.vflip)):
+        if on:  # drawn on the CPU (the generator's), applied on the batch's device
+            f = (torch.rand(size, generator=gen) < 0.5)[part[0]::part[1]].to(x.device)
+            x = torch.where(f[:, None, None, None], x.flip(dim), x)
     return x
 
 
@@ -408,7 +406,7 @@ class ClassifierTrainer(ResumableTrainer):
             tot += float(loss.detach()) * len(x)
             n += len(x)
         if self.world > 1:
-            both = torch.tensor([tot, n], dtype=torch.float64)
+            both = torch.tensor([tot, n], dtype=torch.float64, device=self.device)  # NCCL: CUDA
             torch.distributed.all_reduce(both)
             tot, n = float(both[0]), int(both[1])
         logits = predict_logits(model, self.ds, self.val_rows, cfg.batch_size * 2, cfg.num_workers)

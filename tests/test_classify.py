@@ -197,3 +197,20 @@ def test_folds_in_processes_equal_one_thread_here(tiny_run, tmp_path):
     assert again.dir == res.dir and again.trained == ()
     with pytest.raises(ValueError, match="fold_processes=-1: must be >= 0"):
         TrainConfig(fold_processes=-1)
+
+
+def test_flips_follow_the_batch_device():
+    """The flip draws come from a CPU generator and meet the batch where it lies (a batch that
+    device decoding put on a GPU): checked with a batch on the meta device, which refuses to
+    meet a CPU tensor."""
+    cfg = TrainConfig(encoder=TINY, image_size=(32, 64), hflip=True, vflip=True)
+    x = torch.zeros(4, 3, 32, 64, device="meta")
+    out = classify._augment(x, cfg, torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == x.shape
+    # the same draws as before on the CPU: an image flipped iff its draw is under 0.5
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
+    flips = torch.rand(4, generator=torch.Generator().manual_seed(1)) < 0.5
+    got = classify._augment(x, TrainConfig(encoder=TINY, image_size=(32, 64)),
+                            torch.Generator().manual_seed(1))
+    for i in range(4):
+        assert torch.equal(got[i], x[i].flip(-1) if flips[i] else x[i])
