@@ -28,7 +28,8 @@ from cam2mask_lib.cams import CamCache, cam_dataset
 from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, _batches, predict_logits
 from cam2mask_lib.data import ImageDataset, image_array, load_dataset, resize_mask
 from cam2mask_lib.device import autocast, resolve_device
-from cam2mask_lib.experiments import THRESHOLDS, grid_profile
+from cam2mask_lib.experiments import grid_profile
+from cam2mask_lib.postprocess import THRESHOLDS
 from cam2mask_lib.losses import make_loss
 from cam2mask_lib.postprocess import collect_stats
 from cam2mask_lib.profiles import get_profile

@@ -40,6 +40,14 @@ from .device import model_device, to_model
 from .utils import bars, say, write_json
 
 FAST_METHODS = ("gradcam", "gradcam++", "layercam")
+# the CAM variants of the paper's Table 2: name -> (method, aug smoothing, weights); the last is
+# the best, the maps every later stage and ``cam2mask masks`` use
+VARIANTS = {
+    "Grad-CAM": ("gradcam", False, "best_epoch"),
+    "Grad-CAM++": ("gradcam++", False, "best_epoch"),
+    "Grad-CAM++ + SWA + aug smooth": ("gradcam++", True, "averaged"),
+}
+BEST_VARIANT = "Grad-CAM++ + SWA + aug smooth"
 AUG_FACTORS = (0.9, 1.0, 1.1)
 # the views of aug smoothing, in ttach's order: (horizontal flip, factor)
 AUG_VIEWS = tuple((flip, f) for flip in (False, True) for f in AUG_FACTORS)

@@ -38,8 +38,8 @@ from . import distributed, paper, weights
 from .data import ImageDataset
 from .device import autocast, model_device, resolve_device, to_model
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
-from .utils import (ConfigError, UserError, atomic_write_text, bars, describe_weights, file_digest,
-                    read_json, say, stable_hash, write_json)
+from .utils import (ConfigError, UserError, atomic_write_text, bars, config_key, describe_weights,
+                    file_digest, read_json, say, stable_hash, write_json)
 
 
 class PretrainedUnavailable(UserError, RuntimeError):
@@ -226,16 +226,11 @@ class TrainConfig:
                               + (f"; similar names: {close}" if close else ""))
 
     def key(self) -> dict:
-        """What the trained weights depend on (not where or how fast they are computed)."""
-        d = asdict(self)
-        for k in ("device", "num_workers", "cache_images", "fold_processes"):
-            d.pop(k)
+        """What the trained weights depend on (:func:`utils.config_key`: not where or how fast
+        they are computed), with a weights file as its bytes' digest."""
+        d = config_key(self, skip=("device", "num_workers", "cache_images", "fold_processes"))
         if self.fold_processes:  # one thread per fold, however many processes run side by side
             d["threads"] = 1
-        if d["decode"] == "workers":  # PIL's pixels, as before the option (keys unchanged)
-            d.pop("decode")
-        if not self.freeze:  # a field at its default is left out (the keys before it stay)
-            d.pop("freeze")
         if self.weights_path is not None:  # the file's bytes, not where it lies
             d["weights_path"] = file_digest(self.weights_path)
         elif self.pretrained and weights.packaged(self.encoder) is not None:

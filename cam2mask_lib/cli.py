@@ -248,9 +248,10 @@ def _train(args) -> int:
         n_units = 0
         if nets:
             from . import experiments as ex
+            from .cams import BEST_VARIANT, VARIANTS
 
             with distributed.rank_zero_first():  # CAMs, tuned parameters, image caches: once
-                cache = cam_stage(ctx, res, *ex.VARIANTS[ex.BEST_VARIANT],
+                cache = cam_stage(ctx, res, *VARIANTS[BEST_VARIANT],
                                   progress=progress if distributed.rank() == 0 else False)
                 jobs = ex.network_jobs(ctx, res, cache, nets)
                 for c in {id(j.ctx): j.ctx for j in jobs}.values():

@@ -16,7 +16,6 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,64 +23,34 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, paper
-from .cams import FAST_METHODS, CamCache, compute_cams, fast_cams
+from .cams import BEST_VARIANT, FAST_METHODS, VARIANTS, CamCache, compute_cams, fast_cams
 from .classify import ClassifierRun
 from .data import resize_image
 from .device import to_model
 from .metrics import DiceReport, dice_report
-from .postprocess import (Params, Stats, apply, baseline_empty, baseline_fill, collect_stats,
-                          report, search, write_predictions)
+from .pipeline import Context, stats_from_cache
+from .postprocess import (CONFIDENCES, THRESHOLDS, Params, Stats, apply, baseline_empty,
+                          baseline_fill, collect_stats, min_area_grid, report, search,
+                          write_predictions)
+from .profiles import Profile
+from .report import per_class_table  # noqa: F401  (notebook 03 calls it from here)
 from .refine import Refined, RefineConfig, refine_stage
-from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets, check_size,
+from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets,
                         confident_targets, eval_rows, predict_masks_at, refined_targets,
                         seg_folds, seg_stats, segmenter_dir, teacher_thresholds,
                         train_segmenters, true_targets)
 from .segment import SegConfig
 from .utils import ConfigError, bars, read_json, say, write_json
 
-if TYPE_CHECKING:  # annotations only: pipeline imports this module's configuration
-    from .pipeline import Context
-    from .profiles import Profile
-
 # ------------------------------------------------------------------------------------------------
 # Table 2: masks from CAMs
 # ------------------------------------------------------------------------------------------------
 
-# the CAM variants of Table 2: name -> (method, aug smoothing, weights)
-VARIANTS = {
-    "Grad-CAM": ("gradcam", False, "best_epoch"),
-    "Grad-CAM++": ("gradcam++", False, "best_epoch"),
-    "Grad-CAM++ + SWA + aug smooth": ("gradcam++", True, "averaged"),
-}
-BEST_VARIANT = "Grad-CAM++ + SWA + aug smooth"
-# 0.1 steps plus the paper's 0.75 and a low 0.05 (each threshold costs a pass over all maps)
 # The paper's Dice values cannot be the metric it states (an empty prediction alone scores 0.734
 # on Severstal under it; notebook 03); they are closest to our Dice on non-empty masks, so the
 # tables set them beside that column, under this name.
 PAPER_DICE = "paper Dice (compare: non-empty masks)"
 PAPER_RATIO = "paper ratio (compare: non-empty)"
-
-THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
-CONFIDENCES = tuple(round(c, 2) for c in np.arange(0.1, 0.91, 0.1))
-MIN_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.0025, 0.005, 0.01)
-
-
-def min_areas(ctx: Context) -> list[int]:
-    """The minimum-area grid in pixels at the scoring resolution (the classifier's input)."""
-    h, w = ctx.profile.image_size
-    return [round(f * h * w) for f in MIN_AREA_FRACTIONS]
-
-
-def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth: bool,
-                     batch: int = 32, progress: bool = False) -> Stats:
-    """Post-processing statistics (see :func:`postprocess.collect_stats`) of cached CAMs, made
-    and counted on the context's device."""
-    rows = np.asarray(rows)
-    chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
-    maps = (cache.maps_on(ctx.device, c, ctx.profile.image_size, aug_smooth=aug_smooth)
-            for c in tqdm(chunks, desc="scoring", disable=not bars(progress)))
-    trues = (ctx.true_masks(c) for c in chunks)
-    return collect_stats(maps, trues, thresholds, rows=rows)
 
 
 def stats_from_method(ctx: Context, run: ClassifierRun, method: str, rows, thresholds,
@@ -132,7 +101,7 @@ def postprocessing_stage(ctx: Context, run: ClassifierRun, caches: dict[str, Cam
     probs = run.oof
     names = ctx.index.class_names
     all_rows = np.arange(len(ctx.index))
-    mins = min_areas(ctx)
+    mins = min_area_grid(ctx.profile.image_size)
     stats = {name: stats_from_cache(ctx, caches[name], all_rows, THRESHOLDS, VARIANTS[name][1],
                                     progress=progress) for name in caches}
     rows, tuned, reports = [], {}, {}
@@ -181,14 +150,6 @@ def postprocessing_stage(ctx: Context, run: ClassifierRun, caches: dict[str, Cam
     return PostprocessingResult(pd.DataFrame(rows), stats, tuned, reports, probs)
 
 
-def per_class_table(rep: DiceReport, class_names) -> pd.DataFrame:
-    s = rep.summary()
-    return pd.DataFrame([{"class": c, "Dice (defective images)": s[f"class {c} (defective images)"],
-                          "Dice (non-empty masks)": s[f"class {c} (non-empty masks)"],
-                          "non-empty masks": int(rep.true_nonempty[:, k].sum())}
-                         for k, c in enumerate(class_names)])
-
-
 def _params_path(ctx: Context, run: ClassifierRun) -> Path:
     return ctx.artifacts / "predictions" / Path(run.dir).name / "postprocess_params.json"
 
@@ -220,8 +181,8 @@ def tuned_params(ctx: Context, run: ClassifierRun, cache: CamCache,
         return {"global": Params(**saved[BEST_VARIANT]), "per class": Params(**saved["per class"])}
     st = stats_from_cache(ctx, cache, np.arange(len(ctx.index)), THRESHOLDS,
                           VARIANTS[BEST_VARIANT][1], progress=progress)
-    out = {"global": search(st, run.oof, CONFIDENCES, min_areas(ctx))[0],
-           "per class": search(st, run.oof, CONFIDENCES, min_areas(ctx), per_class=True)[0]}
+    out = {"global": search(st, run.oof, CONFIDENCES, min_area_grid(ctx.profile.image_size))[0],
+           "per class": search(st, run.oof, CONFIDENCES, min_area_grid(ctx.profile.image_size), per_class=True)[0]}
     write_json(path, {**saved, BEST_VARIANT: vars(out["global"]), "per class": vars(out["per class"])})
     return out
 
@@ -389,33 +350,6 @@ def segmentation_examples(ctx: Context, run: ClassifierRun, seg: SegmentationRes
 # ------------------------------------------------------------------------------------------------
 # Table 4: the thesis's grid and the lecture's toolbox
 # ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GridConfig:
-    """Notebook 05's runs: ``epochs`` and input ``size`` (None: the segmentation stage's),
-    training images per run (``max_train``, None: the stage's), the held-out ``folds`` scored
-    (None: the stage's; the thesis scored one split, so the paper profile holds out fold 0 only),
-    and the thesis's ResNet encoder
-    (``encoder``, a timm name; None: the classifier's encoder, started from the classifier),
-    which starts from ImageNet weights where the segmentation network does (``pretrained``), from
-    ``weights_path`` (a local file of that encoder's weights) when given."""
-
-    epochs: int | None = None
-    size: tuple[int, int] | None = None
-    encoder: str | None = "resnet34"
-    max_train: int | None = None
-    weights_path: str | None = None
-    folds: tuple[int, ...] | None = None
-
-    def __post_init__(self):
-        if self.folds is not None:
-            object.__setattr__(self, "folds", tuple(int(f) for f in self.folds))
-        if self.size is not None:
-            object.__setattr__(self, "size", check_size(tuple(int(v) for v in self.size),
-                                                        "grid size"))
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"grid epochs={self.epochs}: must be >= 1 or None")
-
 
 @dataclass(frozen=True)
 class GridRun:
@@ -653,9 +587,7 @@ class RefinementResult:
 
 def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
                      techniques: dict[str, RefineConfig] | None = None,
-                     progress: bool = True, core: float = 1.0,
-                     batch_size: int | None = None, vflip: bool | None = None,
-                     shift: bool | None = None) -> RefinementResult:
+                     progress: bool = True) -> RefinementResult:
     """Every technique of :mod:`refine` on the held-out rows of the segmentation stage
     (:func:`seg_stage.eval_rows`), label-only, scored at the segmentation input size; a U-Net
     self-trained on the default combination's masks (:func:`seg_stage.refined_targets`), gated
@@ -663,13 +595,7 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     gate (the reference: every label-only row is gated too), its output cut at the paper's 0.2 as
     in Table 3 (and at 0.5 in a row of its own: a network of a few epochs can sit just under 0.5
     and find nothing there). "gap closed" = (Dice - no mask) / (reference - no mask), on
-    defective images. ``core``: the self-trained U-Net's targets take only the default's
-    confident core as defect where no grey-level test picks a class's pixels
-    (:class:`refine.RefineConfig`'s ``core``; its masks, the teacher, are the same).
-    ``batch_size``: both networks' batch (default: the profile's segmentation network's; a
-    smaller one takes more optimiser steps in the same epochs). ``vflip``, ``shift``: both
-    networks also see their images flipped top to bottom, rolled along their width
-    (:class:`segment.SegConfig`; None: the profile's, off in every profile)."""
+    defective images."""
     techniques = TECHNIQUES if techniques is None else techniques
     rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof
     reports: dict[str, DiceReport] = {}
@@ -686,14 +612,12 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
         if cfg == RefineConfig():
             default = ref
     default = default or refine_stage(ctx, cache, RefineConfig())
-    student = dataclasses.replace(default, config=dataclasses.replace(default.config, core=core))
-    targets = {SELF_TRAINED: refined_targets(ctx, student), SUPERVISED_NET: true_targets(ctx)}
+    targets = {SELF_TRAINED: refined_targets(ctx, default), SUPERVISED_NET: true_targets(ctx)}
     nets = {}
     conf = default.config.confidence
     for name, tg in targets.items():
         t = time.perf_counter()
-        nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress,
-                                      batch_size=batch_size, vflip=vflip, shift=shift)
+        nets[name] = train_segmenters(ctx, tg, classifier=run, progress=progress)
         if name == SELF_TRAINED:
             net_gate = Params(conf, teacher_thresholds(ctx, nets[name], default).tolist(), 0)
             st = seg_stats(ctx, nets[name], thresholds=sorted({0.5, *net_gate.threshold}),

@@ -37,16 +37,14 @@ from PIL import Image
 
 from . import paper
 from . import postprocess as pp
-from .cams import compute_cams
+from .cams import BEST_VARIANT, VARIANTS, compute_cams
 from .classify import MAX_SIDE, load_run, predict_logits, roc_auc_per_class
 from .data import DataError, check_complete, load_dataset, resize_mask
 from .eda import overlay
-from .experiments import (BEST_VARIANT, CONFIDENCES, THRESHOLDS, VARIANTS, min_areas,
-                          per_class_table, stats_from_cache)
-from .pipeline import cam_stage, classifier_stage, context
+from .pipeline import cam_stage, classifier_stage, context, stats_from_cache
 from .profiles import get_profile, with_random_weights
 from .refine import RefineConfig, refine_stage
-from .report import markdown_table
+from .report import markdown_table, per_class_table
 from .seg_stage import (predict_probs, refined_targets, seg_stats, teacher_thresholds,
                         train_segmenters)
 from .utils import ConfigError, atomic_write_bytes, atomic_write_text, write_json
@@ -413,11 +411,11 @@ def _paper(ctx, out, cls, cache, ens, probs, summary, say):
     defaults = pp.Params(**paper.PAPER_POSTPROCESS)
     if ctx.index.has_masks:
         if cache is not None:
-            stats = stats_from_cache(ctx, cache, rows, THRESHOLDS, aug)
+            stats = stats_from_cache(ctx, cache, rows, pp.THRESHOLDS, aug)
         else:
             stats = pp.collect_stats((maps_of(c) for c in _chunks(rows)),
-                                     (ctx.true_masks(c) for c in _chunks(rows)), THRESHOLDS)
-        params, _ = pp.search(stats, probs, CONFIDENCES, min_areas(ctx), per_class=True)
+                                     (ctx.true_masks(c) for c in _chunks(rows)), pp.THRESHOLDS)
+        params, _ = pp.search(stats, probs, pp.CONFIDENCES, pp.min_area_grid(ctx.profile.image_size), per_class=True)
         rep = pp.report(stats, probs, params, ctx.index.class_names)
         untuned = pp.report(stats, probs, defaults, ctx.index.class_names).summary()
         summary["postprocessing"] = ("the paper's post-processing, tuned per class on the true "

@@ -14,16 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .cams import CamCache, cam_dataset
 from .classify import ClassifierRun, Classifier, fold_models, train_cv
-from .data import DatasetIndex, ImageDataset, folds_for, image_array, resize_mask
+from .data import (DatasetIndex, ImageDataset, folds_for, image_array, load_dataset,
+                   resize_mask)
 from .device import resolve_device
-from .profiles import Profile, get_profile, load_data
+from .postprocess import Stats, collect_stats
+from .profiles import Profile, get_profile
 from .profiles import artifacts_dir as _artifacts_dir
 from .profiles import figures_dir as _figures_dir
 from .report import Provenance, provenance
-from .seg_stage import check_size
+from .segment import check_size
+from .synth import ensure_synthetic
+from .utils import ConfigError, bars
 
 
 @dataclass
@@ -93,6 +98,28 @@ class Context:
         return fold_models(run, weights, device=self.device)
 
 
+def load_data(profile: Profile, data_dir: str | Path | None = None,
+              artifacts: str | Path | None = None, progress: bool = True) -> DatasetIndex:
+    """The profile's dataset as a :class:`~cam2mask_lib.data.DatasetIndex`.
+
+    ``data_dir`` (or the profile's) names a Severstal- or generic-format folder; without one the
+    synthetic set is generated under ``artifacts/data`` on first use and reused afterwards. The
+    ``paper`` profile refuses to run on synthetic data.
+    """
+    data_dir = data_dir or profile.data.data_dir
+    if data_dir is not None:
+        return load_dataset(data_dir)
+    if profile.data.synthetic_n <= 0:
+        raise ConfigError(
+            f"profile {profile.name!r} needs real data: pass data_dir= (or --data-dir) pointing at "
+            f"the Kaggle Severstal folder (train.csv + train_images/) or a generic-format folder")
+    folder = _artifacts_dir(profile, artifacts) / "data"
+    h, w = profile.data.synthetic_size
+    path = ensure_synthetic(folder, n=profile.data.synthetic_n, seed=profile.seed, height=h,
+                            width=w, progress=progress)
+    return load_dataset(path)
+
+
 def context(profile: str | Profile = "cpu", data_dir: str | Path | None = None,
             seed: int | None = None, figures_dir: str | Path | None = None,
             artifacts_dir: str | Path | None = None, progress: bool = False,
@@ -129,3 +156,16 @@ def cam_stage(ctx: Context, run: ClassifierRun, method: str = "gradcam++",
     out = ctx.artifacts / "cams" / Path(run.dir).name / variant
     return cam_dataset(ctx.fold_models(run, weights), ctx.images(), ctx.folds, out, method=method,
                        aug_smooth=aug_smooth, progress=progress)
+
+
+def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth: bool,
+                     batch: int = 32, progress: bool = False) -> Stats:
+    """Post-processing statistics (see :func:`postprocess.collect_stats`) of the cached CAMs of
+    ``rows`` at the scoring resolution (the classifier's input), made and counted on the
+    context's device."""
+    rows = np.asarray(rows)
+    chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
+    maps = (cache.maps_on(ctx.device, c, ctx.profile.image_size, aug_smooth=aug_smooth)
+            for c in tqdm(chunks, desc="scoring", disable=not bars(progress)))
+    trues = (ctx.true_masks(c) for c in chunks)
+    return collect_stats(maps, trues, thresholds, rows=rows)

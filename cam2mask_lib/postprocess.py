@@ -27,6 +27,19 @@ from .data import resize_mask, rle_encode
 from .metrics import DiceReport, dice_pairs
 from .utils import atomic_write_bytes, atomic_write_text
 
+# The search grid of the post-processing (the paper's three parameters): binarisation thresholds
+# in 0.1 steps plus the paper's 0.75 and a low 0.05 (each costs a pass over all maps), classifier
+# confidences, and minimum areas as shares of the image (see :func:`min_area_grid`).
+THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+CONFIDENCES = tuple(round(c, 2) for c in np.arange(0.1, 0.91, 0.1))
+MIN_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.0025, 0.005, 0.01)
+
+
+def min_area_grid(size: tuple[int, int]) -> list[int]:
+    """The minimum-area grid in pixels for masks of ``size`` (the scoring resolution)."""
+    h, w = size
+    return [round(f * h * w) for f in MIN_AREA_FRACTIONS]
+
 
 @dataclass
 class Params:

@@ -8,10 +8,13 @@ configurations.
 ``paper``  the real Kaggle Severstal data at full size on a GPU with the paper's settings.
 
 A :class:`Profile` holds what every stage shares (``seed``, ``device``, ``n_folds``) and one
-configuration per stage, each defined by the stage that uses it: ``data`` (:class:`DataConfig`,
-below), ``classifier`` (:class:`classify.TrainConfig`), ``segmentation``
-(:class:`seg_stage.SegStageConfig`, whose ``net`` is a :class:`segment.SegConfig`) and ``grid``
-(:class:`experiments.GridConfig`). Anything can be overridden, by section or with dotted names::
+configuration per stage: the network stages define theirs (``classifier``:
+:class:`classify.TrainConfig`; ``segmentation``: :class:`segment.SegStageConfig`, whose ``net`` is
+a :class:`segment.SegConfig`), and the two that have no module of their own below the pipeline
+are defined here: ``data`` (:class:`DataConfig`, loaded by :func:`pipeline.context`) and ``grid``
+(:class:`GridConfig`, Table 4's runs in :mod:`experiments`). Imports point one way: this module
+imports configurations only, and every module that runs on a context imports it, never the
+reverse. Anything can be overridden, by section or with dotted names::
 
     get_profile("cpu", seed=1, classifier={"epochs": 3})
     get_profile("cpu", **{"classifier.epochs": 3, "segmentation.net.loss": "focal"})
@@ -27,11 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .classify import TrainConfig
-from .data import DatasetIndex, load_dataset
-from .experiments import GridConfig
-from .seg_stage import SegStageConfig
-from .segment import SegConfig
-from .synth import ensure_synthetic
+from .segment import SegConfig, SegStageConfig, check_size
 from .utils import ConfigError, check_weights_file, describe_weights, repo_root
 
 
@@ -52,8 +51,31 @@ class DataConfig:
                                  f"{self.synthetic_size[0]}x{self.synthetic_size[1]}")
 
 
-SECTIONS = {"data": DataConfig, "classifier": TrainConfig, "segmentation": SegStageConfig,
-            "grid": GridConfig}
+@dataclass(frozen=True)
+class GridConfig:
+    """Notebook 05's runs: ``epochs`` and input ``size`` (None: the segmentation stage's),
+    training images per run (``max_train``, None: the stage's), the held-out ``folds`` scored
+    (None: the stage's; the thesis scored one split, so the paper profile holds out fold 0 only),
+    and the thesis's ResNet encoder
+    (``encoder``, a timm name; None: the classifier's encoder, started from the classifier),
+    which starts from ImageNet weights where the segmentation network does (``pretrained``), from
+    ``weights_path`` (a local file of that encoder's weights) when given."""
+
+    epochs: int | None = None
+    size: tuple[int, int] | None = None
+    encoder: str | None = "resnet34"
+    max_train: int | None = None
+    weights_path: str | None = None
+    folds: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.folds is not None:
+            object.__setattr__(self, "folds", tuple(int(f) for f in self.folds))
+        if self.size is not None:
+            object.__setattr__(self, "size", check_size(tuple(int(v) for v in self.size),
+                                                        "grid size"))
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"grid epochs={self.epochs}: must be >= 1 or None")
 
 
 @dataclass(frozen=True)
@@ -279,24 +301,3 @@ def figures_dir(profile: Profile | str, root: str | Path | None = None) -> Path:
     name = profile.name if isinstance(profile, Profile) else profile
     return Path(root) if root is not None else repo_root() / "figures" / name
 
-
-def load_data(profile: Profile, data_dir: str | Path | None = None,
-              artifacts: str | Path | None = None, progress: bool = True) -> DatasetIndex:
-    """The profile's dataset as a :class:`~cam2mask_lib.data.DatasetIndex`.
-
-    ``data_dir`` (or the profile's) names a Severstal- or generic-format folder; without one the
-    synthetic set is generated under ``artifacts/data`` on first use and reused afterwards. The
-    ``paper`` profile refuses to run on synthetic data.
-    """
-    data_dir = data_dir or profile.data.data_dir
-    if data_dir is not None:
-        return load_dataset(data_dir)
-    if profile.data.synthetic_n <= 0:
-        raise ConfigError(
-            f"profile {profile.name!r} needs real data: pass data_dir= (or --data-dir) pointing at "
-            f"the Kaggle Severstal folder (train.csv + train_images/) or a generic-format folder")
-    folder = artifacts_dir(profile, artifacts) / "data"
-    h, w = profile.data.synthetic_size
-    path = ensure_synthetic(folder, n=profile.data.synthetic_n, seed=profile.seed, height=h,
-                            width=w, progress=progress)
-    return load_dataset(path)

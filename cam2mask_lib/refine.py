@@ -47,7 +47,7 @@ targets for a segmentation network (defect, background, and an ignored band betw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -57,10 +57,8 @@ import torch.nn.functional as F
 from .cams import AUG_VIEWS, unflip_views
 from .losses import IGNORE
 from .metrics import DiceReport, dice
+from .pipeline import Context
 from .utils import ConfigError
-
-if TYPE_CHECKING:  # annotations only
-    from .pipeline import Context
 
 
 @dataclass(frozen=True)
@@ -88,16 +86,10 @@ class RefineConfig:
     concentrate in its region (it has a grey-level cue there) has its pixels measured from their
     neighbourhood instead (the same :func:`local_zscore`, in the sign the image's grey showed:
     a dark defect draws a bright ring against its blur; the sds learnt again on it), which takes
-    out the sheet's slow drift of grey. ``local_edge``: how the blur continues the image past
-    its borders (:func:`gaussian_blur`): "linear" continues a ramp straight, "reflect" bends it.
-    ``confidence``: the
+    out the sheet's slow drift of grey. ``confidence``: the
     classifier's probability a class needs to get a mask. ``band``: the self-training targets'
     background, as factors of the region's cut and of the class's sds: a pixel is background below
-    ``band`` x either (or where the label says the class is absent), ignored between. ``core``:
-    their defect for a class whose mask is its region alone (no grey-level test picks its
-    pixels), as a factor of the region's cut: 1 takes the whole mask; above 1 only the region's
-    confident core (above ``core`` x the cut) is defect and the rest of the mask is ignored
-    too."""
+    ``band`` x either (or where the label says the class is absent), ignored between."""
 
     region: str = "image"
     threshold: float = 0.3
@@ -112,11 +104,9 @@ class RefineConfig:
     polarity_t: float = 2.58
     whole_image: bool = True
     local_sigma: float = 0.125
-    local_edge: str = "reflect"
     local_region: bool = True
     confidence: float = 0.5
     band: float = 0.5
-    core: float = 1.0
 
     def __post_init__(self):
         if self.region not in REGIONS:
@@ -138,15 +128,10 @@ class RefineConfig:
         if not 0 < self.local_sigma <= 0.3:
             raise ConfigError(f"refine local_sigma={self.local_sigma}: must be in (0, 0.3] (a "
                               "share of the image's shorter side)")
-        if self.local_edge not in EDGES:
-            raise ConfigError(f"refine local_edge {self.local_edge!r}: choose one of {EDGES}")
         if self.polarity_t <= 0:
             raise ConfigError(f"refine polarity_t={self.polarity_t}: must be > 0")
         if not 0 <= self.band <= 1:
             raise ConfigError(f"refine band={self.band}: must be in [0, 1]")
-        if self.core < 1:
-            raise ConfigError(f"refine core={self.core}: must be >= 1 (1: the whole mask is the "
-                              f"self-training targets' defect)")
         object.__setattr__(self, "par_dilations", tuple(int(d) for d in self.par_dilations))
         object.__setattr__(self, "deviations", tuple(sorted(float(d) for d in self.deviations)))
 
@@ -174,14 +159,11 @@ class RefineConfig:
                          f"{self.polarity_t:g}; else no grey test)",
                "either": f", pixels > {self.deviation:g} robust sd from the image's grey",
                "off": ""}[self.grey]
-        core = (f"; self-training defect of a class with no grey test: its region's core "
-                f"above {self.core:g} x the cut" if self.core != 1 else "")
-        return f"{region}{par}{dev}, confidence {self.confidence:g}{core}"
+        return f"{region}{par}{dev}, confidence {self.confidence:g}"
 
 
 REGIONS = ("image", "negatives", "otsu")
 GREY_RULES = ("contrast", "labels", "either", "off")
-EDGES = ("linear", "reflect")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,60 +325,33 @@ def _robust_z(g: torch.Tensor) -> torch.Tensor:
     return (g - med[:, None, None]) / (1.4826 * mad[:, None, None] + 1e-3)
 
 
-def local_zscore(images: torch.Tensor | np.ndarray, sigma: float = 0.125,
-                 edge: str = "reflect") -> np.ndarray:
+def local_zscore(images: torch.Tensor | np.ndarray, sigma: float = 0.125) -> np.ndarray:
     """The robust z-score (:func:`grey_zscore`'s) of each pixel's grey level minus its Gaussian
     blur of ``sigma`` x the image's shorter side (:func:`gaussian_blur`): ``[B, H, W]`` float32,
     negative where a pixel is darker than its neighbourhood. A small defect departs from it on a
-    sheet whose grey drifts across the image, where the image's global grey hides it. ``edge``
-    (:func:`gaussian_blur`): "linear" continues the sheet's drift straight to the borders, where
-    under "reflect" a ramp bends into departures (on NEU-Seg dev the refined masks gain 0.003
-    Dice and the self-trained network does not, so "reflect" stays the default; README)."""
+    sheet whose grey drifts across the image, where the image's global grey hides it."""
     with torch.no_grad():
         g = _tensor(images).mean(1, keepdim=True)
-        blur = gaussian_blur(g, sigma * min(g.shape[-2:]), edge)
+        blur = gaussian_blur(g, sigma * min(g.shape[-2:]))
         return _robust_z((g - blur)[:, 0]).cpu().numpy()
 
 
 def _local_z(imgs, cfg: RefineConfig) -> np.ndarray:
-    """:func:`local_zscore` with the configuration's blur (``local_sigma``, ``local_edge``)."""
-    return local_zscore(imgs, cfg.local_sigma, cfg.local_edge)
+    """:func:`local_zscore` with the configuration's blur (``local_sigma``)."""
+    return local_zscore(imgs, cfg.local_sigma)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float, edge: str = "reflect") -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """``x`` ``[B, 1, H, W]`` blurred by a Gaussian of ``sigma`` pixels, kernel radius 3 sigma, as
-    two 1-D passes; ``edge`` (:data:`EDGES`) says what the kernel sees past the borders.
-    "reflect": the image mirrored about its border pixels, which is torchvision's
+    two 1-D passes over the image mirrored about its border pixels: torchvision's
     ``gaussian_blur`` (50x faster on the CPU at sigma 16 than its 2-D kernel; equal within 1e-4,
-    tested); a ramp bends there. "linear": nothing; each pass fits a line to the pixels under the
-    kernel, weighted by it, and takes its value at the centre (a locally linear Gaussian
-    smoother), which is the plain blur wherever the kernel lies inside the image and continues a
-    plane straight to the borders (tested), with the noise of the half-kernel's fit there."""
+    tested)."""
     r = int(3 * sigma + 0.5)
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    for axis in (-1, -2):
-        x = _blur_axis(x, k, t, r, axis, edge)
-    return x
-
-
-def _blur_axis(x: torch.Tensor, k: torch.Tensor, t: torch.Tensor, r: int, axis: int,
-               edge: str) -> torch.Tensor:
-    """One pass of :func:`gaussian_blur` along ``axis`` (-1: columns, -2: rows)."""
-    shape = (1, 1, 1, -1) if axis == -1 else (1, 1, -1, 1)
-    pad = (r, r, 0, 0) if axis == -1 else (0, 0, r, r)
-    if edge == "reflect":
-        return F.conv2d(F.pad(x, pad, mode="reflect"), k.view(shape))
-    if edge != "linear":
-        raise ValueError(f"edge={edge!r}: expected one of {EDGES}")
-    conv = lambda v, w: F.conv2d(F.pad(v, pad), w.view(shape))  # noqa: E731  (zeros outside)
-    inside = torch.ones_like(x[:1])
-    w0, w1, w2 = conv(inside, k), conv(inside, k * t), conv(inside, k * t * t)
-    y0, y1 = conv(x, k), conv(x, k * t)
-    det = w0 * w2 - w1 * w1
-    fit = (w2 * y0 - w1 * y1) / det.clamp_min(1e-12)
-    return torch.where(det > 1e-9, fit, y0 / w0)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
 
 def class_polarity(balance: np.ndarray, labels: np.ndarray, min_t: float = 2.58) -> np.ndarray:
@@ -756,17 +711,13 @@ def refine_batches(cache, images, rows, probs: np.ndarray, size: tuple[int, int]
 def self_training_targets(cache, images, rows, labels: np.ndarray, size: tuple[int, int],
                           cfg: RefineConfig, cal: Calibration) -> np.ndarray:
     """:func:`confident_labels` of ``rows``: defect = the combination's mask (gated by the image
-    labels, not the classifier), for a class with no grey-level test only its region cut at
-    ``core`` x its threshold; background = outside the region cut at ``band`` x its threshold,
+    labels, not the classifier); background = outside the region cut at ``band`` x its threshold,
     or pixels that do not depart by ``band`` x the class's sds in its direction; the rest
     ignored."""
     rows = np.asarray(rows)
     imgs = _guide(images, rows, cfg)
     m = _maps(cache, rows, size, cfg, cal.scales, imgs)
     defect = _region(m, cfg, cal).astype(bool)
-    if cfg.core != 1:  # a mask that is a CAM blob alone: its rim is a guess, its core is not
-        blob = np.isnan(cal.polarity) if cfg.reads_grey else np.ones(len(cal.polarity), bool)
-        defect[:, blob] = _region(m, cfg, cal, cfg.core).astype(bool)[:, blob]
     background = ~_region(m, cfg, cal, cfg.band).astype(bool)
     if cfg.reads_grey:
         d, near = _departing(imgs, cfg, cal), _departing(imgs, cfg, cal, cfg.band)

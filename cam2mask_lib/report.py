@@ -251,3 +251,11 @@ def real_data_block(folders: dict) -> str:
                                                else "n/a")})
     parts = [markdown_table(pd.DataFrame(out))] if out else []
     return "\n\n".join(parts + missing)
+
+
+def per_class_table(rep, class_names) -> pd.DataFrame:
+    s = rep.summary()
+    return pd.DataFrame([{"class": c, "Dice (defective images)": s[f"class {c} (defective images)"],
+                          "Dice (non-empty masks)": s[f"class {c} (non-empty masks)"],
+                          "non-empty masks": int(rep.true_nonempty[:, k].sum())}
+                         for k, c in enumerate(class_names)])

@@ -12,24 +12,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .classify import load_fold_model
+from .cams import CamCache
+from .classify import ClassifierRun, load_fold_model
+from .pipeline import Context
 from .postprocess import Params, Stats, apply, collect_stats, search
+from .profiles import Profile
+from .refine import Refined
 from .segment import SegConfig, predict_masks, pseudo_labels, train_segmenter
-from .utils import ConfigError, stable_hash
-
-if TYPE_CHECKING:  # annotations only: pipeline imports this module's configuration
-    from .cams import CamCache
-    from .classify import ClassifierRun
-    from .pipeline import Context
-    from .profiles import Profile
-    from .refine import Refined
+from .utils import ConfigError, config_key, stable_hash
 
 # bumped whenever refine.self_training_targets changes what it makes from the same inputs, so that
 # networks trained on the old targets are not reused
@@ -37,39 +34,6 @@ REFINED_TARGETS_VERSION = 2
 SEG_THRESHOLD = 0.2  # the paper's binarisation of the U-Net's output (with min_seg_len 0)
 # what teacher_thresholds chooses from (0.5 included: a network's usual binarisation)
 NET_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
-
-
-@dataclass(frozen=True)
-class SegStageConfig:
-    """The segmentation stage: the network and its training (``net``), its input ``size`` (sides
-    divisible by 32; None: the classifier's input size), the ``folds`` held out and scored (None:
-    every fold), whether to train on defective images only, and a cap on training images per fold
-    (``max_train``, None: all)."""
-
-    net: SegConfig = field(default_factory=SegConfig)
-    size: tuple[int, int] | None = None
-    folds: tuple[int, ...] | None = None
-    defective_only: bool = False
-    max_train: int | None = None
-
-    def __post_init__(self):
-        if self.size is not None:
-            size = tuple(int(v) for v in self.size)
-            object.__setattr__(self, "size", check_size(size, "segmentation size"))
-        if self.folds is not None:
-            object.__setattr__(self, "folds", tuple(int(f) for f in self.folds))
-        if self.max_train is not None and self.max_train < 1:
-            raise ConfigError(f"segmentation max_train={self.max_train}: must be >= 1 or None")
-
-
-def check_size(size: tuple[int, int], what: str) -> tuple[int, int]:
-    """``size`` when both sides are positive multiples of 32 (five 2x poolings in every smp
-    encoder), else a ValueError that suggests the nearest smaller size."""
-    if len(size) != 2 or min(size) < 32 or size[0] % 32 or size[1] % 32:
-        hint = "x".join(str(max(32, v // 32 * 32)) for v in size)
-        raise ConfigError(f"{what} {'x'.join(map(str, size))} has a side not divisible by 32 (or "
-                         f"below 32); choose e.g. {hint}")
-    return size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,8 +130,7 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
         raise ValueError(f"refined maps at {refined.size}; the segmentation input is {ctx.seg_size}")
     cal = refined.calibration
     key = {"masks": "refined", **_cam_key(ctx, refined.cache, True),
-           "refine": {k: list(v) if isinstance(v, tuple) else v
-                      for k, v in dataclasses.asdict(refined.config).items()},
+           "refine": config_key(refined.config),
            "scales": [float(v) for v in cal.scales],
            "thresholds": [float(v) for v in cal.thresholds],
            "polarity": [None if np.isnan(v) else float(v) for v in cal.polarity],
@@ -175,8 +138,6 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "local": [bool(v) for v in cal.local],
            "near": [bool(v) for v in cal.near],
            "targets_version": REFINED_TARGETS_VERSION}
-    if refined.config.core == 1:  # the targets of the releases before the option: same key
-        key["refine"].pop("core")
     return Targets("refined", key, refined.targets, _memo(ctx), guide=ctx.images())
 
 

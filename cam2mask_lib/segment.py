@@ -14,7 +14,7 @@ only trust confident pixels.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from .device import resolve_device, to_model
 from .losses import IGNORE, LOSSES, make_loss, output_channels, probabilities
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
-from .utils import ConfigError, UserError, describe_weights, file_digest, write_json
+from .utils import ConfigError, UserError, config_key, describe_weights, file_digest, write_json
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,9 +193,8 @@ class SegConfig:
     encoder). ``ema``: evaluate an exponential moving average of the weights (decay per step, e.g.
     0.99); ``swa_start``: evaluate the plain average of the weights at the end of every epoch
     from this one on (stochastic weight averaging, BatchNorm statistics recomputed after).
-    Augmentation, each image drawn on its own and its targets moved with it: ``hflip`` (left to
-    right, the paper's), ``vflip`` (top to bottom) and ``shift`` (rolled along its width by a
-    random number of columns: what leaves one side comes back on the other)."""
+    ``hflip``: the paper's augmentation, each image flipped left to right with its targets at
+    random."""
 
     arch: str = "unet"
     encoder: str = "efficientnet-b0"  # the paper's (smp's name for the EfficientNet encoder)
@@ -204,8 +203,6 @@ class SegConfig:
     batch_size: int = 16
     lr: float = 1e-3
     hflip: bool = True
-    vflip: bool = False
-    shift: bool = False
     ema: float | None = None
     swa_start: int | None = None
     slim: bool = False
@@ -236,13 +233,9 @@ class SegConfig:
             raise ConfigError(f"swa_start must be an epoch in [0, {self.epochs}), got {self.swa_start}")
 
     def key(self) -> dict:
-        """What the trained weights depend on."""
-        d = asdict(self)
-        for k in ("device", "num_workers"):  # where and how fast, not what
-            d.pop(k)
-        for k in ("vflip", "shift"):  # off: the key of the releases before them, caches kept
-            if not d[k]:
-                d.pop(k)
+        """What the trained weights depend on (:func:`utils.config_key`), with a weights file as
+        its bytes' digest."""
+        d = config_key(self, skip=("device", "num_workers"))
         if self.weights_path is not None:  # the file's bytes, not where it lies
             d["weights_path"] = file_digest(self.weights_path)
         return d
@@ -254,6 +247,39 @@ class SegConfig:
         if self.arch == "thesis_unet":
             return "RANDOM initialisation (no encoder)"
         return describe_weights(self.pretrained, self.weights_path, "downloaded")
+
+
+@dataclass(frozen=True)
+class SegStageConfig:
+    """The segmentation stage: the network and its training (``net``), its input ``size`` (sides
+    divisible by 32; None: the classifier's input size), the ``folds`` held out and scored (None:
+    every fold), whether to train on defective images only, and a cap on training images per fold
+    (``max_train``, None: all)."""
+
+    net: SegConfig = field(default_factory=SegConfig)
+    size: tuple[int, int] | None = None
+    folds: tuple[int, ...] | None = None
+    defective_only: bool = False
+    max_train: int | None = None
+
+    def __post_init__(self):
+        if self.size is not None:
+            size = tuple(int(v) for v in self.size)
+            object.__setattr__(self, "size", check_size(size, "segmentation size"))
+        if self.folds is not None:
+            object.__setattr__(self, "folds", tuple(int(f) for f in self.folds))
+        if self.max_train is not None and self.max_train < 1:
+            raise ConfigError(f"segmentation max_train={self.max_train}: must be >= 1 or None")
+
+
+def check_size(size: tuple[int, int], what: str) -> tuple[int, int]:
+    """``size`` when both sides are positive multiples of 32 (five 2x poolings in every smp
+    encoder), else a ValueError that suggests the nearest smaller size."""
+    if len(size) != 2 or min(size) < 32 or size[0] % 32 or size[1] % 32:
+        hint = "x".join(str(max(32, v // 32 * 32)) for v in size)
+        raise ConfigError(f"{what} {'x'.join(map(str, size))} has a side not divisible by 32 (or "
+                         f"below 32); choose e.g. {hint}")
+    return size
 
 
 def load_encoder(model: nn.Module, state: dict) -> None:
@@ -274,19 +300,13 @@ def load_encoder(model: nn.Module, state: dict) -> None:
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, cfg: SegConfig):
-    """Images ``x`` ``[B, 3, H, W]`` and their targets ``y`` ``[B, C, H, W]`` moved together
-    as ``cfg`` asks (:class:`SegConfig`: ``hflip``, ``vflip``, ``shift``), every image drawn on
-    its own from ``gen``."""
-    n = len(x)
-    for dim, on in ((-1, cfg.hflip), (-2, cfg.vflip)):
-        if on:
-            f = (torch.rand(n, generator=gen) < 0.5)[:, None, None, None]  # drawn on the CPU
-            x = torch.where(f.to(x.device), x.flip(dim), x)
-            y = torch.where(f.to(y.device), y.flip(dim), y)
-    if cfg.shift:
-        s = torch.randint(0, x.shape[-1], (n,), generator=gen).tolist()
-        x = torch.stack([xi.roll(si, -1) for xi, si in zip(x, s)])
-        y = torch.stack([yi.roll(si, -1) for yi, si in zip(y, s)])
+    """Images ``x`` ``[B, 3, H, W]`` and their targets ``y`` ``[B, C, H, W]`` flipped left to
+    right together where ``cfg.hflip`` asks, every image drawn on its own from ``gen`` (on the
+    CPU; the draw moves to the batch's device)."""
+    if cfg.hflip:
+        f = (torch.rand(len(x), generator=gen) < 0.5)[:, None, None, None]
+        x = torch.where(f.to(x.device), x.flip(-1), x)
+        y = torch.where(f.to(y.device), y.flip(-1), y)
     return x, y
 
 

@@ -1,6 +1,7 @@
 """Small shared helpers: atomic writes, stable hashing, repository paths."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,6 +58,24 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     """Short hash of a JSON-serialisable object, independent of dict order: keys for caches."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def config_key(cfg: Any, skip: tuple[str, ...] = ()) -> dict:
+    """What a configuration's results depend on, by one rule for every cache key: each field of
+    the dataclass ``cfg`` that is not in ``skip`` (where and how fast the work runs, not what it
+    makes) and differs from its default. A field added later at its default leaves the keys, and
+    so the caches, made before it as they were."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in skip:
+            continue
+        value = getattr(cfg, f.name)
+        default = (f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                   if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if value != default:
+            out[f.name] = (config_key(value) if dataclasses.is_dataclass(value)
+                           else list(value) if isinstance(value, tuple) else value)
+    return out
 
 
 def file_digest(path: str | os.PathLike, n: int = 16) -> str:

@@ -6,7 +6,8 @@ import pytest
 from cam2mask_lib.utils import ConfigError
 
 from cam2mask_lib.cli import main
-from cam2mask_lib.profiles import PROFILES, get_profile, load_data
+from cam2mask_lib.pipeline import load_data
+from cam2mask_lib.profiles import PROFILES, get_profile
 
 
 def test_profiles_and_overrides():

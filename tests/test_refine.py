@@ -1,5 +1,4 @@
 """The label-only refinement techniques (cam2mask_lib.refine), each on a case with a known answer."""
-import dataclasses
 
 import cv2
 import numpy as np
@@ -193,7 +192,7 @@ def test_config_is_checked():
     for bad in ({"region": "mean"}, {"negative_quantile": 1.0}, {"par_iterations": -1},
                 {"band": 1.5}, {"threshold": 0}, {"deviation": 0}, {"polarity_t": 0},
                 {"grey": "mean"}, {"deviations": ()}, {"deviations": (1.0, -1.0)},
-                {"min_purity": 0}, {"core": 0.5}):
+                {"min_purity": 0}):
         with pytest.raises(ConfigError):
             refine.RefineConfig(**bad)
     assert "Otsu" in refine.RefineConfig(region="otsu").describe()
@@ -307,42 +306,9 @@ def test_self_training_cache_key_follows_what_the_labels_taught(tmp_path):
         cal = refine.Calibration(np.ones(2), np.full(2, 0.3), np.array([-1.0, 1.0]), np.ones(2))
         return refined_targets(ctx, refine.Refined(ctx, cache, cfg, cal, (8, 8))).key
 
-    assert key_cfg(refine.RefineConfig()) == key_cfg(refine.RefineConfig(local_edge="reflect"))
-    assert key_cfg(refine.RefineConfig()) != key_cfg(refine.RefineConfig(local_edge="linear"))
-    # the targets' core: 1 keeps the key of the releases before the option (cached networks)
-    assert "core" not in key_cfg(refine.RefineConfig())["refine"]
-    assert key_cfg(refine.RefineConfig()) != key_cfg(refine.RefineConfig(core=2))
-
-
-def test_the_targets_core_keeps_the_confident_defect_and_ignores_the_rim():
-    """With ``core`` the self-training defect of a class with no grey-level test is its region
-    above core x its cut, inside the whole mask's defect; the pixels of the mask outside it are
-    ignored, not background; the background and the absent classes are the same as with the
-    whole mask; a class whose pixels a grey-level test picks keeps them."""
-    labels, low, _ = _case()
-    whole = refine.RefineConfig(region="image", grey="off")
-    cal = refine.calibrate(_Cache(low), None, labels, (8, 8), whole)
-    rows = np.arange(20)
-    t1 = refine.self_training_targets(_Cache(low), None, rows, labels, (8, 8), whole, cal)
-    t2 = refine.self_training_targets(_Cache(low), None, rows, labels, (8, 8),
-                                      dataclasses.replace(whole, core=2.0), cal)
-    maps = refine._maps(_Cache(low), rows, (8, 8), whole, cal.scales)
-    assert ((t2 == 1) <= (t1 == 1)).all() and (t2 == 1).sum() < (t1 == 1).sum()
-    assert ((t2 == 1) == ((maps > 2 * 0.3) & labels[:, :, None, None])).all()
-    rim = (t1 == 1) & (t2 != 1)
-    assert rim.any() and (t2[rim] == IGNORE).all()
-    assert ((t1 == 0) == (t2 == 0)).all()
-    # a class whose pixels a grey-level test picks keeps them; one with no test gets its core
-    _, _, imgs = _case()
-    load = lambda r: imgs[np.asarray(r)]  # noqa: E731
-    grey = refine.RefineConfig(region="image", grey="contrast", deviation=3.0, local_region=False)
-    cal = refine.calibrate(_Cache(low), load, labels, (8, 8), grey)
-    assert cal.polarity[0] == -1 and np.isnan(cal.polarity[1])
-    g1 = refine.self_training_targets(_Cache(low), load, rows, labels, (8, 8), grey, cal)
-    g2 = refine.self_training_targets(_Cache(low), load, rows, labels, (8, 8),
-                                      dataclasses.replace(grey, core=2.0), cal)
-    assert (g1[:, 0] == g2[:, 0]).all()
-    assert (g2[:, 1] == 1).sum() < (g1[:, 1] == 1).sum()
+    assert key_cfg(refine.RefineConfig()) == key_cfg(refine.RefineConfig(band=0.5))
+    assert key_cfg(refine.RefineConfig()) != key_cfg(refine.RefineConfig(band=0.4))
+    assert key_cfg(refine.RefineConfig())["refine"] == {}  # the default: no field in the key
 
 
 def test_a_self_trained_network_is_cut_where_it_agrees_with_its_teacher():
@@ -430,34 +396,8 @@ def test_local_zscore_is_the_robust_z_of_the_grey_minus_its_gaussian_blur():
     assert (z[0, :, 8:-8] < -5).sum() == 9  # and only it, away from the borders (a reflected
     # ramp bends there, so the blur is off by a few sds of this sheet at the first columns)
     assert (z[0] < -5).sum() > 9
-    # a local line continues the ramp straight to the borders: nothing bends there
-    lin = refine.local_zscore(img, sigma=0.125, edge="linear")
-    assert lin[0, 20:23, 50:53].max() < -5 and (lin[0] < -5).sum() == 9
-    assert np.abs(lin[0, :, :4]).max() < 0.8 * np.abs(z[0, :, :4]).max()
     # where the image's grey level does not see it
     assert refine.grey_zscore(img)[0, 20:23, 50:53].min() > -1
-
-
-def test_the_linear_edge_blurs_a_plane_into_itself():
-    """A line fitted under the kernel at each pixel is exact on a plane, so its blur is the plane
-    everywhere; the plain reflection bends it within 3 sigma of the borders. Inside, both are
-    the plain Gaussian blur, and near a border the fit's noise stays below the pixels'."""
-    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(56.0), indexing="ij")
-    plane = (30 + 2.0 * xx - 1.5 * yy)[None, None]
-    for sigma in (2.0, 6.0):
-        assert torch.allclose(refine.gaussian_blur(plane, sigma, "linear"), plane, atol=1e-2)
-        assert (refine.gaussian_blur(plane, sigma, "reflect") - plane).abs().max() > 1
-    # inside, away from the borders, the two are the same blur
-    x = torch.rand(1, 1, 40, 56) * 255
-    a, b = refine.gaussian_blur(x, 3.0, "linear"), refine.gaussian_blur(x, 3.0, "reflect")
-    assert torch.allclose(a[..., 10:-10, 10:-10], b[..., 10:-10, 10:-10], atol=1e-3)
-    noise = torch.randn(400, 1, 40, 56, generator=torch.Generator().manual_seed(0))
-    edge = refine.gaussian_blur(noise, 3.0, "linear")[:, 0, :, 0]  # the first column
-    assert edge.std() < 0.5 * noise.std()
-    with pytest.raises(ValueError, match="edge='wrap'"):
-        refine.gaussian_blur(x, 3.0, "wrap")
-    with pytest.raises(ConfigError, match="local_edge"):
-        refine.RefineConfig(local_edge="wrap")
 
 
 def _misplaced_case(n=40, size=32):
