@@ -80,3 +80,10 @@ def load_benchmark():
         spec.loader.exec_module(mod)
         return mod
     return load
+
+
+def pytest_collection_modifyitems(items):
+    """A test that executes notebooks is slow too: ``pytest -m "not slow"`` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("notebook"):
+            item.add_marker(pytest.mark.slow)

@@ -123,7 +123,9 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path, mo
 
 
 def test_missing_weights_message(monkeypatch, tmp_path):
+    import huggingface_hub.constants  # read once at import: the variable alone waits on the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PretrainedUnavailable, match="ImageNet weights for 'mobilenetv3_small_050' could not be loaded"):
         build_classifier(TINY, 4, pretrained=True)
     with pytest.raises(PretrainedUnavailable, match="--random-weights"):  # never a silent fallback
@@ -166,6 +168,7 @@ def test_workers_change_no_weight(tiny_run, tmp_path):
     assert np.array_equal(ref.oof[folds == 0], res.oof[folds == 0])
 
 
+@pytest.mark.slow
 def test_folds_in_processes_equal_one_thread_here(tiny_run, tmp_path):
     """Folds trained side by side in 1-thread processes (a memory-mapped image array crossing
     as its file's name) give the weights and out-of-fold probabilities that a 1-thread run in

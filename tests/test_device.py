@@ -36,6 +36,7 @@ def _run(malloc: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_allocator_setting_changes_no_number_and_can_be_refused():
     tuned, default = _run(""), _run("default")

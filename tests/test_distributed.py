@@ -31,6 +31,7 @@ def _train(args, tmp, env):
     return out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous on Linux")
 def test_torchrun_two_gloo_processes_give_the_single_process_networks(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # as torchrun's
@@ -89,6 +90,7 @@ def test_flips_of_a_slice_are_the_whole_batch_flips():
         assert torch.equal(part, whole[r::2])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous on Linux")
 def test_synchronised_batchnorm_step_equals_one_process_step(tmp_path):
     """One DDP step of two gloo ranks (4 and 3 images) equals one process's step on the 7 images
@@ -105,6 +107,7 @@ def test_synchronised_batchnorm_step_equals_one_process_step(tmp_path):
     assert diff["logits"] < 1e-12 and diff["running stats"] < 1e-12 and diff["grads"] < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous on Linux")
 def test_torchrun_with_fewer_folds_than_ranks_trains_each_fold_together(tmp_path):
     """--fold 0 on two ranks: DDP inside the fold. Rank 0 writes the fold once; without dropout

@@ -9,6 +9,7 @@ from cam2mask_lib.cli import main
 from cam2mask_lib.data import rle_decode
 
 
+@pytest.mark.slow
 def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["masks", "--data", str(generic), "--out", str(out), "--profile", "smoke",
@@ -49,6 +50,7 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
     assert (out / "masks.csv").read_text().splitlines() == lines
 
 
+@pytest.mark.slow
 def test_paper_method_reports_tuned_and_untuned_and_no_masks_means_its_defaults(generic, tmp_path,
                                                                                    capsys):
     import shutil
@@ -92,6 +94,7 @@ def test_masks_refuses_foreign_output_folder(generic, tmp_path, capsys):
     assert (out / "thesis.docx").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_masks_with_a_trained_model(generic, tmp_path, capsys):
     """--model reuses a finished classifier run: no training, masks of each image's own size,
     the same Dice report; a run with other classes, or a folder that is not a run, is refused."""
@@ -129,6 +132,7 @@ def test_masks_with_a_trained_model(generic, tmp_path, capsys):
     assert "--model fixes the classifier" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, tmp_path, capsys):
     """Caches follow the files' contents: an image replaced in place makes the same command
     train again and write new masks. A data set without any positive label makes no masks and
@@ -240,6 +244,7 @@ def test_a_truncated_image_is_refused_before_the_output_is_claimed(generic, copy
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_input_size_follows_the_data(tmp_path, capsys):
     """Square 200x200 images get a square input (not the profile's 4x wider one), and it is said."""
     from cam2mask_lib.masks import fit_input_size
@@ -263,6 +268,7 @@ def test_input_size_follows_the_data(tmp_path, capsys):
     assert "input size 160x160: the images' median shape 200x200" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_severstal_format_dice_report_names_the_csv(synth_dir, tmp_path, capsys):
     """On Severstal-format data the truth is the RLE column of train.csv, and the report says so
     (it used to name DIR/masks, which does not exist in that format)."""

@@ -21,6 +21,7 @@ def test_inputs_follow_the_images_aspect_ratio(bench):
     assert bench.input_sizes(sheet, (64, 64), (32, 32)) == ((64, 64), (32, 32))
 
 
+@pytest.mark.slow
 def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     out, art = tmp_path / "out", tmp_path / "art"
     args = ["--data", str(generic), "--artifacts", str(art), "--out", str(out),

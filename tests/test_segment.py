@@ -162,6 +162,7 @@ def test_encoder_starts_from_the_classifier():
         load_encoder(build_segmenter("unet", "resnet18", classes=4), cls.encoder.state_dict())
 
 
+@pytest.mark.slow
 def test_training_learns_ignores_and_resumes(synth_dir, tmp_path):
     from cam2mask_lib.data import ImageDataset, load_dataset
     from cam2mask_lib.segment import SegConfig, predict_masks, train_segmenter
@@ -213,6 +214,7 @@ def test_swa_averages_the_last_epochs(synth_dir, tmp_path):
     assert not torch.equal(m.state_dict()[k], last[k])  # the average, not the last epoch
 
 
+@pytest.mark.slow
 def test_workers_change_no_weight_of_a_segmenter(synth_dir, tmp_path):
     """Images read by persistent DataLoader workers (training, SWA's BatchNorm update and
     prediction, from JPEG files: the paper profile's case) give the weights and probabilities of
@@ -241,6 +243,7 @@ def test_workers_change_no_weight_of_a_segmenter(synth_dir, tmp_path):
                for (ra, xa), (rb, xb) in zip(pa, pb))
 
 
+@pytest.mark.slow
 def test_targets_that_read_the_training_images_are_given_the_batch(synth_dir, tmp_path):
     """Targets whose guide is the training dataset (refined self-training targets) get each
     batch's uint8 images from the trainer, with workers or without, unflipped and in the batch's
@@ -316,7 +319,9 @@ def test_a_weights_file_of_another_encoder_is_refused(tmp_path):
 
 def test_unavailable_imagenet_weights_stop_with_the_ways_out(monkeypatch):
     from cam2mask_lib.segment import EncoderWeightsUnavailable
+    import huggingface_hub.constants  # read once at import: the variable alone waits on the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(EncoderWeightsUnavailable, match="weights_path=FILE.*--random-weights"):
         build_segmenter("unet", "tu-mobilenetv3_small_050", pretrained=True)
 
