@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import timm
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
@@ -672,35 +671,3 @@ def table1(auc: np.ndarray, class_names: Sequence[str], label: str):
             rows.append({"model": name, **{f"class {c}": v for c, v in zip(class_names, vals)},
                          "mean": float(np.mean(vals)), "source": "paper (Kaggle Severstal)"})
     return pd.DataFrame(rows)
-
-
-def plot_history(history):
-    """Training and validation loss, and validation AUC, per epoch and fold."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for f, h in history.groupby("fold"):
-        axes[0].plot(h["epoch"], h["train_loss"], "--", color=f"C{f}", alpha=0.7)
-        axes[0].plot(h["epoch"], h["val_loss"], "-", color=f"C{f}", label=f"fold {f}")
-        axes[1].plot(h["epoch"], h["val_auc"], "-o", ms=3, color=f"C{f}", label=f"fold {f}")
-    axes[0].set(xlabel="epoch", ylabel="BCE (dashed: train, solid: validation)", title="Loss")
-    axes[1].set(xlabel="epoch", ylabel="mean ROC-AUC over classes", title="Validation AUC")
-    axes[0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]):
-    """ROC curve of each class from out-of-fold probabilities (rows with NaN skipped)."""
-    ok = ~np.isnan(probs).any(1)
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
-    for c, name in enumerate(class_names):
-        y = labels[ok, c]
-        if 0 < y.sum() < len(y):
-            fpr, tpr, _ = roc_curve(y, probs[ok, c])
-            auc = roc_auc_per_class(y[:, None], probs[ok, c][:, None])[0]
-            ax.plot(fpr, tpr, label=f"class {name}: AUC {auc:.3f} ({int(y.sum())} positives)")
-    ax.plot([0, 1], [0, 1], ":", color="0.5")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate",
-           title="Out-of-fold ROC curves")
-    ax.legend(frameon=False, fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig

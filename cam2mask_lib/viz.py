@@ -1,5 +1,8 @@
-"""Pictures of CAMs and masks: the paper's Figures 10-13, a per-class gallery, Guided Grad-CAM."""
+"""Pictures: the classifier's training curves and ROC curves, CAMs and masks (the paper's Figures
+10-13), a per-class gallery, Guided Grad-CAM."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -7,9 +10,46 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 import pandas as pd
 import seaborn as sns
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from .eda import CLASS_COLORS
 from .metrics import dice
+
+
+# ------------------------------------------------------------------------------------------------
+# The classifier
+# ------------------------------------------------------------------------------------------------
+
+def plot_history(history):
+    """Training and validation loss, and validation AUC, per epoch and fold."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for f, h in history.groupby("fold"):
+        axes[0].plot(h["epoch"], h["train_loss"], "--", color=f"C{f}", alpha=0.7)
+        axes[0].plot(h["epoch"], h["val_loss"], "-", color=f"C{f}", label=f"fold {f}")
+        axes[1].plot(h["epoch"], h["val_auc"], "-o", ms=3, color=f"C{f}", label=f"fold {f}")
+    axes[0].set(xlabel="epoch", ylabel="BCE (dashed: train, solid: validation)", title="Loss")
+    axes[1].set(xlabel="epoch", ylabel="mean ROC-AUC over classes", title="Validation AUC")
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]):
+    """ROC curve of each class from out-of-fold probabilities (rows with NaN skipped)."""
+    ok = ~np.isnan(probs).any(1)
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    for c, name in enumerate(class_names):
+        y = labels[ok, c]
+        if 0 < y.sum() < len(y):
+            fpr, tpr, _ = roc_curve(y, probs[ok, c])
+            auc = roc_auc_score(y, probs[ok, c])
+            ax.plot(fpr, tpr, label=f"class {name}: AUC {auc:.3f} ({int(y.sum())} positives)")
+    ax.plot([0, 1], [0, 1], ":", color="0.5")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title="Out-of-fold ROC curves")
+    ax.legend(frameon=False, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 def _gray(img: np.ndarray) -> np.ndarray:

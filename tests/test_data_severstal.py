@@ -254,13 +254,13 @@ def test_jpegs_decoded_on_the_device_equal_pils_images(synth_dir, tmp_path, monk
     JPEG, or the option beside a decoded-image cache, is refused before any batch."""
     import torch
 
-    from cam2mask_lib import data
+    from cam2mask_lib.data import loader
     from cam2mask_lib.classify import TrainConfig, _batches
     from cam2mask_lib.data import ImageDataset, decode_jpeg_batch
     from cam2mask_lib.utils import ConfigError
 
     calls = []
-    monkeypatch.setattr(data, "decode_jpeg_batch",
+    monkeypatch.setattr(loader, "decode_jpeg_batch",
                         lambda *a: calls.append(len(a[0])) or decode_jpeg_batch(*a))
     index = load_dataset(synth_dir)
     native = tuple(int(v) for v in index.shapes[0])
