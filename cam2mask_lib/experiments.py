@@ -34,7 +34,7 @@ from .postprocess import (CONFIDENCES, THRESHOLDS, Params, Stats, apply, baselin
                           write_predictions)
 from .profiles import Profile
 from .report import per_class_table  # noqa: F401  (notebook 03 calls it from here)
-from .refine import Refined, RefineConfig, refine_stage
+from .refine import GreyConfig, Refined, RefineConfig, RegionConfig, refine_stage
 from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets,
                         confident_targets, eval_rows, predict_masks_at, refined_targets,
                         seg_folds, seg_stats, segmenter_dir, teacher_thresholds,
@@ -548,15 +548,16 @@ TECHNIQUES = {
     "absolute CAMs, cut at the negatives' median peak":
         RefineConfig(region="negatives", grey="off"),
     "Otsu threshold per image": RefineConfig(region="otsu", grey="off"),
-    "PAR (10 iterations), then > 0.3": RefineConfig(region="image", grey="off", par_iterations=10),
+    "PAR (10 iterations), then > 0.3":
+        RefineConfig(region=RegionConfig("image", par_iterations=10), grey="off"),
     "grey-level departure > 1 robust sd inside the CAM > 0.3, either sign":
         RefineConfig(grey="either"),
     "the same, of each class's sign by a t-test of its images against the others'":
         RefineConfig(grey="labels"),
     "sign and sds of each class from where its departures concentrate, inside its CAM region":
-        RefineConfig(whole_image=False, local_region=False),
+        RefineConfig(grey=GreyConfig(whole_image=False, local_region=False)),
     "the same, or local departures anywhere in the image for a class its region misses":
-        RefineConfig(local_region=False),
+        RefineConfig(grey=GreyConfig(local_region=False)),
     DEFAULT_TECHNIQUE: RefineConfig(),
     "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }

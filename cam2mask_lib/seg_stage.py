@@ -25,7 +25,7 @@ from .pipeline import Context
 from .postprocess import Params, Stats, apply, collect_stats, search
 from .profiles import Profile
 from .refine import Refined
-from .segment import SegConfig, predict_masks, pseudo_labels, train_segmenter
+from .segment import SegConfig, confident_labels, predict_masks, train_segmenter
 from .utils import ConfigError, config_key, stable_hash
 
 # bumped whenever refine.self_training_targets changes what it makes from the same inputs, so that
@@ -107,16 +107,19 @@ def cam_targets(ctx: Context, cache: CamCache, threshold=SEG_THRESHOLD, min_area
 
 def confident_targets(ctx: Context, cache: CamCache, high: float = 0.6, low: float = 0.2,
                       aug_smooth: bool = True) -> Targets:
-    """Confident-pixel pseudo-labels (:func:`segment.pseudo_labels`): for a class in the image's
-    label, defect above ``high``, background below ``low``, ignored in between; absent classes
-    are background everywhere."""
+    """Confident CAM pixels (:func:`segment.confident_labels`): for a class in the image's label,
+    defect above ``high``, background below ``low``, ignored in between; absent classes are
+    background everywhere."""
+    if not 0 <= low <= high <= 1:
+        raise ConfigError(f"confident pixels: need 0 <= low <= high <= 1, got low={low}, "
+                          f"high={high}")
     labels = ctx.index.labels.astype(bool)
     key = {"masks": "confident", **_cam_key(ctx, cache, aug_smooth), "high": high, "low": low}
 
     def fn(rows):  # made on the context's device, as cam_targets are
         rows = np.asarray(rows)
         maps = cache.maps_on(ctx.device, rows, ctx.seg_size, aug_smooth=aug_smooth)
-        return pseudo_labels(maps, labels[rows], high, low).cpu().numpy()
+        return confident_labels(maps > high, maps < low, labels[rows]).cpu().numpy()
 
     return Targets("confident", key, fn, _memo(ctx))
 
@@ -135,7 +138,7 @@ def refined_targets(ctx: Context, refined: Refined) -> Targets:
            "thresholds": [float(v) for v in cal.thresholds],
            "polarity": [None if np.isnan(v) else float(v) for v in cal.polarity],
            "deviations": [None if np.isnan(v) else float(v) for v in cal.deviations],
-           "local": [bool(v) for v in cal.local],
+           "anywhere": [bool(v) for v in cal.anywhere],
            "near": [bool(v) for v in cal.near],
            "targets_version": REFINED_TARGETS_VERSION}
     return Targets("refined", key, refined.targets, _memo(ctx), guide=ctx.images())

@@ -9,8 +9,8 @@ U-Net, 32-64-128-256-512 filters, BatchNorm, transposed-convolution decoder) and
 
 Losses are in :mod:`cam2mask_lib.losses` (one class each, by name). Training
 (:func:`train_segmenter`) is the shared resumable loop of :mod:`cam2mask_lib.trainer` with an
-optional EMA or SWA of the weights; :func:`pseudo_labels` makes training targets from CAMs that
-only trust confident pixels.
+optional EMA or SWA of the weights; :func:`confident_labels` makes training targets that only
+trust confident pixels.
 """
 from __future__ import annotations
 
@@ -163,24 +163,22 @@ def build_segmenter(arch: str, encoder: str = "resnet18", classes: int = 4,
 # Pseudo-labels from CAMs
 # --------------------------------------------------------------------------------------------
 
-def pseudo_labels(maps: np.ndarray | torch.Tensor, present, high: float = 0.6,
-                  low: float = 0.2) -> np.ndarray | torch.Tensor:
-    """Training targets from CAMs that only trust confident pixels.
-
-    ``maps`` ``[N, C, H, W]`` in [0, 1]; ``present`` ``[N, C]`` bool: the class is in the image
-    (its image-level label, or the classifier's confident prediction). For a present class:
-    1 where the CAM is above ``high``, 0 below ``low``, IGNORE (255) in between. For an absent
-    class the whole map is 0 (confidently background). Returns uint8 ``[N, C, H, W]``: a tensor
-    on the maps' device for a tensor, else a numpy array.
-    """
-    if not 0 <= low <= high <= 1:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-    t = torch.as_tensor(maps)
-    out = torch.full(t.shape, IGNORE, dtype=torch.uint8, device=t.device)
-    out[t > high] = 1
-    out[t < low] = 0
-    out[~torch.as_tensor(present, dtype=torch.bool, device=t.device)] = 0
-    return out if isinstance(maps, torch.Tensor) else out.numpy()
+def confident_labels(defect: np.ndarray | torch.Tensor, background, present
+                     ) -> np.ndarray | torch.Tensor:
+    """Training targets that only trust confident pixels, uint8 ``[N, C, H, W]``: for a class in
+    the image's label (``present`` ``[N, C]``), 1 where ``defect``, 0 where ``background`` (and
+    not ``defect``), ``losses.IGNORE`` elsewhere; for an absent class 0 everywhere (the label says
+    the defect is not there). The confident pixels of a CAM (defect above one cut, background
+    below a lower one: :func:`seg_stage.confident_targets`) and the refined masks with their band
+    (:func:`refine.self_training_targets`) are both made here. A tensor on ``defect``'s device
+    for a tensor, else a numpy array."""
+    d = defect.bool() if isinstance(defect, torch.Tensor) else torch.from_numpy(
+        np.asarray(defect, bool))
+    out = torch.full(d.shape, IGNORE, dtype=torch.uint8, device=d.device)
+    out[torch.as_tensor(background, device=d.device).bool()] = 0
+    out[d] = 1
+    out[~torch.as_tensor(np.asarray(present, bool), device=d.device)] = 0
+    return out if isinstance(defect, torch.Tensor) else out.numpy()
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from cam2mask_lib import refine
 from cam2mask_lib.cams import AUG_VIEWS, smooth
 from cam2mask_lib.losses import IGNORE
+from cam2mask_lib.segment import confident_labels
 from cam2mask_lib.utils import ConfigError
 
 
@@ -111,7 +112,7 @@ def _contrast_case(seed=6, n=40, size=32):
 
 def test_contrast_learns_the_sign_and_sds_where_departures_concentrate():
     z, region, present = _contrast_case()
-    c = refine.Contrast.empty(3, refine.RefineConfig().deviations)
+    c = refine.Contrast.empty(3, refine.GreyConfig().deviations)
     for s in range(0, len(z), 7):  # batch by batch, as calibrate feeds it
         c.add(z[s:s + 7], region[s:s + 7], present[s:s + 7])
     assert c.n_in[0] == 40 * 14 * 14 and c.n_out[0] == 40 * (32 * 32 - 14 * 14 - 12 * 16 - 12 * 14)
@@ -176,7 +177,7 @@ def test_par_refines_each_class_on_its_own():
 def test_confident_labels_defect_background_ignore_and_absent_classes():
     defect = np.array([[[[0, 0, 1, 1]], [[1, 1, 1, 1]]]], bool)
     background = np.array([[[[1, 0, 0, 1]], [[0, 0, 0, 0]]]], bool)
-    out = refine.confident_labels(defect, background, np.array([[True, False]]))
+    out = confident_labels(defect, background, np.array([[True, False]]))
     assert out[0, 0, 0].tolist() == [0, IGNORE, 1, 1]  # defect wins over background
     assert (out[0, 1] == 0).all()  # the label says the class is absent
 
@@ -189,15 +190,24 @@ def test_gate_and_threshold_masks():
 
 
 def test_config_is_checked():
-    for bad in ({"region": "mean"}, {"negative_quantile": 1.0}, {"par_iterations": -1},
-                {"band": 1.5}, {"threshold": 0}, {"deviation": 0}, {"polarity_t": 0},
-                {"grey": "mean"}, {"deviations": ()}, {"deviations": (1.0, -1.0)},
-                {"min_purity": 0}):
+    for make, bad in ((refine.RegionConfig, {"rule": "mean"}),
+                      (refine.RegionConfig, {"negative_quantile": 1.0}),
+                      (refine.RegionConfig, {"par_iterations": -1}),
+                      (refine.RegionConfig, {"threshold": 0}),
+                      (refine.RefineConfig, {"band": 1.5}), (refine.RefineConfig, {"region": "mean"}),
+                      (refine.RefineConfig, {"grey": "mean"}),
+                      (refine.GreyConfig, {"deviation": 0}), (refine.GreyConfig, {"min_t": 0}),
+                      (refine.GreyConfig, {"min_z": 0}), (refine.GreyConfig, {"deviations": ()}),
+                      (refine.GreyConfig, {"deviations": (1.0, -1.0)}),
+                      (refine.GreyConfig, {"min_purity": 0})):
         with pytest.raises(ConfigError):
-            refine.RefineConfig(**bad)
+            make(**bad)
     assert "Otsu" in refine.RefineConfig(region="otsu").describe()
     assert "robust sd" not in refine.RefineConfig(grey="off").describe()
-    assert refine.RefineConfig(deviations=(2, 0.5)).deviations == (0.5, 2.0)
+    assert refine.GreyConfig(deviations=(2, 0.5)).deviations == (0.5, 2.0)
+    # a rule's name stands for its defaults
+    assert refine.RefineConfig(region="otsu", grey="off") == refine.RefineConfig(
+        region=refine.RegionConfig("otsu"), grey=refine.GreyConfig("off"))
 
 
 class _Cache:
@@ -234,7 +244,8 @@ def _case(n=20):
 
 def test_negative_calibration_and_refine_batches_on_a_cache():
     labels, low, imgs = _case()
-    cfg = refine.RefineConfig(region="negatives", grey="off", negative_quantile=0.9)
+    cfg = refine.RefineConfig(region=refine.RegionConfig("negatives", negative_quantile=0.9),
+                              grey="off")
     cal = refine.calibrate(_Cache(low), None, labels, (8, 8), cfg, batch=7)
     assert cal.thresholds.shape == (2,) and (cal.thresholds < 0.5).all()
     probs = labels.astype(float)
@@ -253,7 +264,8 @@ def test_the_grey_level_narrows_the_region_to_the_defect():
     for region, grey in zip(refine.REGIONS, ("contrast", "labels", "contrast")):
         wide = refine.RefineConfig(region=region, grey="off")
         # departures from the image's grey (on 8x8 images a neighbourhood is a pixel or two)
-        cfg = refine.RefineConfig(region=region, grey=grey, deviation=3.0, local_region=False)
+        cfg = refine.RefineConfig(region=region, grey=refine.GreyConfig(grey, deviation=3.0,
+                                                                        local_region=False))
         cal = refine.calibrate(_Cache(low), load, labels, (8, 8), cfg)
         assert cal.polarity[0] == -1  # the class-0 defect is dark, learnt from the labels
         if grey == "contrast":  # class 1 has no grey-level cue: its region stays whole
@@ -350,7 +362,7 @@ def test_refined_targets_take_the_training_batch_instead_of_reading_it_again():
     ds = SimpleNamespace(uint8_batch=uint8_batch)
     ctx = SimpleNamespace(images=lambda: ds, device=torch.device("cpu"),
                           index=SimpleNamespace(labels=labels))
-    cfg = refine.RefineConfig(par_iterations=2)
+    cfg = refine.RefineConfig(region=refine.RegionConfig(par_iterations=2))
     cal = refine.calibrate(_Cache(low), refine.image_loader(ctx, (8, 8)), labels, (8, 8), cfg)
     ref = refine.Refined(ctx, _Cache(low), cfg, cal, (8, 8))
     rows = np.array([3, 12, 5, 17])
@@ -422,7 +434,7 @@ def test_a_class_its_region_misses_is_tested_on_the_whole_image():
     load = lambda rows: imgs[np.asarray(rows)]  # noqa: E731
     probs = labels.astype(float)
     cal = refine.calibrate(_Cache(low), load, labels, (32, 32), refine.RefineConfig(), batch=16)
-    assert cal.local.tolist() == [True, False]  # class 1: nothing to find anywhere
+    assert cal.anywhere.tolist() == [True, False]  # class 1: nothing to find anywhere
     assert cal.polarity[0] == -1 and cal.deviations[0] >= 2 and np.isnan(cal.polarity[1])
     c = refine.Contrast.empty(2, [1.0, 3.0])  # the counts: each image once, dark and bright only
     z = refine.local_zscore(imgs)
@@ -440,11 +452,11 @@ def test_a_class_its_region_misses_is_tested_on_the_whole_image():
     y, x = spots[0]
     assert (t[0, 0, y:y + 3, x:x + 3] == 1).all() and (t[0, 0] == 0).mean() > 0.9
     # without the whole-image test the class keeps its CAM region, which misses the spots
-    off = refine.RefineConfig(whole_image=False)
+    off = refine.RefineConfig(grey=refine.GreyConfig(whole_image=False))
     cal_off = refine.calibrate(_Cache(low), load, labels, (32, 32), off, batch=16)
-    assert not cal_off.local.any() and np.isnan(cal_off.polarity).all()
+    assert not cal_off.anywhere.any() and np.isnan(cal_off.polarity).all()
     with pytest.raises(ConfigError, match="local_sigma"):
-        refine.RefineConfig(local_sigma=0.5)
+        refine.GreyConfig(local_sigma=0.5)
 
 
 def test_the_separable_blur_equals_torchvisions():
@@ -466,7 +478,7 @@ def test_a_region_that_holds_the_departures_keeps_its_class():
         low[i, 0, 0, (y + 1) // 8, (x + 1) // 8] = 3.0
     load = lambda rows: imgs[np.asarray(rows)]  # noqa: E731
     cal = refine.calibrate(_Cache(low), load, labels, (32, 32), refine.RefineConfig(), batch=16)
-    assert not cal.local.any() and cal.polarity[0] == -1  # the region rule finds the spots
+    assert not cal.anywhere.any() and cal.polarity[0] == -1  # the region rule finds the spots
     # region_misses itself: departures inside the region (purity 1) or spread evenly (purity 0)
     near = refine.Contrast.empty(1, [1.0, 2.0])
     z = np.zeros((4, 8, 8), np.float32)
@@ -513,10 +525,10 @@ def test_a_class_with_a_grey_cue_is_measured_from_its_neighbourhood():
         return cal, m[: n // 2, 0].sum()
 
     cal, kept = masks_of(refine.RefineConfig())
-    assert cal.near.tolist() == [True, False] and not cal.local.any()
+    assert cal.near.tolist() == [True, False] and not cal.anywhere.any()
     assert cal.polarity[0] == -1 and np.isnan(cal.polarity[1])
     assert "dark" in cal.describe() and "of its neighbourhood" in cal.describe()
-    cal_g, kept_g = masks_of(refine.RefineConfig(local_region=False))
+    cal_g, kept_g = masks_of(refine.RefineConfig(grey=refine.GreyConfig(local_region=False)))
     assert not cal_g.near.any() and cal_g.polarity[0] == -1  # the same cue, from the image's grey
     assert kept_g > 3 * kept  # which keeps the shading as well
     # Contrast.add counts dark and bright only when asked (a dark spot's ring is bright)

@@ -9,7 +9,7 @@ import torch
 
 from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.losses import IGNORE, LOSSES, make_loss, to_class_index
-from cam2mask_lib.segment import build_segmenter, pseudo_labels
+from cam2mask_lib.segment import build_segmenter, confident_labels
 
 LOGITS = torch.tensor([[[[0.0, 2.0], [-1.0, 1.0]]]])  # [1, 1, 2, 2]
 TARGET = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.uint8)
@@ -81,20 +81,20 @@ def test_ignored_pixels_do_not_count():
     assert make_loss("bce_dice", 1)(LOGITS, target).item() == pytest.approx(0.7 * ref - dice, abs=1e-6)
 
 
-def test_pseudo_labels_trust_only_confident_pixels():
+def test_confident_labels_trust_only_confident_pixels():
     maps = np.array([[[[0.9, 0.5, 0.1]], [[0.9, 0.5, 0.1]]]], np.float32)  # [1, 2, 1, 3]
     present = np.array([[True, False]])
-    t = pseudo_labels(maps, present, high=0.6, low=0.2)
+    t = confident_labels(maps > 0.6, maps < 0.2, present)
     assert t[0, 0, 0].tolist() == [1, IGNORE, 0]   # present: confident fg, unsure, confident bg
     assert t[0, 1, 0].tolist() == [0, 0, 0]        # absent class: all background
-    with pytest.raises(ValueError, match="low <= high"):
-        pseudo_labels(maps, present, high=0.2, low=0.6)
+    both = confident_labels(np.ones_like(maps, bool), np.ones_like(maps, bool), present)
+    assert (both[0, 0] == 1).all()  # a pixel called both is defect
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pseudo_labels_of_a_tensor_equal_numpys_at_the_cuts(dtype):
-    """On a tensor (the CAMs made on the context's device) the pseudo-labels are a uint8 tensor
-    with the values numpy gives, also at the cuts and one step either side of them."""
+def test_confident_labels_of_a_tensor_equal_numpys_at_the_cuts(dtype):
+    """On a tensor (the CAMs made on the context's device) the targets are a uint8 tensor with
+    the values numpy gives, also at the cuts and one step either side of them."""
     cuts = [dtype(0.6), dtype(0.2)]
     vals = np.concatenate([[np.nextafter(c, dtype(-1)), c, np.nextafter(c, dtype(2))]
                            for c in cuts]).astype(dtype)
@@ -102,9 +102,11 @@ def test_pseudo_labels_of_a_tensor_equal_numpys_at_the_cuts(dtype):
     present = np.array([[True, False, True], [True, True, False]])
     ref = np.where(maps > 0.6, 1, np.where(maps < 0.2, 0, IGNORE)).astype(np.uint8)
     ref[~present] = 0
-    got = pseudo_labels(torch.from_numpy(maps), present)
+    m = torch.from_numpy(maps)
+    got = confident_labels(m > 0.6, m < 0.2, present)
     assert isinstance(got, torch.Tensor) and got.dtype == torch.uint8
-    assert np.array_equal(got.numpy(), ref) and np.array_equal(pseudo_labels(maps, present), ref)
+    assert np.array_equal(got.numpy(), ref)
+    assert np.array_equal(confident_labels(maps > 0.6, maps < 0.2, present), ref)
 
 
 def test_class_index():
