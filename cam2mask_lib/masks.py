@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +155,6 @@ def _folds(asked: int | None, default: int, n_images: int, data: Path) -> int:
     return min(default, n_images)
 
 
-METHODS = ("refined", "paper")
-
-
 class _EnsembleMaps:
     """The refinement's view of a loaded classifier run: its ensemble's maps at any size."""
 
@@ -259,17 +257,64 @@ def masks_profile(base, index, n_folds, overrides, method):
 def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: bool = False,
                progress: bool = True, model: str | Path | None = None, method: str = "refined",
                **overrides) -> dict:
-    """Run the whole method on ``data`` and write masks to ``out``; returns a summary dict.
+    """Run the whole method on ``data`` and write masks to ``out``; returns a summary dict (also
+    written to ``out/cam2mask_masks.json``; the method's parameters to ``out/params.json``).
     ``method``: "refined" (default: the label-only refinement of :mod:`refine` and a U-Net
-    self-trained on it) or "paper" (the paper's post-processing of the CAMs). ``model``: a
-    finished classifier run folder to use instead of training one. ``overrides``:
-    ``image_size``, ``epochs``, ``encoder`` (the classifier's), ``seg_epochs`` (the self-trained
-    U-Nets'), ``n_folds``, ``weights_path`` and
+    self-trained on it, :class:`RefinedMasks`) or "paper" (the paper's post-processing of the
+    CAMs, :class:`PaperMasks`). ``model``: a finished classifier run folder to use instead of
+    training one. ``overrides``: ``image_size``, ``epochs``, ``encoder`` (the classifier's),
+    ``seg_epochs`` (the self-trained U-Nets'), ``n_folds``, ``weights_path`` and
     ``seg_weights_path`` (local ImageNet weights of the classifier's and the segmentation
     network's encoders) and ``random_weights`` (every network from random weights)."""
     data, out = Path(data), Path(out)
+    plan = _plan(data, out, profile, model, method, overrides)  # every input checked first
+    _claim_output(out, plan.settings, force)
+    ctx = context(plan.profile, data, artifacts_dir=out / "work", figures_dir=out,
+                  progress=progress, index=plan.index)
+    job = _Job(ctx, out, progress, method)
+    _announce(job, plan)
+    _classify(job, plan.run)
+    batches = METHODS[method]().batches(job)
+
+    def with_previews():  # streamed: memory does not grow with the number of images
+        for c, m in batches():
+            for k, i in enumerate(c):
+                if i < MAX_PREVIEWS:
+                    _preview(ctx.index, int(i), m[k], out / "previews")
+            yield c, m
+
+    pp.write_predictions(ctx.index, with_previews(), out, png=True, empty_png=True,
+                         csv_name="masks.csv")
+    job.summary["out"] = str(out)
+    write_json(out / STATE_FILE, {"settings": plan.settings, "complete": True,
+                                  "summary": job.summary})
+    return job.summary
+
+
+@dataclass
+class _Plan:
+    """What a run of :func:`make_masks` will do, decided before anything is written: the data's
+    ``index``, the resolved ``profile``, a loaded classifier ``run`` (or None), the input size
+    ``fitted`` to the data (None when given), the ``overrides`` asked and the ``settings`` that
+    name the output folder's run."""
+
+    index: object
+    profile: object
+    run: dict | None
+    fitted: tuple[int, int] | None
+    overrides: dict
+    settings: dict
+    base_seg_epochs: int
+
+
+_OPTIONS = ("image_size", "epochs", "encoder", "seg_epochs", "n_folds", "weights_path",
+            "seg_weights_path", "random_weights")
+
+
+def _plan(data: Path, out: Path, profile: str, model, method: str, overrides: dict) -> _Plan:
+    """Check every input (options, the data, the loaded classifier) and resolve the profile."""
     if method not in METHODS:
-        raise ConfigError(f"--method {method!r}: choose one of {METHODS}")
+        raise ConfigError(f"--method {method!r}: choose one of {tuple(METHODS)}")
     _check_out(out, data)
     size = overrides.get("image_size")
     if size is not None and (len(size) != 2 or min(size) < 32 or max(size) > MAX_SIDE):
@@ -280,13 +325,10 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
     # None: not given; random_weights=False: the flag not set
     overrides = {k: v for k, v in overrides.items()
                  if v is not None and not (k == "random_weights" and not v)}
-    known = ("image_size", "epochs", "encoder", "seg_epochs", "n_folds", "weights_path",
-             "seg_weights_path", "random_weights")
-    unknown = sorted(set(overrides) - set(known))
+    unknown = sorted(set(overrides) - set(_OPTIONS))
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; masks takes {', '.join(known)}")
-    positives = index.labels.sum(0)
-    if not positives.any():
+        raise ConfigError(f"unknown option(s) {unknown}; masks takes {', '.join(_OPTIONS)}")
+    if not index.labels.sum(0).any():
         raise DataError(f"{index.csv_path}: no image is labelled with any class "
                         f"({', '.join(index.class_names)}): there is nothing for the classifier "
                         f"to learn and no defect to find, so no masks are made")
@@ -311,191 +353,221 @@ def make_masks(data: str | Path, out: str | Path, profile: str = "cpu", force: b
                 "overrides": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in sorted(overrides.items())},
                 "n_folds": n_folds, "model": str(Path(model).resolve()) if model else None}
-    _claim_output(out, settings, force)
-    ctx = context(prof, data, artifacts_dir=out / "work", figures_dir=out, progress=progress,
-                  index=index)
-    say = print if progress else (lambda *a, **k: None)
+    return _Plan(index, prof, run, fitted, overrides, settings, base.segmentation.net.epochs)
+
+
+class _Job:
+    """One run of :func:`make_masks` on its context: what every step reads (the classifier's
+    ``probs``, its out-of-fold ``cls`` run and CAM ``cache``, or a loaded ensemble ``ens``) and
+    the ``summary`` they add to."""
+
+    def __init__(self, ctx, out: Path, progress: bool, method: str):
+        self.ctx, self.out, self.progress = ctx, out, progress
+        self.say = print if progress else (lambda *a, **k: None)
+        self.rows = np.arange(len(ctx.index))
+        self.cls = self.cache = self.ens = self.probs = None
+        self.summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names,
+                              "method": method}
+
+    def dice_report(self, rep, heading: str, note: str, size, extra: str = "") -> None:
+        """``dice_report.{md,csv}``: per class and overall, with what was (not) tuned on the
+        masks; the overall Dice also in the summary."""
+        names = self.ctx.index.class_names
+        table = per_class_table(rep, names)
+        s = rep.summary()
+        table.loc[len(table)] = {"class": "all",
+                                 "Dice (defective images)": s["dice_defective_images"],
+                                 "Dice (non-empty masks)": s["dice_nonempty_masks"],
+                                 "non-empty masks": int(rep.true_nonempty.sum())}
+        index = self.ctx.index
+        truth = index.csv_path if index.format == "severstal" else index.root / "masks"
+        atomic_write_text(self.out / "dice_report.csv", table.to_csv(index=False))
+        atomic_write_text(self.out / "dice_report.md",
+            f"### Dice of the masks against {truth}\n\n{heading} ({note}). Kaggle Dice per "
+            f"(image, class), 1 when both are empty, at {size[0]}x{size[1]}.\n\n"
+            f"{markdown_table(table)}\n{extra}")
+        self.summary["dice"] = {k: float(v) for k, v in s.items() if isinstance(v, float)}
+
+
+def _announce(job: _Job, plan: _Plan) -> None:
+    """Say what the run will do before it trains anything."""
+    ctx, say = job.ctx, job.say
     say(ctx.describe())
-    if fitted:
-        h, w = (int(v) for v in np.median(index.shapes, axis=0))
-        say(f"input size {fitted[0]}x{fitted[1]}: the images' median shape {h}x{w} at the "
-            f"profile's pixel budget, sides multiples of 32 (--image-size H W to choose)")
-    if method == "refined" and run is None:
-        e = prof.segmentation.net.epochs
+    if plan.fitted:
+        h, w = (int(v) for v in np.median(plan.index.shapes, axis=0))
+        say(f"input size {plan.fitted[0]}x{plan.fitted[1]}: the images' median shape {h}x{w} at "
+            f"the profile's pixel budget, sides multiples of 32 (--image-size H W to choose)")
+    if plan.settings["method"] == "refined" and plan.run is None:
+        e, n_folds = ctx.profile.segmentation.net.epochs, ctx.profile.n_folds
         say(f"self-training: a U-Net per fold, {e} epochs" + (
-            " (--seg-epochs)" if "seg_epochs" in overrides else
-            f" (the profile's {base.segmentation.net.epochs}, at least {SELF_TRAIN_EPOCHS}, and "
+            " (--seg-epochs)" if "seg_epochs" in plan.overrides else
+            f" (the profile's {plan.base_seg_epochs}, at least {SELF_TRAIN_EPOCHS}, and "
             f"enough to train on {SELF_TRAIN_IMAGES:,} images in all with "
-            f"{_n_train(len(index), n_folds)} per fold's network, at most "
+            f"{_n_train(len(ctx.index), n_folds)} per fold's network, at most "
             f"{SELF_TRAIN_MAX_EPOCHS}; --seg-epochs N to choose)"))
+    positives = ctx.index.labels.sum(0)
     always = [c for c, n in zip(ctx.index.class_names, positives) if n == len(ctx.index)]
     if always:  # said before the training, which cannot fix it
         say(f"class(es) {always}: every image is labelled with them, so the classifier has no "
             f"image without them to contrast: their CAMs show where it looked, not what "
             f"differs, and their ROC-AUC is undefined. Add defect-free images (labelled 0) "
             f"for masks that follow the evidence")
-    rows = np.arange(len(ctx.index))
-    cls = cache = ens = None
+
+
+def _classify(job: _Job, run: dict | None) -> None:
+    """The classifier's probabilities and CAMs: trained with cross-validation (out-of-fold), or
+    the mean of a loaded run's fold models. A class without positive images gets none."""
+    ctx = job.ctx
     if run is None:
-        cls = classifier_stage(ctx, progress=progress)
-        method_, aug, weights = VARIANTS[BEST_VARIANT]
-        cache = cam_stage(ctx, cls, method_, aug, weights, progress=progress)
-        probs, auc = cls.oof, cls.auc
+        job.cls = classifier_stage(ctx, progress=job.progress)
+        job.cache = cam_stage(ctx, job.cls, *VARIANTS[BEST_VARIANT], progress=job.progress)
+        probs, auc = job.cls.oof, job.cls.auc
     else:
-        say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
-            f"mean), not trained")
+        job.say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
+                f"mean), not trained")
         run["models"] = {k: m.to(ctx.device) for k, m in run["models"].items()}
-        ens = _Ensemble(run, ctx.images())
-        probs = ens.probs(rows)
+        job.ens = _Ensemble(run, ctx.images())
+        probs = job.ens.probs(job.rows)
         auc = roc_auc_per_class(ctx.index.labels, probs)
-    summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names, "method": method,
-                     "classifier": str(run["dir"]) if run else "trained with cross-validation",
-                     "classifier_auc": dict(zip(ctx.index.class_names, [float(a) for a in auc]))}
+    job.summary.update({"classifier": str(run["dir"]) if run else
+                        "trained with cross-validation",
+                        "classifier_auc": dict(zip(ctx.index.class_names,
+                                                   [float(a) for a in auc]))})
+    positives = ctx.index.labels.sum(0)
+    always = [c for c, n in zip(ctx.index.class_names, positives) if n == len(ctx.index)]
     if always:
-        summary["classes_on_every_image"] = always
+        job.summary["classes_on_every_image"] = always
     never = [c for c, n in zip(ctx.index.class_names, positives) if n == 0]
     if never:  # no positive image: nothing to localise, and ROC-AUC is undefined
         probs = probs.copy()
         probs[:, positives == 0] = -np.inf  # below every confidence: no mask is ever drawn
-        summary["classes_without_positives"] = never
-        say(f"class(es) {never}: no image is labelled with them, so they get no masks and no "
-            f"ROC-AUC (undefined without positives)")
-    if method == "paper":
-        batches = _paper(ctx, out, cls, cache, ens, probs, summary, say)
-    else:
-        batches = _refined(ctx, out, cls, cache, ens, probs, summary, say, progress)
-
-    def with_previews():  # streamed: memory does not grow with the number of images
-        for c, m in batches():
-            for k, i in enumerate(c):
-                if i < MAX_PREVIEWS:
-                    _preview(ctx.index, int(i), m[k], out / "previews")
-            yield c, m
-
-    pp.write_predictions(ctx.index, with_previews(), out, png=True, empty_png=True,
-                         csv_name="masks.csv")
-    summary["out"] = str(out)
-    write_json(out / STATE_FILE, {"settings": settings, "complete": True, "summary": summary})
-    return summary
+        job.summary["classes_without_positives"] = never
+        job.say(f"class(es) {never}: no image is labelled with them, so they get no masks and no "
+                f"ROC-AUC (undefined without positives)")
+    job.probs = probs
 
 
 def _chunks(rows):
     return np.array_split(rows, max(1, len(rows) // 32))
 
 
-def _dice_report(ctx, out, rep, summary, heading: str, note: str, size, extra: str = "") -> None:
-    """``dice_report.{md,csv}``: per class and overall, with what was (not) tuned on the masks."""
-    names = ctx.index.class_names
-    table = per_class_table(rep, names)
-    s = rep.summary()
-    table.loc[len(table)] = {"class": "all", "Dice (defective images)": s["dice_defective_images"],
-                             "Dice (non-empty masks)": s["dice_nonempty_masks"],
-                             "non-empty masks": int(rep.true_nonempty.sum())}
-    truth = ctx.index.csv_path if ctx.index.format == "severstal" else ctx.index.root / "masks"
-    atomic_write_text(out / "dice_report.csv", table.to_csv(index=False))
-    atomic_write_text(out / "dice_report.md",
-        f"### Dice of the masks against {truth}\n\n{heading} ({note}). Kaggle Dice per "
-        f"(image, class), 1 when both are empty, at {size[0]}x{size[1]}.\n\n"
-        f"{markdown_table(table)}\n{extra}")
-    summary["dice"] = {k: float(v) for k, v in s.items() if isinstance(v, float)}
-
-
-def _paper(ctx, out, cls, cache, ens, probs, summary, say):
+class PaperMasks:
     """The paper's post-processing of the CAMs: tuned per class on the true masks when there are
     some (an optimistic estimate; the untuned defaults' Dice is reported beside it), otherwise
-    the paper's defaults. Returns the mask batches' generator."""
-    rows = np.arange(len(ctx.index))
-    size = ctx.profile.image_size
-    aug = VARIANTS[BEST_VARIANT][1]
-    maps_of = (lambda c: cache.maps(c, size)) if cache is not None else ens.maps
-    defaults = pp.Params(**paper.PAPER_POSTPROCESS)
-    if ctx.index.has_masks:
-        if cache is not None:
-            stats = stats_from_cache(ctx, cache, rows, pp.THRESHOLDS, aug)
+    the paper's defaults."""
+
+    def batches(self, job: _Job):
+        """Writes ``params.json`` (and the Dice report), returns the mask batches' generator."""
+        ctx, probs, cache, rows = job.ctx, job.probs, job.cache, job.rows
+        size = ctx.profile.image_size
+        maps_of = (lambda c: cache.maps(c, size)) if cache is not None else job.ens.maps
+        defaults = pp.Params(**paper.PAPER_POSTPROCESS)
+        if ctx.index.has_masks:
+            if cache is not None:
+                stats = stats_from_cache(ctx, cache, rows, pp.THRESHOLDS, VARIANTS[BEST_VARIANT][1])
+            else:
+                stats = pp.collect_stats((maps_of(c) for c in _chunks(rows)),
+                                         (ctx.true_masks(c) for c in _chunks(rows)),
+                                         pp.THRESHOLDS)
+            params, _ = pp.search(stats, probs, pp.CONFIDENCES, pp.min_area_grid(size),
+                                  per_class=True)
+            rep = pp.report(stats, probs, params, ctx.index.class_names)
+            untuned = pp.report(stats, probs, defaults, ctx.index.class_names).summary()
+            job.summary["postprocessing"] = (
+                "the paper's post-processing, tuned per class on the true masks (" +
+                ("out-of-fold CAMs)" if cache is not None else "CAMs of the loaded classifier)"))
+            job.summary["dice_untuned"] = {k: float(v) for k, v in untuned.items()
+                                           if isinstance(v, float)}
+            job.dice_report(rep, f"Post-processing {params.describe()}",
+                            "tuned per class on these masks: an optimistic estimate", size,
+                            f"\nUntuned (the paper's defaults {defaults.describe()}): Dice "
+                            f"{untuned['dice_defective_images']:.4f} on defective images, "
+                            f"{untuned['dice_nonempty_masks']:.4f} on non-empty masks.\n")
         else:
-            stats = pp.collect_stats((maps_of(c) for c in _chunks(rows)),
-                                     (ctx.true_masks(c) for c in _chunks(rows)), pp.THRESHOLDS)
-        params, _ = pp.search(stats, probs, pp.CONFIDENCES, pp.min_area_grid(ctx.profile.image_size), per_class=True)
-        rep = pp.report(stats, probs, params, ctx.index.class_names)
-        untuned = pp.report(stats, probs, defaults, ctx.index.class_names).summary()
-        summary["postprocessing"] = ("the paper's post-processing, tuned per class on the true "
-                                     "masks (" + ("out-of-fold CAMs)" if cache is not None else
-                                                  "CAMs of the loaded classifier)"))
-        summary["dice_untuned"] = {k: float(v) for k, v in untuned.items()
-                                   if isinstance(v, float)}
-        _dice_report(ctx, out, rep, summary, f"Post-processing {params.describe()}",
-                     "tuned per class on these masks: an optimistic estimate", size,
-                     f"\nUntuned (the paper's defaults {defaults.describe()}): Dice "
-                     f"{untuned['dice_defective_images']:.4f} on defective images, "
-                     f"{untuned['dice_nonempty_masks']:.4f} on non-empty masks.\n")
-    else:
-        params = defaults
-        summary["postprocessing"] = ("no true masks: the paper's defaults (confidence 0.5, "
-                                     "threshold 0.3, min area 0), not tuned")
-    say(f"post-processing: {params.describe()} - {summary['postprocessing']}")
-    write_json(out / "params.json", {"method": "paper", "params": vars(params),
-                                     "note": summary["postprocessing"]})
+            params = defaults
+            job.summary["postprocessing"] = ("no true masks: the paper's defaults (confidence "
+                                             "0.5, threshold 0.3, min area 0), not tuned")
+        job.say(f"post-processing: {params.describe()} - {job.summary['postprocessing']}")
+        write_json(job.out / "params.json", {"method": "paper", "params": vars(params),
+                                             "note": job.summary["postprocessing"]})
 
-    def batches():
-        for c in _chunks(rows):
-            yield c, pp.apply(maps_of(c), probs[c], params)
-    return batches
+        def batches():
+            for c in _chunks(rows):
+                yield c, pp.apply(maps_of(c), probs[c], params)
+        return batches
 
 
-def _refined(ctx, out, cls, cache, ens, probs, summary, say, progress):
+class RefinedMasks:
     """The label-only default: the CAM region narrowed to the pixels that depart from the
     image's grey level (:mod:`refine`), then a U-Net per fold self-trained on those masks (an
     ignored band between defect and background) whose held-out predictions, gated by the
     classifier, are the masks. Nothing is tuned on true masks; with them, the Dice of the
     refined CAM masks and of the network's masks are both reported. With a loaded classifier
     (no folds to train on) the refined CAM masks are the result."""
-    rows = np.arange(len(ctx.index))
-    cfg = RefineConfig()
-    size = ctx.seg_size
-    source = cache if cache is not None else _EnsembleMaps(ens)
-    refined = refine_stage(ctx, source, cfg, size)
-    net, gate = None, None
-    if cls is not None:
-        net = train_segmenters(ctx, refined_targets(ctx, refined), classifier=cls,
-                               progress=progress)
-        gate = pp.Params(cfg.confidence, teacher_thresholds(ctx, net, refined).tolist(), 0)
-    summary["postprocessing"] = (
-        f"label-only refinement ({cfg.describe()})" +
-        (f", then a U-Net per fold self-trained on those masks "
-         f"({ctx.profile.segmentation.net.epochs} epochs), its output > "
-         + ", ".join(f"{t:g} (class {c})" for c, t in zip(ctx.index.class_names, gate.threshold))
-         + " (the thresholds whose masks agree best with the refined masks it learned from) "
-         f"where the classifier's probability >= {cfg.confidence:g}"
-         if net is not None else " (a loaded classifier: no self-training)") +
-        "; nothing tuned on true masks")
-    say(f"masks: {summary['postprocessing']}")
-    write_json(out / "params.json", {"method": "refined", "refine": refined.describe(),
-                                     "segmentation_size": list(size),
-                                     "network": str(net.dir) if net is not None else None,
-                                     "network_epochs": (ctx.profile.segmentation.net.epochs
-                                                        if net is not None else None),
-                                     "network_thresholds": (list(gate.threshold)
-                                                            if gate is not None else None),
-                                     "note": summary["postprocessing"]})
-    if ctx.index.has_masks:
-        cam_rep = refined.score(rows, probs)
+
+    def batches(self, job: _Job):
+        """Writes ``params.json`` (and the Dice report), returns the mask batches' generator."""
+        ctx, probs, rows = job.ctx, job.probs, job.rows
+        cfg, size = RefineConfig(), ctx.seg_size
+        source = job.cache if job.cache is not None else _EnsembleMaps(job.ens)
+        refined = refine_stage(ctx, source, cfg, size)
+        net, gate = None, None
+        if job.cls is not None:
+            net = train_segmenters(ctx, refined_targets(ctx, refined), classifier=job.cls,
+                                   progress=job.progress)
+            gate = pp.Params(cfg.confidence, teacher_thresholds(ctx, net, refined).tolist(), 0)
+        note = self._note(ctx, cfg, net, gate)
+        job.summary["postprocessing"] = note
+        job.say(f"masks: {note}")
+        epochs = ctx.profile.segmentation.net.epochs
+        write_json(job.out / "params.json", {
+            "method": "refined", "refine": refined.describe(), "segmentation_size": list(size),
+            "network": str(net.dir) if net is not None else None,
+            "network_epochs": epochs if net is not None else None,
+            "network_thresholds": list(gate.threshold) if gate is not None else None,
+            "note": note})
+        if ctx.index.has_masks:
+            self._score(job, refined, net, gate, size)
+
+        def batches():
+            if net is None:
+                for c, _, m in refined.batches(rows, probs):
+                    yield c, m
+                return
+            for c, p in predict_probs(ctx, net, rows, size):
+                yield c, pp.apply(p, probs[c], gate)
+        return batches
+
+    @staticmethod
+    def _note(ctx, cfg, net, gate) -> str:
+        """What the masks are, in words (the summary's and params.json's ``note``)."""
+        if net is None:
+            how = " (a loaded classifier: no self-training)"
+        else:
+            cuts = ", ".join(f"{t:g} (class {c})"
+                             for c, t in zip(ctx.index.class_names, gate.threshold))
+            how = (f", then a U-Net per fold self-trained on those masks "
+                   f"({ctx.profile.segmentation.net.epochs} epochs), its output > {cuts} (the "
+                   f"thresholds whose masks agree best with the refined masks it learned from) "
+                   f"where the classifier's probability >= {cfg.confidence:g}")
+        return f"label-only refinement ({cfg.describe()}){how}; nothing tuned on true masks"
+
+    @staticmethod
+    def _score(job: _Job, refined, net, gate, size) -> None:
+        """The Dice of the refined CAM masks and, where a network was trained, of its masks."""
+        cam_rep = refined.score(job.rows, job.probs)
         c = cam_rep.summary()
-        summary["dice_refined_cams"] = {k: float(v) for k, v in c.items() if isinstance(v, float)}
+        job.summary["dice_refined_cams"] = {k: float(v) for k, v in c.items()
+                                            if isinstance(v, float)}
         line = (f"\nThe refined CAM masks alone: Dice {c['dice_defective_images']:.4f} on "
                 f"defective images, {c['dice_nonempty_masks']:.4f} on non-empty masks.\n")
         if net is not None:
-            st = seg_stats(ctx, net, thresholds=sorted(set(gate.threshold)), score_size=size)
-            rep = pp.report(st, probs[st.rows], gate, ctx.index.class_names)
+            st = seg_stats(job.ctx, net, thresholds=sorted(set(gate.threshold)), score_size=size)
+            rep = pp.report(st, job.probs[st.rows], gate, job.ctx.index.class_names)
         else:
             rep, line = cam_rep, ""
-        _dice_report(ctx, out, rep, summary, summary["postprocessing"],
-                     "nothing tuned on these masks", size, line)
+        job.dice_report(rep, job.summary["postprocessing"], "nothing tuned on these masks", size,
+                        line)
 
-    def batches():
-        if net is None:
-            for c, _, m in refined.batches(rows, probs):
-                yield c, m
-            return
-        for c, p in predict_probs(ctx, net, rows, size):
-            yield c, pp.apply(p, probs[c], gate)
-    return batches
+
+METHODS = {"refined": RefinedMasks, "paper": PaperMasks}
