@@ -393,10 +393,15 @@ def _announce(job: _Job, plan: _Plan) -> None:
     """Say what the run will do before it trains anything."""
     ctx, say = job.ctx, job.say
     say(ctx.describe())
+    job.summary["input_size"] = list(ctx.profile.image_size)
     if plan.fitted:
         h, w = (int(v) for v in np.median(plan.index.shapes, axis=0))
-        say(f"input size {plan.fitted[0]}x{plan.fitted[1]}: the images' median shape {h}x{w} at "
-            f"the profile's pixel budget, sides multiples of 32 (--image-size H W to choose)")
+        why = (f"the images' median shape {h}x{w} at the profile's pixel budget, sides "
+               f"multiples of 32")
+        say(f"input size {plan.fitted[0]}x{plan.fitted[1]}: {why} (--image-size H W to choose)")
+    else:
+        why = "the loaded classifier's" if plan.run is not None else "--image-size"
+    job.summary["input_size_from"] = why
     if plan.settings["method"] == "refined" and plan.run is None:
         e, n_folds = ctx.profile.segmentation.net.epochs, ctx.profile.n_folds
         say(f"self-training: a U-Net per fold, {e} epochs" + (
