@@ -59,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cam2mask {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _synth_command(sub, fmt)
+    _check_command(sub, fmt)
+    _train_command(sub, fmt)
+    _masks_command(sub, fmt)
+    _reproduce_command(sub, fmt)
+    return p
+
+
+def _no_progress(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: one plain line per stage, fold and epoch instead")
+
+
+def _synth_command(sub, fmt) -> None:
+    """`cam2mask synth`: write a synthetic data set."""
     s = sub.add_parser("synth", formatter_class=fmt,
                        help="write a synthetic steel-defect dataset in the Kaggle Severstal format",
                        description="Write a synthetic steel-defect dataset (train_images/*.jpg + "
@@ -74,12 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes drawing images (default: one per core, at most 8; the bytes "
                         "do not depend on it)")
 
+
+def _check_command(sub, fmt) -> None:
+    """`cam2mask check`: validate a data set."""
     c = sub.add_parser("check", formatter_class=fmt,
                        help="validate a dataset folder (Severstal or generic format) and summarise it",
                        description="Read a dataset folder, decode every image and mask, and print "
                                    "a summary; any problem is reported with its file and line.")
     c.add_argument("data", help="dataset folder")
 
+
+def _train_command(sub, fmt) -> None:
+    """`cam2mask train`: train ahead of the notebooks."""
     t = sub.add_parser("train", formatter_class=fmt,
                        help="train the classifier with cross-validation (all folds or --fold K), "
                             "and the notebooks' segmentation networks ahead of them (--stages)",
@@ -114,8 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=RANDOM_WEIGHTS_HELP)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: the profile's)")
     t.add_argument("--artifacts-dir", help="default: artifacts/<profile>")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
+    _no_progress(t)
 
+
+def _masks_command(sub, fmt) -> None:
+    """`cam2mask masks`: masks from image labels."""
     m = sub.add_parser("masks", formatter_class=fmt,
                        help="turn a labelled image folder into segmentation masks",
                        description="Train the classifier with cross-validation on the image labels "
@@ -161,8 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refined: label-only refinement + self-trained U-Net (default); paper: "
                         "the paper's CAM post-processing")
     m.add_argument("--force", action="store_true", help="replace an --out holding something else")
-    m.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
+    _no_progress(m)
 
+
+def _reproduce_command(sub, fmt) -> None:
+    """`cam2mask reproduce`: run the notebooks."""
     r = sub.add_parser("reproduce", formatter_class=fmt,
                        help="execute the notebooks in order with papermill",
                        description="Execute notebooks/NN_*.ipynb in order with papermill in a "
@@ -182,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "classifier.weights_path=/w/b0.pth segmentation.net.epochs=5)")
     r.add_argument("--random-weights", action="store_true",
                    help=RANDOM_WEIGHTS_HELP)
-    r.add_argument("--no-progress", action="store_true", help="no progress bars: one plain line per stage, fold and epoch instead")
-    return p
+    _no_progress(r)
 
 
 def main(argv: list[str] | None = None) -> int:
