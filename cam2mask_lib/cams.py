@@ -36,7 +36,7 @@ from numpy.lib.format import open_memmap
 from torch.func import jacrev, vmap
 from tqdm import tqdm
 
-from .device import model_device, to_model
+from .device import autocast, model_device, to_model
 from .utils import bars, say, write_json
 
 FAST_METHODS = ("gradcam", "gradcam++", "layercam")
@@ -155,9 +155,9 @@ def low_res_cams(model, x: torch.Tensor, method: str = "gradcam++", target: str 
     if method not in FAST_METHODS:
         raise ValueError(f"fast path supports {FAST_METHODS}, got {method!r}")
     if feats is None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(model_device(model)):  # bf16 backbone on CUDA
             feats = model.features(x)
-    A = feats.detach().float()
+    A = feats.detach().float()  # the weighting in float32, as grad-cam's
     n, k, h, w = A.shape
     pooled = A.mean(dim=(2, 3))
     with torch.enable_grad():
@@ -193,7 +193,7 @@ def low_res_views(model, x: torch.Tensor, method: str, aug_smooth: bool, target:
     The backbone runs view by view (measured faster than one 6x larger batch) on the model's
     device and layout; the head's Jacobian and the weighting run once for all views."""
     x = to_model(x, model)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(model_device(model)):  # bf16 backbone on CUDA
         feats = [model.features(v) for v, _ in _views(x, aug_smooth)]
     low = low_res_cams(model, None, method, target, feats=torch.cat(feats))  # [V*N, C, h, w]
     return low.reshape(len(feats), len(x), *low.shape[1:]).swapaxes(0, 1)

@@ -388,7 +388,10 @@ class ClassifierTrainer(ResumableTrainer):
     def run_epoch(self, epoch, gen):
         cfg, model = self.cfg, self.model
         model.train()
-        t0, tot, n = time.perf_counter(), 0.0, 0
+        # the loss summed on the device (float64: the sum a Python float makes), read once an
+        # epoch: a float() per step would wait for the GPU at every step
+        t0, n = time.perf_counter(), 0
+        tot = torch.zeros((), dtype=torch.float64, device=self.device)
         for x, y, size in self._train_batches(gen):
             x = _augment(x, cfg, gen, (self.rank, self.world), size)
             with autocast(self.device):
@@ -397,12 +400,14 @@ class ClassifierTrainer(ResumableTrainer):
             # DDP averages the ranks' gradients: each rank's mean is weighted by its share (1 alone)
             (loss * (len(x) * self.world / size)).backward()
             self.opt.step()
-            tot += float(loss.detach()) * len(x)
+            tot += loss.detach().double() * len(x)
             n += len(x)
-        if self.world > 1:
-            both = torch.tensor([tot, n], dtype=torch.float64, device=self.device)  # NCCL: CUDA
+        if self.world > 1:  # on the model's device (NCCL reduces CUDA tensors only)
+            both = torch.stack([tot, torch.tensor(float(n), dtype=torch.float64,
+                                                  device=self.device)])
             torch.distributed.all_reduce(both)
-            tot, n = float(both[0]), int(both[1])
+            tot, n = both[0], int(both[1])
+        tot = float(tot)
         logits = predict_logits(model, self.ds, self.val_rows, cfg.batch_size * 2, cfg.num_workers)
         y_val = self.labels[self.val_rows].astype(np.float32)
         val_loss = float(self.loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val)))

@@ -64,7 +64,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if isinstance(name, torch.device):
         dev = name
     elif name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _tuned(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     else:
         try:
             dev = torch.device(name)
@@ -74,6 +74,15 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for, but torch sees no CUDA device here; use "
                          f"device='auto' or 'cpu'")
+    return _tuned(dev)
+
+
+def _tuned(dev: torch.device) -> torch.device:
+    """On CUDA, cuDNN picks the fastest convolution algorithm for each input shape once
+    (``cudnn.benchmark``: every stage feeds one shape per network); a GPU run was never bit for
+    bit deterministic (atomic adds), and the tables' numbers are the CPU's."""
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     return dev
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from .device import resolve_device, to_model
+from .device import autocast, model_device, resolve_device, to_model
 from .losses import IGNORE, LOSSES, make_loss, output_channels, probabilities
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
 from .utils import ConfigError, UserError, config_key, describe_weights, file_digest, write_json
@@ -360,20 +360,23 @@ class SegmenterTrainer(ResumableTrainer):
         cfg, model = self.cfg, self.model
         model.train()
         order = self.rows[torch.randperm(len(self.rows), generator=gen).numpy()]
-        tot, n = 0.0, 0
+        # the loss summed on the device (float64: the sum a Python float makes), read once an
+        # epoch: a float() per step would wait for the GPU at every step
+        tot, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for b, x in self.ds.batches(order, cfg.batch_size, cfg.num_workers):
             x, y = self.batch(b, gen, x)
-            loss = self.loss_fn(model(x), y)
+            with autocast(self.device):  # bf16 on CUDA, full precision elsewhere
+                loss = self.loss_fn(model(x).float(), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             if cfg.ema:
                 self.avg.update_parameters(model)
-            tot += float(loss.detach()) * len(b)
+            tot += loss.detach().double() * len(b)
             n += len(b)
         if cfg.swa_start is not None and epoch >= cfg.swa_start:
             self.avg.update_parameters(model)
-        return {"epoch": epoch, "loss": tot / max(n, 1)}
+        return {"epoch": epoch, "loss": float(tot) / max(n, 1)}
 
     def state(self):
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
@@ -427,6 +430,9 @@ def predict_masks(model: nn.Module, ds, rows, loss: str = "bce_dice", batch_size
     :func:`losses.probabilities`): numpy arrays, or with ``numpy=False`` float32 tensors left on
     that device. ``num_workers``: the images read by the dataset's persistent workers."""
     model.eval()
+    device = model_device(model)
     for b, x in ds.batches(rows, batch_size, num_workers):
-        p = probabilities(loss, model(to_model(x, model)).float())
+        with autocast(device):  # bf16 on CUDA, full precision elsewhere
+            logits = model(to_model(x, model))
+        p = probabilities(loss, logits.float())
         yield b, (p.cpu().numpy() if numpy else p)
