@@ -68,7 +68,8 @@ class Targets:
         if todo:
             pick, todo_rows = map(list, zip(*todo))
             self.memo.update(zip(todo_rows, call(np.asarray(todo_rows), pick)))
-        return np.stack([self.memo[int(i)] for i in rows])
+        kept = [self.memo[int(i)] for i in rows]  # tensors stay on their device
+        return torch.stack(kept) if isinstance(kept[0], torch.Tensor) else np.stack(kept)
 
 
 def _memo(ctx: Context) -> dict | None:

@@ -352,7 +352,7 @@ class SegmenterTrainer(ResumableTrainer):
         # targets that read this dataset's images (their guide) take the batch, not a second read
         y = (self.targets(b, x) if getattr(self.targets, "guide", None) is self.ds
              else self.targets(b))
-        y = torch.from_numpy(np.ascontiguousarray(y))
+        y = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(y))
         x, y = augment(x, y, gen, self.cfg)
         return to_model(x, self.model), y.to(self.device)
 

@@ -543,3 +543,23 @@ def test_a_class_with_a_grey_cue_is_measured_from_its_neighbourhood():
     assert refine.contrast_departures(c)[0].tolist() == [1.0, 1.0]  # the bright ring
     pol, ks = refine.contrast_departures(c, signs=np.array([-1.0, np.nan]))
     assert pol[0] == -1 and ks[0] == 1.0 and np.isnan(pol[1]) and np.isnan(ks[1])
+
+
+def test_targets_of_a_tensor_batch_stay_tensors_equal_to_numpys():
+    """A training batch's self-training targets are made as torch where its images are (the
+    trainer's device) and stay there; they equal the targets made from the same images as numpy,
+    for every region and grey-level rule."""
+    labels, low, imgs = _case()
+    rows = np.arange(20)
+    for cfg in (refine.RefineConfig(), refine.RefineConfig(region="negatives"),
+                refine.RefineConfig(region="otsu", grey="labels"),
+                refine.RefineConfig(region=refine.RegionConfig(par_iterations=2), grey="either"),
+                refine.RefineConfig(grey="off")):
+        as_numpy = lambda r: imgs[np.asarray(r)]  # noqa: E731
+        as_tensor = lambda r: torch.from_numpy(imgs[np.asarray(r)])  # noqa: E731
+        cal = refine.calibrate(_Cache(low), as_numpy, labels, (8, 8), cfg)
+        t = refine.self_training_targets(_Cache(low), as_tensor, rows, labels, (8, 8), cfg, cal)
+        n = refine.self_training_targets(_Cache(low), as_numpy, rows, labels, (8, 8), cfg, cal)
+        if cfg.reads_grey or cfg.region.par_iterations:
+            assert isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+        assert isinstance(n, np.ndarray) and np.array_equal(np.asarray(t), n), cfg

@@ -15,9 +15,15 @@ def grey_zscore(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """``(I - median(I)) / (1.4826 MAD(I))`` of each image's grey level (the mean of its
     channels), per pixel: ``[B, H, W]`` float32 for images ``[B, 3, H, W]`` in any range; negative
     where darker than the image's typical grey (a robust z-score: a defect covering less than half
-    the image moves neither the median nor the MAD)."""
+    the image moves neither the median nor the MAD). Computed on the images' device
+    (:func:`grey_zscore_on` leaves it there)."""
+    return grey_zscore_on(images).cpu().numpy()
+
+
+def grey_zscore_on(images) -> torch.Tensor:
+    """:func:`grey_zscore`, a tensor on the images' device."""
     with torch.no_grad():
-        return _robust_z(float_tensor(images).mean(1)).cpu().numpy()  # on the images' device
+        return _robust_z(float_tensor(images).mean(1))
 
 
 def _robust_z(g: torch.Tensor) -> torch.Tensor:
@@ -32,11 +38,17 @@ def local_zscore(images: torch.Tensor | np.ndarray, sigma: float = 0.125) -> np.
     """The robust z-score (:func:`grey_zscore`'s) of each pixel's grey level minus its Gaussian
     blur of ``sigma`` x the image's shorter side (:func:`gaussian_blur`): ``[B, H, W]`` float32,
     negative where a pixel is darker than its neighbourhood. A small defect departs from it on a
-    sheet whose grey drifts across the image, where the image's global grey hides it."""
+    sheet whose grey drifts across the image, where the image's global grey hides it
+    (:func:`local_zscore_on` leaves it on the images' device)."""
+    return local_zscore_on(images, sigma).cpu().numpy()
+
+
+def local_zscore_on(images, sigma: float = 0.125) -> torch.Tensor:
+    """:func:`local_zscore`, a tensor on the images' device."""
     with torch.no_grad():
         g = float_tensor(images).mean(1, keepdim=True)
         blur = gaussian_blur(g, sigma * min(g.shape[-2:]))
-        return _robust_z((g - blur)[:, 0]).cpu().numpy()
+        return _robust_z((g - blur)[:, 0])
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -74,7 +86,15 @@ def departures(z: np.ndarray, k, polarity: np.ndarray) -> np.ndarray:
     """``[B, C, H, W]`` bool: pixels departing more than ``k`` (one value, or one per class
     ``[C]``) from the image's grey (``z`` ``[B, H, W]``) in each class's direction (``polarity``
     ``[C]``: +1 brighter, -1 darker, 0 either way, NaN: the grey level says nothing about the
-    class, every pixel passes)."""
+    class, every pixel passes). A tensor ``z`` gives a tensor on its device (the same
+    float32 comparisons)."""
+    if isinstance(z, torch.Tensor):
+        pol = torch.as_tensor(np.asarray(polarity, np.float32), device=z.device)[None, :, None,
+                                                                                 None]
+        kk = np.array(np.broadcast_to(np.asarray(k, np.float32), pol.shape[1:2]))
+        kk = torch.as_tensor(kk, device=z.device)[None, :, None, None]
+        zz = z.float()[:, None]
+        return torch.isnan(pol) | (torch.where(pol == 0, zz.abs(), pol * zz) > kk)
     pol = np.asarray(polarity, np.float32)[None, :, None, None]
     k = np.broadcast_to(np.asarray(k, np.float32), pol.shape[1:2])[None, :, None, None]
     z = np.asarray(z, np.float32)[:, None]

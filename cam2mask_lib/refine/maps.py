@@ -129,8 +129,15 @@ def par(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray, iter
     """Pixel-adaptive refinement: ``iterations`` steps of ``m_i <- sum_j a_ij m_j`` over each
     pixel's neighbours with :func:`par_affinity` weights, every class with the same weights.
     ``maps`` ``[B, C, H, W]``; ``images`` ``[B, 3, H, W]`` at the same size. Returns the refined
-    maps (numpy, float32). The sum is accumulated view by view (no ``[B, K, C, H, W]`` stack:
-    K = 49 with the default dilations)."""
+    maps (numpy, float32; :func:`par_on` leaves them on the images' device). The sum is
+    accumulated view by view (no ``[B, K, C, H, W]`` stack: K = 49 with the default
+    dilations)."""
+    return par_on(maps, images, iterations, dilations, temperature).cpu().numpy()
+
+
+def par_on(maps, images, iterations: int = 10, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+           temperature: float = 0.3) -> torch.Tensor:
+    """:func:`par`, a float32 tensor on the images' device."""
     with torch.no_grad():
         img = float_tensor(images)
         m = float_tensor(maps).to(img.device)  # on the images' device (the context's: image_loader)
@@ -143,7 +150,7 @@ def par(maps: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray, iter
             for k, view in enumerate(_shifted(m, dilations)):
                 out += view * aff[:, k:k + 1]
             m = out
-        return m.cpu().numpy()
+        return m
 
 
 def threshold_masks(maps: np.ndarray, thresholds) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..utils import ConfigError
-from .maps import (absolute_maps_on, class_scales, negative_thresholds, otsu_thresholds, par,
+from .maps import (absolute_maps_on, class_scales, negative_thresholds, otsu_thresholds, par_on,
                    threshold_masks)
 
 
@@ -73,14 +73,19 @@ class Region:
         return cache.maps_on(device, rows, size)
 
     def maps(self, cache, rows, size, scales, imgs=None) -> np.ndarray:
-        """The maps this rule cuts for ``rows`` (numpy ``[b, C, H, W]``), made where the guide
-        images ``imgs`` are (the context's device, as the scoring does), PAR guided by them."""
+        """The maps this rule cuts for ``rows`` (numpy ``[b, C, H, W]``; :meth:`maps_on` leaves
+        them where they are made)."""
+        return self.maps_on(cache, rows, size, scales, imgs).cpu().numpy()
+
+    def maps_on(self, cache, rows, size, scales, imgs=None) -> torch.Tensor:
+        """The maps, a float32 tensor made where the guide images ``imgs`` are (the context's
+        device, as the scoring does), PAR guided by them."""
         device = imgs.device if isinstance(imgs, torch.Tensor) else "cpu"
-        m = self.raw_maps(cache, np.asarray(rows), size, scales, device)
+        m = torch.as_tensor(self.raw_maps(cache, np.asarray(rows), size, scales, device))
         if self.cfg.par_iterations:
             c = self.cfg
-            return par(m, imgs, c.par_iterations, c.par_dilations, c.par_temperature)
-        return m.cpu().numpy() if isinstance(m, torch.Tensor) else m
+            return par_on(m, imgs, c.par_iterations, c.par_dilations, c.par_temperature)
+        return m
 
     def calibrate(self, cache, images, labels: np.ndarray, size, chunks, device
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +96,12 @@ class Region:
     def cut(self, maps: np.ndarray, thresholds: np.ndarray, factor: float = 1.0) -> np.ndarray:
         """uint8: ``maps`` above ``factor`` x each class's threshold."""
         return threshold_masks(maps, factor * thresholds)
+
+    def cut_on(self, maps: torch.Tensor, thresholds: np.ndarray, factor: float = 1.0
+               ) -> torch.Tensor:
+        """:meth:`cut` of a tensor, bool on its device (the same float32 comparisons)."""
+        t = np.broadcast_to(np.asarray(factor * thresholds, np.float32), (maps.shape[1],))
+        return maps > torch.as_tensor(np.array(t), device=maps.device)[None, :, None, None]
 
 
 class ScaledRegion(Region):
@@ -123,6 +134,10 @@ class OtsuRegion(Region):
 
     def cut(self, maps, thresholds, factor=1.0):
         return (maps > factor * otsu_thresholds(maps)[..., None, None]).astype(np.uint8)
+
+    def cut_on(self, maps, thresholds, factor=1.0):
+        t = torch.as_tensor(otsu_thresholds(maps.cpu().numpy()), device=maps.device)
+        return maps > factor * t[..., None, None]
 
 
 REGIONS = {"image": ScaledRegion, "negatives": NegativesRegion, "otsu": OtsuRegion}

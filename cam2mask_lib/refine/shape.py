@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..utils import ConfigError
 from .grey import (Contrast, class_polarity, contrast_departures, departures, grey_zscore,
-                   local_zscore, region_misses)
+                   grey_zscore_on, local_zscore, local_zscore_on, region_misses)
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,18 @@ class GreyTest:
         """``[B, C, H, W]`` bool: the pixels of the batch ``imgs`` departing by ``factor`` x each
         class's sds in its sign: from the image's grey, or for the ``near`` classes from their
         neighbourhood."""
+        return self.departing_on(imgs, cal, factor).cpu().numpy()
+
+    def departing_on(self, imgs, cal, factor: float = 1.0) -> torch.Tensor:
+        """:meth:`departing`, a bool tensor on the images' device."""
         k = factor * cal.deviations
         if cal.near.all():
-            return departures(local_zscore(imgs, self.cfg.local_sigma), k, cal.polarity)
-        d = departures(grey_zscore(imgs), k, cal.polarity)
+            return departures(local_zscore_on(imgs, self.cfg.local_sigma), k, cal.polarity)
+        d = departures(grey_zscore_on(imgs), k, cal.polarity)
         if cal.near.any():
-            near = departures(local_zscore(imgs, self.cfg.local_sigma), k, cal.polarity)
-            d[:, cal.near] = near[:, cal.near]
+            near = departures(local_zscore_on(imgs, self.cfg.local_sigma), k, cal.polarity)
+            pick = torch.as_tensor(cal.near, device=d.device)
+            d[:, pick] = near[:, pick]
         return d
 
 

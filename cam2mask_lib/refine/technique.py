@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from ..segment import confident_labels
 from ..utils import ConfigError
@@ -128,26 +129,29 @@ class Technique:
             yield b, m, gate(masks, probs[b] >= self.cfg.confidence)
 
     def targets(self, cache, images, rows, labels: np.ndarray, size: tuple[int, int],
-                cal: Calibration) -> np.ndarray:
+                cal: Calibration) -> np.ndarray | torch.Tensor:
         """Self-training targets (:func:`segment.confident_labels`) of ``rows``: defect = the
         mask (gated by the image labels, not the classifier); background = outside the region
         cut at ``band`` x its threshold, or pixels that do not depart by ``band`` x the class's
-        sds in its sign; the rest ignored."""
+        sds in its sign; the rest ignored. Made where the guide images are, as torch: a uint8
+        tensor there for tensor images (a training batch's targets stay on its device), numpy
+        for numpy images or none."""
         rows = np.asarray(rows)
         imgs = self._guide(images, rows)
-        m = self.region.maps(cache, rows, size, cal.scales, imgs)
-        defect = self.region.cut(m, cal.thresholds).astype(bool)
-        background = ~self.region.cut(m, cal.thresholds, self.cfg.band).astype(bool)
+        m = self.region.maps_on(cache, rows, size, cal.scales, imgs)
+        defect = self.region.cut_on(m, cal.thresholds)
+        background = ~self.region.cut_on(m, cal.thresholds, self.cfg.band)
         if self.cfg.reads_grey:
-            d = self.grey.departing(imgs, cal)
-            near = self.grey.departing(imgs, cal, self.cfg.band)
+            d = self.grey.departing_on(imgs, cal)
+            near = self.grey.departing_on(imgs, cal, self.cfg.band)
             defect &= d
             background |= ~near
             # a class tested anywhere: its departures anywhere, the rest background
-            defect[:, cal.anywhere] = d[:, cal.anywhere]
-            background[:, cal.anywhere] = ~near[:, cal.anywhere]
-        return confident_labels(defect, background, labels[rows])
-
+            anywhere = torch.as_tensor(cal.anywhere, device=m.device)
+            defect[:, anywhere] = d[:, anywhere]
+            background[:, anywhere] = ~near[:, anywhere]
+        out = confident_labels(defect, background, labels[rows])
+        return out if isinstance(imgs, torch.Tensor) else out.cpu().numpy()
 
 def calibrate(cache, images, labels, size, cfg: RefineConfig, batch: int = 32,
               device="cpu") -> Calibration:
