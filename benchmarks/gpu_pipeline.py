@@ -66,6 +66,16 @@ def bare_train(model, loss_fn, x, y, opt, steps, device):
     return run
 
 
+
+class _Rows(list):
+    """(stage, pipeline images/s, bare network images/s) rows, each printed as it is added."""
+
+    def append(self, row):
+        super().append(row)
+        name, p, b = row
+        print(f"measured: {name}: pipeline {p:.1f} images/s, bare network {b:.1f}, "
+              f"{p / b:.0%}", flush=True)
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", default="mobilenetv3_small_050", help="timm classifier encoder")
@@ -82,7 +92,7 @@ def main(argv=None) -> None:
     print(f"device: {machine(device)}; {software()}")
     print(f"shapes: {args.encoder} at {size[0]}x{size[1]}, batch {args.batch} (segmentation "
           f"{args.seg_batch}), {n} images per pass, {args.workers} workers; synthetic data")
-    rows_out = []
+    rows_out = _Rows()  # each figure printed as soon as it is measured: a cut run keeps it
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = generate(tmp / "data", n=n, seed=0, height=size[0], width=size[1], progress=False)
@@ -156,6 +166,8 @@ def main(argv=None) -> None:
                 collect_stats((cache.maps_on(where, c, size) for c in chunks), trues, THRESHOLDS)
             score()
             scoring[where] = n / timed(score, device)
+            print(f"measured: scoring cached CAMs on {where}: {scoring[where]:.1f} images/s",
+                  flush=True)
 
         # 3c. Table 5's self-training targets (the default refinement, calibrated on the labels),
         # made on the device from each batch's images as the trainer hands them over; the paper
@@ -168,6 +180,8 @@ def main(argv=None) -> None:
                 refined.targets(c, ds.uint8_batch(c))
         self_targets()
         targets_rate = n / timed(self_targets, device)
+        print(f"measured: Table 5's self-training targets on {device}: {targets_rate:.1f} "
+              f"images/s", flush=True)
 
         # 4. segmentation training: a U-Net with the classifier's encoder on the true masks
         seg = SegConfig(arch="unet", encoder=f"tu-{args.encoder}", epochs=1,

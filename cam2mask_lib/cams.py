@@ -326,11 +326,13 @@ class CamCache:
 
 def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: str = "gradcam++",
                 aug_smooth: bool = True, target: str = "logit", batch_size: int = 32,
-                progress: bool = True) -> CamCache:
+                progress: bool = True, num_workers: int = 0) -> CamCache:
     """CAMs of every image from its own fold's model (out-of-fold, as the paper scores them),
     streamed batch by batch into ``out/maps.npy`` at feature-map resolution. An existing complete
     cache with the same settings is reused; a partial one resumes from its last finished batch.
-    Each model runs on its own device and layout (as :func:`classify.fold_models` loads it)."""
+    Each model runs on its own device and layout (as :func:`classify.fold_models` loads it);
+    ``num_workers``: the images are decoded by the dataset's persistent workers while the model
+    runs (the same images, :meth:`data.ImageDataset.batches`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(ds)
@@ -360,9 +362,8 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
         model = models_by_fold[f].eval()
         rows = [int(r) for r in np.flatnonzero(folds == f) if int(r) not in done_rows]
         say(progress, f"CAMs ({method}): fold {f}, {len(rows)} images")
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            x = ds.uint8_batch(chunk)  # normalised on the model's device
+        for chunk, x in ds.batches(np.asarray(rows, dtype=np.int64), batch_size, num_workers):
+            chunk = [int(r) for r in chunk]  # x: uint8, normalised on the model's device
             arr[chunk] = low_res_views(model, x, method, aug_smooth, target).astype(np.float16)
             arr.flush()
             done_rows.update(chunk)

@@ -155,7 +155,8 @@ def cam_stage(ctx: Context, run: ClassifierRun, method: str = "gradcam++",
     variant = f"{method}{'_aug' if aug_smooth else ''}_{weights}"
     out = ctx.artifacts / "cams" / Path(run.dir).name / variant
     return cam_dataset(ctx.fold_models(run, weights), ctx.images(), ctx.folds, out, method=method,
-                       aug_smooth=aug_smooth, progress=progress)
+                       aug_smooth=aug_smooth, progress=progress,
+                       num_workers=ctx.profile.classifier.num_workers)
 
 
 def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth: bool,

@@ -124,3 +124,16 @@ def test_hirescam_equals_gradcam_under_average_pooling(models):
     assert np.abs(compute_cams(model, x, "hirescam") - ref).max() < 1e-4
     layer = library_cams(model, x, "layercam", False, model.target_layer, "logit", range(4))
     assert np.abs(layer - ref).max() > 1e-2
+
+
+def test_images_decoded_by_workers_give_the_same_cache(small_ds, models, tmp_path):
+    """The CAM stage may read its images through the dataset's workers (the paper profile's
+    JPEGs): the same maps, bit for bit."""
+    idx, ds = small_ds
+    model = models["mobilenetv3_small_050"]
+    folds = np.arange(len(ds)) % 2
+    here = cam_dataset({0: model, 1: model}, ds, folds, tmp_path / "here", batch_size=4,
+                       progress=False)
+    there = cam_dataset({0: model, 1: model}, ds, folds, tmp_path / "there", batch_size=4,
+                        progress=False, num_workers=2)
+    assert np.array_equal(here.low(), there.low())
