@@ -365,6 +365,9 @@ class _Job:
         self.ctx, self.out, self.progress = ctx, out, progress
         self.say = print if progress else (lambda *a, **k: None)
         self.rows = np.arange(len(ctx.index))
+        self.positives = ctx.index.labels.sum(0)  # images labelled with each class
+        self.always = [c for c, n in zip(ctx.index.class_names, self.positives)
+                       if n == len(ctx.index)]
         self.cls = self.cache = self.ens = self.probs = None
         self.summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names,
                               "method": method}
@@ -410,10 +413,8 @@ def _announce(job: _Job, plan: _Plan) -> None:
             f"enough to train on {SELF_TRAIN_IMAGES:,} images in all with "
             f"{_n_train(len(ctx.index), n_folds)} per fold's network, at most "
             f"{SELF_TRAIN_MAX_EPOCHS}; --seg-epochs N to choose)"))
-    positives = ctx.index.labels.sum(0)
-    always = [c for c, n in zip(ctx.index.class_names, positives) if n == len(ctx.index)]
-    if always:  # said before the training, which cannot fix it
-        say(f"class(es) {always}: every image is labelled with them, so the classifier has no "
+    if job.always:  # said before the training, which cannot fix it
+        say(f"class(es) {job.always}: every image is labelled with them, so the classifier has no "
             f"image without them to contrast: their CAMs show where it looked, not what "
             f"differs, and their ROC-AUC is undefined. Add defect-free images (labelled 0) "
             f"for masks that follow the evidence")
@@ -438,10 +439,9 @@ def _classify(job: _Job, run: dict | None) -> None:
                         "trained with cross-validation",
                         "classifier_auc": dict(zip(ctx.index.class_names,
                                                    [float(a) for a in auc]))})
-    positives = ctx.index.labels.sum(0)
-    always = [c for c, n in zip(ctx.index.class_names, positives) if n == len(ctx.index)]
-    if always:
-        job.summary["classes_on_every_image"] = always
+    if job.always:
+        job.summary["classes_on_every_image"] = job.always
+    positives = job.positives
     never = [c for c, n in zip(ctx.index.class_names, positives) if n == 0]
     if never:  # no positive image: nothing to localise, and ROC-AUC is undefined
         probs = probs.copy()

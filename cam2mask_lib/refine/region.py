@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from ..utils import ConfigError
-from .maps import (absolute_maps_on, class_scales, negative_thresholds, otsu_thresholds, par_on,
-                   threshold_masks)
+from .maps import absolute_maps_on, class_scales, negative_thresholds, otsu_thresholds, par_on
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class RegionConfig:
 
 class Region:
     """The base: the paper's per-image scaled maps, one fixed cut for every class. A rule
-    overrides :meth:`maps` (which map it cuts), :meth:`calibrate` (what it learns from the
+    overrides :meth:`raw_maps` (which map it cuts), :meth:`calibrate` (what it learns from the
     labels) or :meth:`cut` (how it cuts)."""
 
     describe_rule = "per-image scaled CAM > {threshold:g}"
@@ -93,13 +92,10 @@ class Region:
         c = labels.shape[1]
         return np.ones(c), np.full(c, self.cfg.threshold)
 
-    def cut(self, maps: np.ndarray, thresholds: np.ndarray, factor: float = 1.0) -> np.ndarray:
-        """uint8: ``maps`` above ``factor`` x each class's threshold."""
-        return threshold_masks(maps, factor * thresholds)
-
-    def cut_on(self, maps: torch.Tensor, thresholds: np.ndarray, factor: float = 1.0
-               ) -> torch.Tensor:
-        """:meth:`cut` of a tensor, bool on its device (the same float32 comparisons)."""
+    def cut(self, maps: torch.Tensor, thresholds: np.ndarray, factor: float = 1.0
+            ) -> torch.Tensor:
+        """bool, on the maps' device: ``maps`` above ``factor`` x each class's threshold (in
+        float32, as :func:`maps.threshold_masks` compares)."""
         t = np.broadcast_to(np.asarray(factor * thresholds, np.float32), (maps.shape[1],))
         return maps > torch.as_tensor(np.array(t), device=maps.device)[None, :, None, None]
 
@@ -133,9 +129,6 @@ class OtsuRegion(Region):
     describe_rule = "per-image scaled CAM > its Otsu threshold"
 
     def cut(self, maps, thresholds, factor=1.0):
-        return (maps > factor * otsu_thresholds(maps)[..., None, None]).astype(np.uint8)
-
-    def cut_on(self, maps, thresholds, factor=1.0):
         t = torch.as_tensor(otsu_thresholds(maps.cpu().numpy()), device=maps.device)
         return maps > factor * t[..., None, None]
 

@@ -99,14 +99,10 @@ class GreyTest:
                   thresholds) -> GreyCalibration:
         raise NotImplementedError
 
-    def departing(self, imgs, cal, factor: float = 1.0) -> np.ndarray:
-        """``[B, C, H, W]`` bool: the pixels of the batch ``imgs`` departing by ``factor`` x each
-        class's sds in its sign: from the image's grey, or for the ``near`` classes from their
-        neighbourhood."""
-        return self.departing_on(imgs, cal, factor).cpu().numpy()
-
-    def departing_on(self, imgs, cal, factor: float = 1.0) -> torch.Tensor:
-        """:meth:`departing`, a bool tensor on the images' device."""
+    def departing(self, imgs, cal, factor: float = 1.0) -> torch.Tensor:
+        """``[B, C, H, W]`` bool, on the images' device: the pixels of the batch ``imgs``
+        departing by ``factor`` x each class's sds in its sign: from the image's grey, or for the
+        ``near`` classes from their neighbourhood."""
         k = factor * cal.deviations
         if cal.near.all():
             return departures(local_zscore_on(imgs, self.cfg.local_sigma), k, cal.polarity)
@@ -177,7 +173,8 @@ class LearntContrast(GreyTest):
         whole, near = Contrast.empty(c, cfg.deviations), Contrast.empty(c, cfg.deviations)
         for ch in chunks:
             imgs = images(ch)
-            inside = region.cut(region.maps(cache, ch, size, scales, imgs), thresholds)
+            inside = region.cut(region.maps_on(cache, ch, size, scales, imgs), thresholds)
+            inside = inside.cpu().numpy()
             contrast.add(grey_zscore(imgs), inside, labels[ch])
             if cfg.whole_image or cfg.local_region:
                 z = local_zscore(imgs, cfg.local_sigma)

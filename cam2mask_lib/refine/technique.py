@@ -110,48 +110,47 @@ class Technique:
                                 thresholds)
         return Calibration(scales, thresholds, g.polarity, g.deviations, g.anywhere, g.near)
 
+    def _kept(self, imgs, maps: torch.Tensor, cal: Calibration, factor: float = 1.0
+              ) -> torch.Tensor:
+        """bool, where ``maps`` are: the region cut at ``factor`` x its thresholds, narrowed to
+        the pixels departing by ``factor`` x each class's sds in its sign (a class tested
+        ``anywhere``: its departures anywhere)."""
+        kept = self.region.cut(maps, cal.thresholds, factor)
+        if self.cfg.reads_grey:
+            d = self.grey.departing(imgs, cal, factor)
+            anywhere = torch.as_tensor(cal.anywhere, device=maps.device)
+            kept &= d
+            kept[:, anywhere] = d[:, anywhere]
+        return kept
+
     def masks(self, cache, images, rows, probs: np.ndarray, size: tuple[int, int],
               cal: Calibration, batch: int = 32
               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """``(rows, maps, masks)`` per batch: the region narrowed to the departing pixels (a
-        class tested ``anywhere``: its departures anywhere), gated by the classifier
-        (``probs[rows] >= confidence``)."""
+        """``(rows, maps, masks)`` per batch, numpy: the kept pixels (:meth:`_kept`), gated by the
+        classifier (``probs[rows] >= confidence``)."""
         rows = np.asarray(rows)
         for s in range(0, len(rows), batch):
             b = rows[s:s + batch]
             imgs = self._guide(images, b)
-            m = self.region.maps(cache, b, size, cal.scales, imgs)
-            masks = self.region.cut(m, cal.thresholds).astype(bool)
-            if self.cfg.reads_grey:
-                d = self.grey.departing(imgs, cal)
-                masks &= d
-                masks[:, cal.anywhere] = d[:, cal.anywhere]
-            yield b, m, gate(masks, probs[b] >= self.cfg.confidence)
+            m = self.region.maps_on(cache, b, size, cal.scales, imgs)
+            kept = self._kept(imgs, m, cal).cpu().numpy()
+            yield b, m.cpu().numpy(), gate(kept, probs[b] >= self.cfg.confidence)
 
     def targets(self, cache, images, rows, labels: np.ndarray, size: tuple[int, int],
                 cal: Calibration) -> np.ndarray | torch.Tensor:
         """Self-training targets (:func:`segment.confident_labels`) of ``rows``: defect = the
-        mask (gated by the image labels, not the classifier); background = outside the region
-        cut at ``band`` x its threshold, or pixels that do not depart by ``band`` x the class's
-        sds in its sign; the rest ignored. Made where the guide images are, as torch: a uint8
-        tensor there for tensor images (a training batch's targets stay on its device), numpy
-        for numpy images or none."""
+        mask (gated by the image labels, not the classifier); background = what the same rule
+        does not keep at ``band`` x its cuts (outside the region cut at ``band`` x its threshold,
+        or not departing by ``band`` x the class's sds); the rest ignored. Made where the guide
+        images are, as torch: a uint8 tensor there for tensor images (a training batch's
+        targets stay on its device), numpy for numpy images or none."""
         rows = np.asarray(rows)
         imgs = self._guide(images, rows)
         m = self.region.maps_on(cache, rows, size, cal.scales, imgs)
-        defect = self.region.cut_on(m, cal.thresholds)
-        background = ~self.region.cut_on(m, cal.thresholds, self.cfg.band)
-        if self.cfg.reads_grey:
-            d = self.grey.departing_on(imgs, cal)
-            near = self.grey.departing_on(imgs, cal, self.cfg.band)
-            defect &= d
-            background |= ~near
-            # a class tested anywhere: its departures anywhere, the rest background
-            anywhere = torch.as_tensor(cal.anywhere, device=m.device)
-            defect[:, anywhere] = d[:, anywhere]
-            background[:, anywhere] = ~near[:, anywhere]
-        out = confident_labels(defect, background, labels[rows])
+        background = ~self._kept(imgs, m, cal, self.cfg.band)
+        out = confident_labels(self._kept(imgs, m, cal), background, labels[rows])
         return out if isinstance(imgs, torch.Tensor) else out.cpu().numpy()
+
 
 def calibrate(cache, images, labels, size, cfg: RefineConfig, batch: int = 32,
               device="cpu") -> Calibration:
