@@ -1,5 +1,5 @@
 # Two commands, each sets itself up on first use (a virtual environment in .venv):
-#   make reproduce   execute every notebook in the default profile, regenerate figures/ (~20 min, 2 cores)
+#   make reproduce   execute every notebook in the default profile, regenerate figures/ (10-30 min on 2 cores)
 #   make test        run the test suite (unit tests + the notebooks in the smoke profile)
 # Other targets: make setup, make smoke (the whole pipeline in the smoke profile), make lab, make clean,
 #   make lock (refresh requirements.lock: newest versions the registry allows, with hashes).

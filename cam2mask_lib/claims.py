@@ -324,9 +324,11 @@ def _summary(ev: Evaluation, seeds: list[str], lecture: list[str], profile: str 
         return "; ".join(ev.claims[k].short or ev.claims[k].text for k in ks) or "none"
     n = max((n for _, n in held), default=0)
     where = f"in all {n} seeds" if n > 1 else "in the one run"
-    text = (f"Of the {len(ev.claims)} claims checked, {len(every)} hold {where} of the "
-            f"`{profile}` profile, {len(noise)} hold in some seeds only (noise at this scale: "
-            f"{names(noise)}) and {len(never)} hold in none ({names(never)}).")
+    def verb(ks):
+        return "holds" if len(ks) == 1 else "hold"
+    text = (f"Of the {len(ev.claims)} claims checked, {len(every)} {verb(every)} {where} of the "
+            f"`{profile}` profile, {len(noise)} {verb(noise)} in some seeds only (noise at this "
+            f"scale: {names(noise)}) and {len(never)} {verb(never)} in none ({names(never)}).")
     if lecture:
         lec = [ev.held(k, lecture) for k in range(len(ev.claims))]
         kept = sum(1 for k in every if lec[k][1] and lec[k][0] == lec[k][1])

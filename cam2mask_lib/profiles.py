@@ -134,15 +134,18 @@ class Profile:
 
 
 def _cpu_scale(n: int, made_at, read_at, epochs: int, batch: int, seg_size, seg_epochs: int,
-               n_folds: int = 3, lr: float = 2e-3, seg_batch: int | None = None) -> dict:
+               n_folds: int = 3, lr: float = 2e-3, seg_batch: int | None = None,
+               fold_processes: int = 0) -> dict:
     """What the CPU profiles share (see the cpu profile's notes for why): ``n`` synthetic images
     made at ``made_at`` and read at ``read_at``, 3 folds, timm's MobileNetV3 from random weights
     with a raised encoder learning rate, and a U-Net with the same encoder (started from the
-    fold's classifier) and a slim decoder, trained on the defective images of folds 1-2."""
+    fold's classifier) and a slim decoder, trained on the defective images of folds 1-2.
+    ``fold_processes``: the classifier's folds side by side, one process of one thread each."""
     return dict(
         n_folds=n_folds, data=DataConfig(synthetic_n=n, synthetic_size=made_at),
         classifier=TrainConfig(encoder="mobilenetv3_small_050", image_size=read_at, epochs=epochs,
-                               batch_size=batch, lr_encoder=lr, lr_head=lr),
+                               batch_size=batch, lr_encoder=lr, lr_head=lr,
+                               fold_processes=fold_processes),
         segmentation=SegStageConfig(
             net=SegConfig(arch="unet", encoder="tu-mobilenetv3_small_050", slim=True, lr=3e-3,
                           epochs=seg_epochs, batch_size=seg_batch or batch,
@@ -178,24 +181,27 @@ PROFILES: dict[str, Profile] = {
               "classifier, because from random weights every network tried learned nothing in 2-3 "
               "epochs (all masks empty; measured). Trained on the defective images of folds 1-2, "
               "scored on fold 0: 3 epochs per network in Table 3 (~20 s each); the grid uses 2 "
-              "epochs on 160 images per run (17 runs in ~2 min). Sized for a 15-minute run on 2 "
-              "cores; clean runs measure 10.6 min on a 2-core AVX-512 machine and 20.4 min on an AVX2 "
-              "one, two thirds of "
-              "it training (README: time of the default run).",
+              "epochs on 160 images per run (17 runs in ~2 min). The classifier's 3 folds train "
+              "side by side, one process of one thread each: on 2 cores faster than one "
+              "2-thread process, and the weights no longer depend on the core count. Sized for "
+              "a 15-minute run on 2 cores: 10.6 min on a Zen 5 EPYC, about 30 on a Zen 1 one "
+              "(docs/cpu_timing.md).",
         **_cpu_scale(n=1600, made_at=(256, 1600), read_at=(128, 800), epochs=10, batch=16,
-                     seg_size=(64, 384), seg_epochs=3),
+                     seg_size=(64, 384), seg_epochs=3, fold_processes=3),
         grid=GridConfig(epochs=2, max_train=160, encoder=None)),
     "lecture": Profile(
         name="lecture",
-        notes="A lab: the whole method, notebooks 00-06, in 5-6 minutes on 2 CPU cores. The "
+        notes="A lab: the whole method, notebooks 00-06, in 4.5-6 minutes on 2 CPU cores. The "
               "cpu profile's recipe at half its data and a third of its training: 800 synthetic "
               "images at Severstal's 256x1600 read at 128x800 (CAM maps of 4x25, as in cpu), 2 "
               "folds, 10 epochs of batch 32 (fewer, larger steps: the fastest way measured to a "
               "usable classifier from random weights in this budget), U-Nets of 2 epochs, a grid "
-              "of 1 epoch on 64 images per run at 32x192. Its numbers are noisier than cpu's; the "
+              "of 1 epoch on 64 images per run at 32x192, the 2 folds side by side. Its numbers are "
+              "noisier than cpu's; the "
               "README's claims table says which of the paper's orderings still hold in it.",
         **_cpu_scale(n=800, made_at=(256, 1600), read_at=(128, 800), epochs=10, batch=32,
-                     seg_size=(64, 384), seg_epochs=2, n_folds=2, lr=4e-3, seg_batch=16),
+                     seg_size=(64, 384), seg_epochs=2, n_folds=2, lr=4e-3, seg_batch=16,
+                     fold_processes=2),
         grid=GridConfig(epochs=1, max_train=64, size=(32, 192), encoder=None)),
     "paper": Profile(
         name="paper",
