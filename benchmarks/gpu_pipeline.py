@@ -66,7 +66,6 @@ def bare_train(model, loss_fn, x, y, opt, steps, device):
     return run
 
 
-
 class _Rows(list):
     """(stage, pipeline images/s, bare network images/s) rows, each printed as it is added."""
 
@@ -75,6 +74,7 @@ class _Rows(list):
         name, p, b = row
         print(f"measured: {name}: pipeline {p:.1f} images/s, bare network {b:.1f}, "
               f"{p / b:.0%}", flush=True)
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
