@@ -8,15 +8,19 @@ U-Net of the same encoder and budget trained on the same folds in the same run.
 The classifier is ``cam2mask masks``' default (:func:`cam2mask_lib.masks.classifier_recipe`:
 EfficientNet-Lite0 from the ImageNet weights that install with the project; ``--random-weights``:
 the cpu profile's MobileNetV3 from random weights), trained with cross-validation on the image
-labels only; every image's CAM comes from the fold model that did not see it. The inputs are the
+labels only; every image's CAM comes from the fold model that did not see it. Each class reads
+the map ``cam2mask masks`` chooses for it (the last layer's Grad-CAM++ or LayerCAM at stride 8 or
+16, by the classifier's deletion test: cam2mask_lib.layer_choice); the paper's masks from the
+last layer are scored beside them. The inputs are the
 masks command's: the images' median aspect ratio at the cpu profile's pixel budgets, never
 larger than the images. Nothing below is tuned on the true masks: they are read only to score.
 The masks of ``--score-folds`` (default fold 0) are scored at the segmentation input size: Kaggle
 Dice per (image, class), averaged over the defective images and over the non-empty true masks.
 "gap closed" is ``(Dice - no mask) / (supervised - no mask)`` on defective images. The
 segmentation networks train on the other folds' images (all of them), as many epochs as
-``cam2mask masks`` gives its self-trained U-Nets. Work is cached under ``--artifacts`` (a re-run
-reuses it; the caches are keyed by the data's bytes). The table goes to ``--out``, by default
+``cam2mask masks`` gives its self-trained U-Nets. Work is cached under ``--artifacts`` (default
+``artifacts/real_quality/<the data folder's name>``; a re-run reuses it; the caches are keyed by
+the data's bytes). The table goes to ``--out``, by default
 ``figures/real_quality/<the data folder's name>/``, with ``real_quality.json``, whose key
 ``default`` holds the numbers of the masks command's default row (``gap_closed``,
 ``nonempty_share``, ``defect_free_with_mask``: null where every image holds a defect), and a
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from cam2mask_lib import pipeline
 from cam2mask_lib.data import load_dataset
+from cam2mask_lib.layer_choice import layer_choice_stage
 from cam2mask_lib.experiments import (DEFECT_FREE, SELF_TRAINED, median_example_per_class,
                                       refinement_examples, refinement_markdown_table,
                                       refinement_stage)
@@ -89,7 +94,9 @@ def main(argv=None) -> None:
                     help="the classifier of the cpu profile from random weights instead of the "
                          "masks command's ImageNet-pretrained default")
     ap.add_argument("--score-folds", type=int, nargs="+", default=[0])
-    ap.add_argument("--artifacts", default=str(repo_root() / "artifacts" / "real_quality"))
+    ap.add_argument("--artifacts", default=None,
+                    help="where the work is cached (default artifacts/real_quality/<data folder "
+                         "name>: each set keeps its own folds)")
     ap.add_argument("--out", default=None,
                     help="where the table goes (default figures/real_quality/<data folder name>)")
     ap.add_argument("--force", action="store_true",
@@ -123,7 +130,8 @@ def main(argv=None) -> None:
                                            "net": {"batch_size": args.seg_batch}})
     progress = not args.no_progress
     t0 = time.perf_counter()
-    ctx = pipeline.context(prof, data_dir=data, artifacts_dir=args.artifacts, index=index)
+    artifacts = args.artifacts or repo_root() / "artifacts" / "real_quality" / data.name
+    ctx = pipeline.context(prof, data_dir=data, artifacts_dir=artifacts, index=index)
     print(ctx.describe(), flush=True)
     cls_cfg, net_cfg = prof.classifier, prof.segmentation.net
     print(f"inputs: classifier {image_size[0]}x{image_size[1]}, segmentation and scoring "
@@ -134,14 +142,17 @@ def main(argv=None) -> None:
     t_cls = time.perf_counter() - t0
     print(f"classifier and CAMs: {t_cls:.0f} s; out-of-fold AUC "
           + ", ".join(f"{c} {a:.3f}" for c, a in zip(ctx.index.class_names, run.auc)), flush=True)
-    res = refinement_stage(ctx, run, cache, progress=progress)
+    maps = layer_choice_stage(ctx, run, cache, progress=progress)
+    t_maps = time.perf_counter() - t0 - t_cls
+    print(f"earlier layers' maps and the choice: {t_maps:.0f} s", flush=True)
+    res = refinement_stage(ctx, run, maps, progress=progress, paper_maps=cache)
     rows, size, df = res.rows, ctx.seg_size, res.table
     for name, sec in res.seconds.items():
         print(f"{name}: {sec:.0f} s", flush=True)
     default = df.set_index("masks").loc[SELF_TRAINED]
     examples = refinement_examples(ctx, run, res, cache, median_example_per_class(ctx, rows))
     names = list(ctx.index.class_names)
-    cams = [cache.maps([e["row"]], size)[0, names.index(e["class"])] for e in examples]
+    cams = [maps.maps([e["row"]], size)[0, names.index(e["class"])] for e in examples]
     save_figure(plot_class_examples(examples, cams, names), out, "examples")
     wall = time.perf_counter() - t0
     write_json(out / RUN_FILE, {
@@ -150,10 +161,12 @@ def main(argv=None) -> None:
         "classifier": f"{cls_cfg.encoder}, {cls_cfg.weights()}", "epochs": cls_cfg.epochs,
         "seg_epochs": net_cfg.epochs, "score_folds": args.score_folds,
         "seg_batch": net_cfg.batch_size, "auc": [_number(a) for a in run.auc],
+        "maps": maps.record(names),
         "default": {"masks": SELF_TRAINED, "gap_closed": _number(default["gap closed"]),
                     "nonempty_share": _number(default["non-empty, share of supervised"]),
                     "defect_free_with_mask": _number(default.get(DEFECT_FREE))},
-        "wall_s": round(wall)})
+        "wall_s": round(wall), "classifier_and_cams_s": round(t_cls),
+        "classifier_trained_folds": [int(f) for f in run.trained]})
     atomic_write_text(out / "real_quality.csv", df.to_csv(index=False))
     fmt = refinement_markdown_table(df)
     text = (f"### Label-only masks on {data.name}, against a supervised U-Net\n\n"
@@ -165,8 +178,11 @@ def main(argv=None) -> None:
             f"; U-Nets (encoder from the fold's classifier, slim decoder) {net_cfg.epochs} "
             f"epochs{'' if args.seg_batch is None else f', batch {args.seg_batch}'}. "
             f"Wall time {wall / 60:.1f} min (classifier and CAMs {t_cls / 60:.1f} min"
-            f"{'' if run.trained else '; the classifier reused from the artifacts folder'})"
-            f". The default learnt from the labels: {res.refined.calibration.describe()}.\n\n"
+            f"{'' if run.trained else '; the classifier reused from the artifacts folder'}"
+            f", earlier layers' maps and their choice {t_maps / 60:.1f} min). Each class's map, "
+            f"chosen by the deletion test (labels only): {maps.describe(names)}; every row "
+            f"below the paper's masks reads it. The default learnt from the labels: "
+            f"{res.refined.calibration.describe()}.\n\n"
             f"{markdown_table(fmt)}\n\n{ctx.prov.line()}\n")
     atomic_write_text(out / "real_quality.md", text)
     print("\n" + text)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +38,7 @@ from torch.func import jacrev, vmap
 from tqdm import tqdm
 
 from .device import autocast, model_device, to_model
-from .utils import bars, say, write_json
+from .utils import ConfigError, bars, say, write_json
 
 FAST_METHODS = ("gradcam", "gradcam++", "layercam")
 # the CAM variants of the paper's Table 2: name -> (method, aug smoothing, weights); the last is
@@ -134,6 +135,29 @@ def _final_t(low: torch.Tensor, size: tuple[int, int], aug_smooth: bool) -> torc
     return _smooth_t(low, size) if aug_smooth else _upsample_t(low[:, 0], size)
 
 
+def absolute_maps_on(device, low: np.ndarray, size: tuple[int, int],
+                     scales: np.ndarray | None = None) -> torch.Tensor:
+    """Maps ``[N, C, H, W]`` from ReLU'd feature-resolution maps (``[N, V, C, h, w]``, views in
+    :data:`AUG_VIEWS` order, or ``[N, C, h, w]``) without any per-image scaling, made on
+    ``device`` (only the feature-resolution maps cross to it) as a float32 tensor: flipped views
+    flipped back, every view resized (bilinear, half-pixel centres), the views averaged;
+    ``scales`` ``[C]`` divides each class (``refine.maps.absolute_maps`` is the numpy twin)."""
+    with torch.no_grad():
+        t = torch.as_tensor(np.asarray(low, dtype=np.float32)).to(device)
+        if t.dim() == 4:
+            t = t[:, None]
+        if t.shape[1] == len(AUG_VIEWS):
+            t = unflip_views(t)
+        n, v, c, h, w = t.shape
+        up = F.interpolate(t.reshape(n * v, c, h, w), size=tuple(size), mode="bilinear",
+                           align_corners=False).reshape(n, v, c, *size).mean(1)
+        if scales is not None:
+            up /= torch.as_tensor(np.asarray(scales, np.float32), device=up.device)[
+                None, :, None, None]
+        return up
+
+
+
 # --------------------------------------------------------------------------------------------
 # The fast path: all classes of a batch from one backbone pass per view
 # --------------------------------------------------------------------------------------------
@@ -197,6 +221,75 @@ def low_res_views(model, x: torch.Tensor, method: str, aug_smooth: bool, target:
         feats = [model.features(v) for v, _ in _views(x, aug_smooth)]
     low = low_res_cams(model, None, method, target, feats=torch.cat(feats))  # [V*N, C, h, w]
     return low.reshape(len(feats), len(x), *low.shape[1:]).swapaxes(0, 1)
+
+
+def stage_output(model, stage: int) -> torch.nn.Module:
+    """The encoder stage whose output :func:`stage_views` reads: ``model.encoder.blocks[stage]``
+    (timm EfficientNet and MobileNet: stage 2 ends at stride 8, stages 3-4 at 16)."""
+    blocks = getattr(model.encoder, "blocks", None)
+    if blocks is None or not 0 <= stage < len(blocks):
+        raise ConfigError(f"CAM stage {stage}: the classifier's encoder "
+                          f"{type(model.encoder).__name__} has "
+                          f"{'no stages (blocks)' if blocks is None else f'stages 0 to {len(blocks) - 1}'}")
+    return blocks[stage]
+
+
+@contextmanager
+def _reading_stages(model, stages: Sequence[int]):
+    """While inside: a forward pass of ``model`` records the output of each of ``stages`` in the
+    yielded dict, the earliest cut from what comes before it (a leaf that requires grad), and no
+    parameter requires grad, so a backward pass runs from the logits down to the earliest stage
+    only and computes no weight gradient. The flags and hooks are restored on leaving."""
+    acts: dict[int, torch.Tensor] = {}
+    first = min(stages)
+
+    def hook(stage):
+        def record(_module, _inputs, out):
+            acts[stage] = out.detach().requires_grad_() if stage == first else out
+            return acts[stage]
+        return record
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    handles = [stage_output(model, s).register_forward_hook(hook(s)) for s in stages]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def stage_views(model, x: torch.Tensor, stages: Sequence[int], aug_smooth: bool,
+                classes: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+    """LayerCAM (Jiang et al., 2021) at the output ``A`` of each encoder stage of ``stages``:
+    ``ReLU(sum_k ReLU(dz_c / dA^k_ij) * A^k_ij)`` for every class ``c`` of ``classes`` (default
+    all), ``{stage: [N, V, C, h, w]}`` float32 (V = 6 views with aug smoothing, flipped views
+    still flipped, as :func:`low_res_views`). An earlier stage sees a smaller neighbourhood, so
+    its map can follow a defect smaller than one cell of the last layer's. One forward pass per
+    view and one backward pass per class and view, from the logits down to the earliest stage
+    (every stage's gradient from the same pass)."""
+    classes = list(range(model.num_classes)) if classes is None else list(classes)
+    stages = sorted(set(stages))
+    x = to_model(x, model)
+    per_stage: dict[int, list] = {s: [] for s in stages}
+    with _reading_stages(model, stages) as acts, torch.enable_grad(), \
+            autocast(model_device(model)):
+        for v, _ in _views(x, aug_smooth):
+            z = model(v).float()
+            maps = {s: [] for s in stages}
+            for i, c in enumerate(classes):
+                grads = torch.autograd.grad(z[:, c].sum(), [acts[s] for s in stages],
+                                            retain_graph=i < len(classes) - 1)
+                for s, g in zip(stages, grads):
+                    a = acts[s].detach().float()
+                    maps[s].append((g.float().clamp(min=0) * a).sum(1).clamp(min=0))
+            for s in stages:
+                per_stage[s].append(torch.stack(maps[s], 1))  # [N, C, h, w]
+    return {s: torch.stack(v, 1).cpu().numpy() for s, v in per_stage.items()}
 
 
 def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = False,
@@ -310,6 +403,11 @@ class CamCache:
         """Final maps ``[len(rows), C, H, W]`` in [0, 1] for ``rows``, upsampled now."""
         return self.maps_on("cpu", rows, size, aug_smooth, classes).numpy()
 
+    def absolute_on(self, device, rows: Sequence[int], size: tuple[int, int],
+                    scales: np.ndarray | None = None) -> torch.Tensor:
+        """The maps of ``rows`` in their own units (:func:`absolute_maps_on`), made on ``device``."""
+        return absolute_maps_on(device, self.low()[list(rows)], size, scales)
+
     def maps_on(self, device, rows: Sequence[int], size: tuple[int, int], aug_smooth: bool = True,
                 classes: Sequence[int] | None = None) -> torch.Tensor:
         """:meth:`maps` as a float32 tensor made on ``device``: only the small feature-resolution
@@ -333,44 +431,82 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
     Each model runs on its own device and layout (as :func:`classify.fold_models` loads it);
     ``num_workers``: the images are decoded by the dataset's persistent workers while the model
     runs (the same images, :meth:`data.ImageDataset.batches`)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(ds)
-    V = len(AUG_VIEWS) if aug_smooth else 1
     any_model = next(iter(models_by_fold.values()))
     with torch.no_grad():
         probe = any_model.eval().features(to_model(ds.uint8_batch([0]), any_model))
-    C, (h, w) = any_model.num_classes, probe.shape[-2:]
-    settings = {"method": method, "aug_smooth": aug_smooth, "target": target, "n": n,
-                "shape": [n, V, C, h, w]}
-    meta_path, maps_path, prog_path = out / "meta.json", out / "maps.npy", out / "progress.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == settings:
-        return CamCache(out)
-    done_rows: set[int] = set()
-    if maps_path.is_file() and prog_path.is_file():
-        prog = json.loads(prog_path.read_text())
-        if prog.get("settings") == settings:
-            done_rows = set(prog["rows"])
-            arr = open_memmap(maps_path, mode="r+")
+    settings = {"method": method, "aug_smooth": aug_smooth, "target": target, "n": len(ds),
+                "shape": [len(ds), len(AUG_VIEWS) if aug_smooth else 1, any_model.num_classes,
+                          *probe.shape[-2:]]}
+    return _stream(models_by_fold, ds, folds, {"last": (Path(out), settings)},
+                   lambda model, x: {"last": low_res_views(model, x, method, aug_smooth, target)},
+                   f"CAMs ({method}{', aug smooth' if aug_smooth else ''})", batch_size,
+                   progress, num_workers)["last"]
+
+
+def stage_cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: dict[int, Path],
+                      aug_smooth: bool = True, batch_size: int = 32, progress: bool = True,
+                      num_workers: int = 0) -> dict[int, CamCache]:
+    """:func:`cam_dataset` for LayerCAM at encoder stages (:func:`stage_views`): ``out`` maps
+    each stage to its cache folder; every stage's maps come from the same passes."""
+    any_model = next(iter(models_by_fold.values())).eval()
+    sizes = {}
+    with _reading_stages(any_model, list(out)) as acts, torch.no_grad():
+        any_model(to_model(ds.uint8_batch([0]), any_model))
+        sizes = {s: list(acts[s].shape[-2:]) for s in out}
+    n, V, C = len(ds), len(AUG_VIEWS) if aug_smooth else 1, any_model.num_classes
+    caches = {s: (Path(folder), {"method": "layercam", "stage": int(s), "aug_smooth": aug_smooth,
+                                 "target": "logit", "n": n, "shape": [n, V, C, *sizes[s]]})
+              for s, folder in out.items()}
+    return _stream(models_by_fold, ds, folds, caches,
+                   lambda model, x: stage_views(model, x, list(out), aug_smooth),
+                   f"CAMs (LayerCAM at stage(s) {', '.join(map(str, out))})", batch_size,
+                   progress, num_workers)
+
+
+def _stream(models_by_fold: dict, ds, folds: np.ndarray, caches: dict, compute, desc: str,
+            batch_size: int, progress: bool, num_workers: int) -> dict:
+    """Fill one cache folder per key of ``caches`` (``key: (folder, settings)``, the settings'
+    ``shape`` the array's) with ``compute(model, x)``'s ``{key: [b, V, C, h, w]}`` of every
+    image, each from its own fold's model; reused when complete with the same settings, resumed
+    from the last batch every folder finished."""
+    todo, arrays, done_rows = {}, {}, None
+    for key, (out, settings) in caches.items():
+        out.mkdir(parents=True, exist_ok=True)
+        meta = out / "meta.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
+            continue
+        todo[key] = (out, settings)
+        maps_path, prog_path = out / "maps.npy", out / "progress.json"
+        rows: set[int] = set()
+        prog = json.loads(prog_path.read_text()) if prog_path.is_file() else {}
+        if maps_path.is_file() and prog.get("settings") == settings:
+            rows = set(prog["rows"])
+            arrays[key] = open_memmap(maps_path, mode="r+")
         else:
-            arr = open_memmap(maps_path, mode="w+", dtype=np.float16, shape=(n, V, C, h, w))
-    else:
-        arr = open_memmap(maps_path, mode="w+", dtype=np.float16, shape=(n, V, C, h, w))
-    bar = tqdm(total=n, desc=f"CAMs ({method}{', aug smooth' if aug_smooth else ''})",
-               disable=not bars(progress), initial=len(done_rows))
-    for f in sorted(models_by_fold):
-        model = models_by_fold[f].eval()
-        rows = [int(r) for r in np.flatnonzero(folds == f) if int(r) not in done_rows]
-        say(progress, f"CAMs ({method}): fold {f}, {len(rows)} images")
-        for chunk, x in ds.batches(np.asarray(rows, dtype=np.int64), batch_size, num_workers):
-            chunk = [int(r) for r in chunk]  # x: uint8, normalised on the model's device
-            arr[chunk] = low_res_views(model, x, method, aug_smooth, target).astype(np.float16)
-            arr.flush()
-            done_rows.update(chunk)
-            write_json(prog_path, {"settings": settings, "rows": sorted(done_rows)})
-            bar.update(len(chunk))
-    bar.close()
-    del arr
-    write_json(meta_path, {"settings": settings, "feature_size": [int(h), int(w)]})
-    prog_path.unlink(missing_ok=True)
-    return CamCache(out)
+            arrays[key] = open_memmap(maps_path, mode="w+", dtype=np.float16,
+                                      shape=tuple(settings["shape"]))
+        done_rows = rows if done_rows is None else done_rows & rows
+    if todo:
+        n = len(ds)
+        bar = tqdm(total=n, desc=desc, disable=not bars(progress), initial=len(done_rows))
+        for f in sorted(models_by_fold):
+            model = models_by_fold[f].eval()
+            rows = [int(r) for r in np.flatnonzero(folds == f) if int(r) not in done_rows]
+            say(progress, f"{desc}: fold {f}, {len(rows)} images")
+            for chunk, x in ds.batches(np.asarray(rows, dtype=np.int64), batch_size, num_workers):
+                chunk = [int(r) for r in chunk]  # x: uint8, normalised on the model's device
+                maps = compute(model, x)
+                done_rows.update(chunk)
+                for key, (out, settings) in todo.items():
+                    arrays[key][chunk] = maps[key].astype(np.float16)
+                    arrays[key].flush()
+                    write_json(out / "progress.json",
+                               {"settings": settings, "rows": sorted(done_rows)})
+                bar.update(len(chunk))
+        bar.close()
+        for key, (out, settings) in todo.items():
+            del arrays[key]
+            write_json(out / "meta.json", {"settings": settings,
+                                           "feature_size": settings["shape"][-2:]})
+            (out / "progress.json").unlink(missing_ok=True)
+    return {key: CamCache(out) for key, (out, _) in caches.items()}

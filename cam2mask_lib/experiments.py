@@ -562,6 +562,7 @@ TECHNIQUES = {
     "the default inside the negatives-calibrated region": RefineConfig(region="negatives"),
 }
 NO_MASK = "no mask"
+PAPER_MAPS = "the paper's masks: the last layer's Grad-CAM++, per-image scaled > 0.3"
 DEFECT_FREE = "defect-free images with a mask"  # a column where the scored images hold some
 SELF_TRAINED = ("U-Net self-trained on the default's masks, + classifier gate, threshold fitted "
                 "to its teacher")
@@ -588,7 +589,8 @@ class RefinementResult:
 
 def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
                      techniques: dict[str, RefineConfig] | None = None,
-                     progress: bool = True) -> RefinementResult:
+                     progress: bool = True, paper_maps: CamCache | None = None
+                     ) -> RefinementResult:
     """Every technique of :mod:`refine` on the held-out rows of the segmentation stage
     (:func:`seg_stage.eval_rows`), label-only, scored at the segmentation input size; a U-Net
     self-trained on the default combination's masks (:func:`seg_stage.refined_targets`), gated
@@ -596,13 +598,18 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     gate (the reference: every label-only row is gated too), its output cut at the paper's 0.2 as
     in Table 3 (and at 0.5 in a row of its own: a network of a few epochs can sit just under 0.5
     and find nothing there). "gap closed" = (Dice - no mask) / (reference - no mask), on
-    defective images."""
+    defective images. ``cache`` may be each class's chosen map (:class:`layer_choice.
+    LayerChoice`); ``paper_maps``: then the last layer's, scored first with the paper's
+    post-processing (:data:`PAPER_MAPS`)."""
     techniques = TECHNIQUES if techniques is None else techniques
     rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof
     reports: dict[str, DiceReport] = {}
     seconds: dict[str, float] = {}
     true = ctx.true_masks(rows, size)
     reports[NO_MASK] = dice_report(np.zeros_like(true), true, ctx.index.class_names)
+    if paper_maps is not None:
+        reports[PAPER_MAPS] = refine_stage(ctx, paper_maps, TECHNIQUES[PAPER_TECHNIQUE]).score(
+            rows, probs)
     default, calibrated = None, {}
     for name, cfg in techniques.items():
         t = time.perf_counter()

@@ -6,7 +6,11 @@ Given a dataset folder (generic ``images/`` + ``labels.csv`` [+ ``masks/``], or 
    ``model``, load a finished classifier run (its fold models are used as an ensemble: the
    probabilities and the CAMs are the means over the folds' models, no training, and the labels
    of the data are then only needed for tuning and scoring);
-2. compute out-of-fold Grad-CAM++ maps (averaged weights, aug smoothing) for every image;
+2. compute out-of-fold Grad-CAM++ maps (averaged weights, aug smoothing) for every image and,
+   for the refined method, LayerCAM maps at two earlier encoder stages (stride 8 and 16); each
+   class takes the map the classifier itself judges best on its images (:mod:`layer_choice`: a
+   deletion test, labels only), so that a defect smaller than a cell of the last layer's map
+   keeps its shape;
 3. turn them into masks, with ``method``:
    * "refined" (the default, label-only, :mod:`refine`): the CAM's region narrowed to the pixels
      whose grey level departs from the image's own (in the class's direction, darker or
@@ -42,6 +46,7 @@ from .cams import BEST_VARIANT, VARIANTS, compute_cams
 from .classify import MAX_SIDE, load_run, predict_logits, roc_auc_per_class
 from .data import DataError, check_complete, load_dataset, resize_mask
 from .eda import overlay
+from .layer_choice import layer_choice_stage
 from .pipeline import cam_stage, classifier_stage, context, stats_from_cache
 from .profiles import get_profile, with_random_weights
 from .refine import RefineConfig, refine_stage
@@ -360,7 +365,8 @@ def _plan(data: Path, out: Path, profile: str, model, method: str, overrides: di
 
 class _Job:
     """One run of :func:`make_masks` on its context: what every step reads (the classifier's
-    ``probs``, its out-of-fold ``cls`` run and CAM ``cache``, or a loaded ensemble ``ens``) and
+    ``probs``, its out-of-fold ``cls`` run, its last layer's CAM ``cache`` and each class's
+    chosen ``maps``, or a loaded ensemble ``ens``) and
     the ``summary`` they add to."""
 
     def __init__(self, ctx, out: Path, progress: bool, method: str):
@@ -370,7 +376,7 @@ class _Job:
         self.positives = ctx.index.labels.sum(0)  # images labelled with each class
         self.always = [c for c, n in zip(ctx.index.class_names, self.positives)
                        if n == len(ctx.index)]
-        self.cls = self.cache = self.ens = self.probs = None
+        self.cls = self.cache = self.maps = self.ens = self.probs = None
         self.summary: dict = {"images": len(ctx.index), "classes": ctx.index.class_names,
                               "method": method}
 
@@ -429,6 +435,9 @@ def _classify(job: _Job, run: dict | None) -> None:
     if run is None:
         job.cls = classifier_stage(ctx, progress=job.progress)
         job.cache = cam_stage(ctx, job.cls, *VARIANTS[BEST_VARIANT], progress=job.progress)
+        if job.summary["method"] == "refined":  # the paper's method keeps the paper's maps
+            job.maps = layer_choice_stage(ctx, job.cls, job.cache, progress=job.progress)
+            job.summary["maps"] = job.maps.record(ctx.index.class_names)
         probs, auc = job.cls.oof, job.cls.auc
     else:
         job.say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
@@ -516,19 +525,23 @@ class RefinedMasks:
         """Writes ``params.json`` (and the Dice report), returns the mask batches' generator."""
         ctx, probs, rows = job.ctx, job.probs, job.rows
         cfg, size = RefineConfig(), ctx.seg_size
-        source = job.cache if job.cache is not None else _EnsembleMaps(job.ens)
+        source = job.maps if job.maps is not None else _EnsembleMaps(job.ens)
         refined = refine_stage(ctx, source, cfg, size)
         net, gate = None, None
         if job.cls is not None:
             net = train_segmenters(ctx, refined_targets(ctx, refined), classifier=job.cls,
                                    progress=job.progress)
             gate = pp.Params(cfg.confidence, teacher_thresholds(ctx, net, refined).tolist(), 0)
-        note = self._note(ctx, cfg, net, gate)
+        maps = (f"maps chosen per class by the deletion test ({job.maps.describe(ctx.index.class_names)})"
+                if job.maps is not None else "the mean of its folds' Grad-CAM++ maps")
+        note = self._note(ctx, cfg, net, gate, maps)
         job.summary["postprocessing"] = note
         job.say(f"masks: {note}")
         epochs = ctx.profile.segmentation.net.epochs
         write_json(job.out / "params.json", {
-            "method": "refined", "refine": refined.describe(), "segmentation_size": list(size),
+            "method": "refined", "maps": job.summary.get("maps", "the loaded classifier's "
+                                                         "Grad-CAM++ at its last layer"),
+            "refine": refined.describe(), "segmentation_size": list(size),
             "network": str(net.dir) if net is not None else None,
             "network_epochs": epochs if net is not None else None,
             "network_thresholds": list(gate.threshold) if gate is not None else None,
@@ -546,7 +559,7 @@ class RefinedMasks:
         return batches
 
     @staticmethod
-    def _note(ctx, cfg, net, gate) -> str:
+    def _note(ctx, cfg, net, gate, maps: str) -> str:
         """What the masks are, in words (the summary's and params.json's ``note``)."""
         if net is None:
             how = " (a loaded classifier: no self-training)"
@@ -557,7 +570,8 @@ class RefinedMasks:
                    f"({ctx.profile.segmentation.net.epochs} epochs), its output > {cuts} (the "
                    f"thresholds whose masks agree best with the refined masks it learned from) "
                    f"where the classifier's probability >= {cfg.confidence:g}")
-        return f"label-only refinement ({cfg.describe()}){how}; nothing tuned on true masks"
+        return (f"{maps}; label-only refinement ({cfg.describe()}){how}; nothing tuned on "
+                f"true masks")
 
     @staticmethod
     def _score(job: _Job, refined, net, gate, size) -> None:

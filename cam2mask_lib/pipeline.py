@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cams import CamCache, cam_dataset
+from .cams import CamCache, cam_dataset, stage_cam_dataset
 from .classify import ClassifierRun, Classifier, fold_models, train_cv
 from .data import (DatasetIndex, ImageDataset, folds_for, image_array, load_dataset,
                    resize_mask)
@@ -157,6 +157,20 @@ def cam_stage(ctx: Context, run: ClassifierRun, method: str = "gradcam++",
     return cam_dataset(ctx.fold_models(run, weights), ctx.images(), ctx.folds, out, method=method,
                        aug_smooth=aug_smooth, progress=progress,
                        num_workers=ctx.profile.classifier.num_workers)
+
+
+def stage_cam_stage(ctx: Context, run: ClassifierRun, stages, aug_smooth: bool = True,
+                    weights: str = "averaged", progress: bool = True) -> dict[int, CamCache]:
+    """Out-of-fold LayerCAM maps at the classifier's encoder ``stages`` (see
+    :func:`cams.stage_views`), cached beside :func:`cam_stage`'s, one folder per stage."""
+    if not run.complete:
+        raise RuntimeError("the classifier has unfinished folds; run the classification stage first")
+    base = ctx.artifacts / "cams" / Path(run.dir).name
+    out = {int(s): base / f"layercam_stage{int(s)}{'_aug' if aug_smooth else ''}_{weights}"
+           for s in stages}
+    return stage_cam_dataset(ctx.fold_models(run, weights), ctx.images(), ctx.folds, out,
+                             aug_smooth=aug_smooth, progress=progress,
+                             num_workers=ctx.profile.classifier.num_workers)
 
 
 def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth: bool,

@@ -204,8 +204,9 @@ def build_report(figures: str | Path, out: str | Path, title: str, header: str,
 # The real-data rows the README quotes (benchmarks/real_quality.py's table): how each row's
 # name begins -> the README's shorter name.
 REAL_DATA_ROWS = {
-    "CAM masks, the paper's post-processing": "CAM masks, the paper's post-processing",
-    "the same, a class with a grey cue": "label-only refinement of the CAM masks",
+    "the paper's masks: the last layer's": "the paper's CAM masks (last layer, cut at 0.3)",
+    "CAM masks, the paper's post-processing": "each class's chosen map, cut as the paper does",
+    "the same, a class with a grey cue": "label-only refinement of the chosen maps",
     "U-Net self-trained on the default's masks": "**U-Net self-trained on the refined masks "
                                                  "(`cam2mask masks`)**",
     "supervised U-Net + the same classifier gate": "U-Net trained on the true masks (reference)",

@@ -83,7 +83,13 @@ def true_targets(ctx: Context) -> Targets:
 
 
 def _cam_key(ctx: Context, cache: CamCache, aug_smooth: bool) -> dict:
-    return {"cams": str(Path(cache.path).relative_to(ctx.artifacts)), "aug_smooth": aug_smooth}
+    """Which maps made the targets: the cache's folder, or each class's (a
+    :class:`layer_choice.LayerChoice`)."""
+    def rel(p):
+        return str(Path(p).relative_to(ctx.artifacts))
+    where = ([rel(p) for p in cache.class_paths()] if hasattr(cache, "class_paths")
+             else rel(cache.path))
+    return {"cams": where, "aug_smooth": aug_smooth}
 
 
 def cam_targets(ctx: Context, cache: CamCache, threshold=SEG_THRESHOLD, min_area_fraction=0.0,

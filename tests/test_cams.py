@@ -36,6 +36,31 @@ def test_equal_to_grad_cam(models, encoder, method, aug):
             assert np.abs(ours[:, c] - ref).max() < 1e-4, (c, np.abs(ours[:, c] - ref).max())
 
 
+@pytest.mark.parametrize("encoder", ["mobilenetv3_small_050", "efficientnet_b0"])
+@pytest.mark.parametrize("aug", [False, True])
+def test_stage_maps_equal_grad_cam_layercam_at_that_stage(models, encoder, aug):
+    """LayerCAM at an encoder stage's output, every stage and class from one forward pass per
+    view, equals pytorch-grad-cam's LayerCAM with that stage as its target layer, and the
+    model's parameters keep their requires_grad flags."""
+    from pytorch_grad_cam import LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = models[encoder]
+    flags = [p.requires_grad for p in model.parameters()]
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 64, 160)
+    low = cams.stage_views(model, x, (2, 4), aug_smooth=aug)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for stage in (2, 4):
+        ours = cams._final_t(torch.from_numpy(low[stage]), (64, 160), aug).numpy()
+        with LayerCAM(model=model, target_layers=[model.encoder.blocks[stage]]) as cam:
+            for c in range(4):
+                ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * 2, aug_smooth=aug)
+                assert np.abs(ours[:, c] - ref).max() < 1e-4, (stage, c)
+    with pytest.raises(ValueError, match="stage 9"):
+        cams.stage_views(model, x, (9,), aug_smooth=False)
+
+
 def test_other_methods_through_grad_cam(models):
     model = models["mobilenetv3_small_050"]
     x = torch.randn(2, 3, 64, 160)
@@ -93,6 +118,40 @@ def test_cache_equals_direct_computation_and_resumes(small_ds, models, tmp_path,
     resumed = cam_dataset(by_fold, ds, folds, tmp_path / "r", aug_smooth=True, batch_size=4,
                           progress=False)
     assert np.array_equal(np.asarray(resumed.low()), np.asarray(cache.low()))
+
+
+def test_stage_caches_equal_direct_maps_and_resume(small_ds, models, tmp_path, monkeypatch):
+    """Every stage's cache holds the maps of :func:`cams.stage_views` from each image's own fold
+    model; an interrupted run resumes to the same arrays."""
+    idx, ds = small_ds
+    ds = ImageDataset(idx, (64, 160), with_masks=False)
+    a, b = models["mobilenetv3_small_050"], build_classifier("mobilenetv3_small_050", 4).eval()
+    folds = np.arange(len(ds)) % 2
+    out = {s: tmp_path / "c" / f"s{s}" for s in (1, 3)}
+    caches = cams.stage_cam_dataset({0: a, 1: b}, ds, folds, out, batch_size=4, progress=False)
+    for rows, model in (([0, 2], a), ([1, 5], b)):
+        direct = cams.stage_views(model, ds.uint8_batch(rows), (1, 3), aug_smooth=True)
+        for s in (1, 3):
+            got = np.asarray(caches[s].low()[rows], np.float32)
+            assert got.shape == direct[s].shape
+            assert np.abs(got - direct[s]).max() <= 2e-3 * max(1.0, direct[s].max())
+    real, calls = cams.stage_views, {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cams, "stage_views", flaky)
+    again = {s: tmp_path / "r" / f"s{s}" for s in (1, 3)}
+    with pytest.raises(KeyboardInterrupt):
+        cams.stage_cam_dataset({0: a, 1: b}, ds, folds, again, batch_size=4, progress=False)
+    assert not (again[1] / "meta.json").exists()
+    monkeypatch.setattr(cams, "stage_views", real)
+    resumed = cams.stage_cam_dataset({0: a, 1: b}, ds, folds, again, batch_size=4, progress=False)
+    for s in (1, 3):
+        assert np.array_equal(np.asarray(resumed[s].low()), np.asarray(caches[s].low()))
 
 
 def test_streaming_memory_is_flat(small_ds, models, tmp_path):

@@ -39,6 +39,14 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
     params = json.loads((out / "params.json").read_text())
     assert params["method"] == "refined" and params["network"]
     assert params["network_epochs"] == SELF_TRAIN_MAX_EPOCHS
+    # each class's map chosen by the deletion test among the last layer and strides 8 and 16,
+    # recorded with every candidate's score, and said in the note
+    assert params["maps"] == summary["maps"] and set(summary["maps"]) == {"dark", "bright"}
+    for choice in summary["maps"].values():
+        scores = choice["deletion_scores"]
+        assert set(scores) == {"last layer", "stride 8", "stride 16"}
+        assert choice["chosen"] == min(scores, key=scores.get)
+    assert "deletion test" in params["note"]
     assert len(list((out / "previews").glob("*.jpg"))) == 24
     state = json.loads((out / "cam2mask_masks.json").read_text())
     assert state["complete"]

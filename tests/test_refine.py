@@ -211,14 +211,14 @@ def test_config_is_checked():
 
 
 class _Cache:
-    """What the refinement reads of a CamCache: ``low()`` and the paper's maps (``maps_on`` a
-    device, ``maps`` in numpy)."""
+    """What the refinement reads of a CamCache: the maps in their own units (``absolute_on`` a
+    device) and the paper's maps (``maps_on`` a device, ``maps`` in numpy)."""
 
     def __init__(self, low):
         self._low = low
 
-    def low(self):
-        return self._low
+    def absolute_on(self, device, rows, size, scales=None):
+        return refine.absolute_maps_on(device, self._low[np.asarray(rows)], size, scales)
 
     def maps_on(self, device, rows, size):
         from cam2mask_lib.cams import upsample

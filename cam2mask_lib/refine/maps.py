@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cams import AUG_VIEWS, unflip_views
+from ..cams import absolute_maps_on
 
 
 def absolute_maps(low: np.ndarray, size: tuple[int, int], scales: np.ndarray | None = None
@@ -20,25 +20,6 @@ def absolute_maps(low: np.ndarray, size: tuple[int, int], scales: np.ndarray | N
     resized (bilinear, half-pixel centres) and the views are averaged. ``scales`` ``[C]`` divides
     each class (see :func:`class_scales`)."""
     return absolute_maps_on("cpu", low, size, scales).numpy()
-
-
-def absolute_maps_on(device, low: np.ndarray, size: tuple[int, int],
-                     scales: np.ndarray | None = None) -> torch.Tensor:
-    """:func:`absolute_maps` made on ``device`` (only the feature-resolution maps cross to it),
-    left there as a float32 tensor."""
-    with torch.no_grad():
-        t = torch.as_tensor(np.asarray(low, dtype=np.float32)).to(device)
-        if t.dim() == 4:
-            t = t[:, None]
-        if t.shape[1] == len(AUG_VIEWS):
-            t = unflip_views(t)
-        n, v, c, h, w = t.shape
-        up = F.interpolate(t.reshape(n * v, c, h, w), size=tuple(size), mode="bilinear",
-                           align_corners=False).reshape(n, v, c, *size).mean(1)
-        if scales is not None:
-            up /= torch.as_tensor(np.asarray(scales, np.float32), device=up.device)[
-                None, :, None, None]
-        return up
 
 
 def class_scales(peaks: np.ndarray, labels: np.ndarray) -> np.ndarray:

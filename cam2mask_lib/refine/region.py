@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..utils import ConfigError
-from .maps import absolute_maps_on, class_scales, negative_thresholds, otsu_thresholds, par_on
+from .maps import class_scales, negative_thresholds, otsu_thresholds, par_on
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,12 @@ class NegativesRegion(Region):
     describe_rule = "absolute CAM > the negatives' {quantile:g} quantile"
 
     def raw_maps(self, cache, rows, size, scales, device):
-        return absolute_maps_on(device, cache.low()[rows], size, scales)
+        return cache.absolute_on(device, rows, size, scales)
 
     def calibrate(self, cache, images, labels, size, chunks, device):
         """Two passes over the cache: the raw maps' peaks give the scales, then the scaled (and
         refined) maps' peaks the thresholds; only the peaks come back from ``device``."""
-        raw = np.concatenate([absolute_maps_on(device, cache.low()[ch], size).amax((-2, -1))
+        raw = np.concatenate([cache.absolute_on(device, ch, size).amax((-2, -1))
                               .cpu().numpy() for ch in chunks])
         scales = class_scales(raw, labels)
         peaks = (raw / scales[None] if not self.cfg.par_iterations else np.concatenate(
