@@ -211,6 +211,12 @@ REAL_DATA_ROWS = {
                                                  "(`cam2mask masks`)**",
     "supervised U-Net + the same classifier gate": "U-Net trained on the true masks (reference)",
 }
+# a table made before the maps were chosen per class (no last-layer row of its own): its CAM
+# rows read the last layer, and are named so
+LAST_LAYER_ONLY = {"CAM masks, the paper's post-processing":
+                   "the paper's CAM masks (last layer, cut at 0.3)",
+                   "the same, a class with a grey cue":
+                   "label-only refinement of the last layer's maps"}
 REAL_DATA_SHARES = ("gap closed", "non-empty, share of supervised")
 DEFECT_FREE = "defect-free images with a mask"
 
@@ -237,7 +243,10 @@ def real_data_block(folders: dict) -> str:
             continue
         df = pd.read_csv(table)
         auc = read_json(run).get("auc") if run.is_file() else None
+        first = next(iter(REAL_DATA_ROWS))
+        chosen = df["masks"].astype(str).str.startswith(first).any()
         for start, label in REAL_DATA_ROWS.items():
+            label = label if chosen else LAST_LAYER_ONLY.get(start, label)
             hit = df[df["masks"].astype(str).str.startswith(start)]
             if not len(hit):
                 continue

@@ -51,6 +51,11 @@ def test_the_readmes_real_data_rows_are_read_from_the_benchmarks_tables(tmp_path
     assert "| set a | label-only refinement of the chosen maps | 0.700 | 0.400 | 50% | 60% | 25% " \
            "| 0.988 |" in block
     assert "| set b | " in block and "no such images" in block and "| n/a |" in block
+    # a table without the last layer's row of its own (made before the per-class choice): its
+    # CAM rows are named for the last layer's maps they read
+    df.iloc[1:].to_csv(tmp_path / "b" / "real_quality.csv", index=False)
+    old = report.real_data_block({"set b": tmp_path / "b"})
+    assert "label-only refinement of the last layer's maps" in old and "chosen" not in old
     assert "set c: not measured yet" in block
 
 
