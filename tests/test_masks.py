@@ -183,7 +183,7 @@ def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, t
     assert main(["masks", "--data", str(data), "--out", str(out4), "--profile", "smoke",
                  "--image-size", "32", "64", "--epochs", "1", "--seg-epochs", "2", "--no-progress"]) == 0
     said = capsys.readouterr().out
-    assert said.index("['dark']: every image is labelled") < said.index("masks: label-only")
+    assert said.index("['dark']: every image is labelled") < said.index("masks: maps chosen")
     assert strict((out4 / "cam2mask_masks.json").read_text())["summary"][
         "classes_on_every_image"] == ["dark"]
     # no positive label at all: refused before anything is written, with the reason
