@@ -449,7 +449,6 @@ def stage_cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: dict[int
     """:func:`cam_dataset` for LayerCAM at encoder stages (:func:`stage_views`): ``out`` maps
     each stage to its cache folder; every stage's maps come from the same passes."""
     any_model = next(iter(models_by_fold.values())).eval()
-    sizes = {}
     with _reading_stages(any_model, list(out)) as acts, torch.no_grad():
         any_model(to_model(ds.uint8_batch([0]), any_model))
         sizes = {s: list(acts[s].shape[-2:]) for s in out}

@@ -187,8 +187,8 @@ def layer_choice_stage(ctx, run, last: CamCache, test: DeletionTest | None = Non
     models = ctx.fold_models(run)
     stages = stage_candidates(next(iter(models.values())))
     names = list(ctx.index.class_names)
-    caches = {LAST: last, **{name: cache for name, cache in zip(
-        stages, stage_cam_stage(ctx, run, list(stages.values()), progress=progress).values())}}
+    staged = stage_cam_stage(ctx, run, list(stages.values()), progress=progress, models=models)
+    caches = {LAST: last, **dict(zip(stages, staged.values()))}
     if len(caches) == 1:
         say(progress, "maps: the last layer's for every class (the encoder has no earlier "
                       "stages to read)")

@@ -160,15 +160,17 @@ def cam_stage(ctx: Context, run: ClassifierRun, method: str = "gradcam++",
 
 
 def stage_cam_stage(ctx: Context, run: ClassifierRun, stages, aug_smooth: bool = True,
-                    weights: str = "averaged", progress: bool = True) -> dict[int, CamCache]:
+                    weights: str = "averaged", progress: bool = True,
+                    models: dict[int, Classifier] | None = None) -> dict[int, CamCache]:
     """Out-of-fold LayerCAM maps at the classifier's encoder ``stages`` (see
-    :func:`cams.stage_views`), cached beside :func:`cam_stage`'s, one folder per stage."""
+    :func:`cams.stage_views`), cached beside :func:`cam_stage`'s, one folder per stage;
+    ``models``: ``run``'s fold models of ``weights`` when the caller has them loaded already."""
     if not run.complete:
         raise RuntimeError("the classifier has unfinished folds; run the classification stage first")
     base = ctx.artifacts / "cams" / Path(run.dir).name
     out = {int(s): base / f"layercam_stage{int(s)}{'_aug' if aug_smooth else ''}_{weights}"
            for s in stages}
-    return stage_cam_dataset(ctx.fold_models(run, weights), ctx.images(), ctx.folds, out,
+    return stage_cam_dataset(models or ctx.fold_models(run, weights), ctx.images(), ctx.folds, out,
                              aug_smooth=aug_smooth, progress=progress,
                              num_workers=ctx.profile.classifier.num_workers)
 

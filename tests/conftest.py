@@ -87,3 +87,28 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("notebook"):
             item.add_marker(pytest.mark.slow)
+
+
+class _CutShort:
+    """Stands in for ``owner.name``: counts its calls and raises ``KeyboardInterrupt`` on call
+    number ``at`` (a run stopped by the user); set ``at = None`` to let every call through."""
+
+    def __init__(self, real, at: int):
+        self.real, self.at, self.calls = real, at, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.real(*args, **kwargs)
+
+
+@pytest.fixture
+def cut_short(monkeypatch):
+    """``cut_short(owner, "name", at)``: interrupt ``owner.name``'s ``at``-th call (the fixture
+    puts the real one back at the end of the test); returns the stand-in."""
+    def patch(owner, name: str, at: int) -> _CutShort:
+        stand_in = _CutShort(getattr(owner, name), at)
+        monkeypatch.setattr(owner, name, stand_in)
+        return stand_in
+    return patch

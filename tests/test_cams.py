@@ -86,7 +86,7 @@ def small_ds(synth_dir):
     return idx, ImageDataset(idx, (32, 160), with_masks=False)
 
 
-def test_cache_equals_direct_computation_and_resumes(small_ds, models, tmp_path, monkeypatch):
+def test_cache_equals_direct_computation_and_resumes(small_ds, models, tmp_path, cut_short):
     idx, ds = small_ds
     model = models["mobilenetv3_small_050"]
     folds = np.arange(len(ds)) % 2
@@ -102,25 +102,16 @@ def test_cache_equals_direct_computation_and_resumes(small_ds, models, tmp_path,
         assert isinstance(on, torch.Tensor)
         assert np.array_equal(on.numpy(), cache.maps(rows, (32, 160), aug, classes=[1, 3]))
     # interrupted after two batches, then resumed: the same maps
-    real = cams.low_res_cams
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # one call per batch (all views together): the third batch
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(cams, "low_res_cams", flaky)
+    cut = cut_short(cams, "low_res_cams", 3)  # one call per batch (all views): the third batch
     with pytest.raises(KeyboardInterrupt):
         cam_dataset(by_fold, ds, folds, tmp_path / "r", aug_smooth=True, batch_size=4, progress=False)
-    monkeypatch.setattr(cams, "low_res_cams", real)
+    cut.at = None
     resumed = cam_dataset(by_fold, ds, folds, tmp_path / "r", aug_smooth=True, batch_size=4,
                           progress=False)
     assert np.array_equal(np.asarray(resumed.low()), np.asarray(cache.low()))
 
 
-def test_stage_caches_equal_direct_maps_and_resume(small_ds, models, tmp_path, monkeypatch):
+def test_stage_caches_equal_direct_maps_and_resume(small_ds, models, tmp_path, cut_short):
     """Every stage's cache holds the maps of :func:`cams.stage_views` from each image's own fold
     model; an interrupted run resumes to the same arrays."""
     idx, ds = small_ds
@@ -135,20 +126,12 @@ def test_stage_caches_equal_direct_maps_and_resume(small_ds, models, tmp_path, m
             got = np.asarray(caches[s].low()[rows], np.float32)
             assert got.shape == direct[s].shape
             assert np.abs(got - direct[s]).max() <= 2e-3 * max(1.0, direct[s].max())
-    real, calls = cams.stage_views, {"n": 0}
-
-    def flaky(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(cams, "stage_views", flaky)
+    cut = cut_short(cams, "stage_views", 3)
     again = {s: tmp_path / "r" / f"s{s}" for s in (1, 3)}
     with pytest.raises(KeyboardInterrupt):
         cams.stage_cam_dataset({0: a, 1: b}, ds, folds, again, batch_size=4, progress=False)
     assert not (again[1] / "meta.json").exists()
-    monkeypatch.setattr(cams, "stage_views", real)
+    cut.at = None
     resumed = cams.stage_cam_dataset({0: a, 1: b}, ds, folds, again, batch_size=4, progress=False)
     for s in (1, 3):
         assert np.array_equal(np.asarray(resumed[s].low()), np.asarray(caches[s].low()))

@@ -91,22 +91,13 @@ def tiny_run(synth_dir, tmp_path):
     return idx, folds, cfg
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path, cut_short):
     idx, folds, cfg = tiny_run
     ref = train_cv(idx, folds, cfg, tmp_path / "ref", only_folds=[0], progress=False)
-    real = classify._augment
-    calls = {"n": 0}
-
-    def interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside epoch 1 (each epoch has 3 batches of 8)
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(classify, "_augment", interrupt)
+    cut = cut_short(classify, "_augment", 5)  # inside epoch 1 (each epoch has 3 batches of 8)
     with pytest.raises(KeyboardInterrupt):
         train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
-    monkeypatch.setattr(classify, "_augment", real)
+    cut.at = None
     res = train_cv(idx, folds, cfg, tmp_path / "res", only_folds=[0], progress=False)
     a = torch.load(ref.dir / "fold0" / "final.pt")
     b = torch.load(res.dir / "fold0" / "final.pt")

@@ -114,24 +114,15 @@ def test_refuses_to_overwrite_and_force_replaces(tmp_path):
     assert not (out / "precious.txt").exists() and (out / "train.csv").is_file()
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, cut_short):
     ref = generate(tmp_path / "ref", n=12, seed=2, height=64, width=400, progress=False)
-    real = synth.render_image
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(synth, "render_image", flaky)
+    cut = cut_short(synth, "render_image", 7)
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "res", n=12, seed=2, height=64, width=400, progress=False)
     partial = tmp_path / "res.partial"
     assert len(list((partial / "train_images").glob("*.jpg"))) == 6
     assert not (tmp_path / "res").exists()
-    calls["n"] = 100
+    cut.at = None
     out = generate(tmp_path / "res", n=12, seed=2, height=64, width=400, progress=False)
-    assert calls["n"] == 100 + 6  # only the missing six were drawn
+    assert cut.calls == 7 + 6  # only the missing six were drawn
     assert digest(out) == digest(ref) and not partial.exists()
