@@ -116,8 +116,9 @@ def _claim(out: Path, settings: dict, force: bool) -> None:
 class _Ensemble:
     """Probabilities and CAMs of a loaded classifier run: means over its fold models."""
 
-    def __init__(self, run: dict, ds, batch: int = 16):
+    def __init__(self, run: dict, ds, batch: int = 16, num_workers: int = 0):
         self.models, self.ds, self.batch = list(run["models"].values()), ds, batch
+        self.workers = num_workers  # image files decoded by this many workers (uint8_batch)
 
     def probs(self, rows) -> np.ndarray:
         """``[len(rows), C]``: the mean of the fold models' sigmoid probabilities."""
@@ -128,7 +129,8 @@ class _Ensemble:
 
     def maps(self, rows) -> np.ndarray:
         """``[len(rows), C, H, W]``: the mean of the fold models' Grad-CAM++ (aug smoothing)."""
-        x = self.ds.uint8_batch(np.asarray(rows))  # normalised on each model's device
+        # uint8, normalised on each model's device
+        x = self.ds.uint8_batch(np.asarray(rows), self.workers)
         return np.mean([compute_cams(m, x, "gradcam++", aug_smooth=True, batch_size=self.batch)
                         for m in self.models], axis=0)
 
@@ -443,7 +445,7 @@ def _classify(job: _Job, run: dict | None) -> None:
         job.say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
                 f"mean), not trained")
         run["models"] = {k: m.to(ctx.device) for k, m in run["models"].items()}
-        job.ens = _Ensemble(run, ctx.images())
+        job.ens = _Ensemble(run, ctx.images(), num_workers=ctx.profile.classifier.num_workers)
         probs = job.ens.probs(job.rows)
         auc = roc_auc_per_class(ctx.index.labels, probs)
     job.summary.update({"classifier": str(run["dir"]) if run else

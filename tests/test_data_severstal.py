@@ -230,6 +230,28 @@ def test_loader_workers_persist_across_passes_and_give_the_same_batches(synth_di
     assert len(list(loader(rows))) == 3  # a pass left early frees the loader
 
 
+def test_a_batch_of_files_shared_among_workers_is_the_same_batch(synth_dir):
+    """``uint8_batch(rows, num_workers)`` decodes image files in the persistent workers, in
+    pieces, and gives the batch decoded here (any rows, in their order); a cached array is read
+    here."""
+    import numpy as np
+    import torch
+
+    from cam2mask_lib.data import ImageDataset
+    from cam2mask_lib.data.loader import WORKER_PIECE
+
+    ds = ImageDataset(load_dataset(synth_dir), (32, 200), with_masks=False)
+    rows = np.array([9, 2, 4, 0, 11, 6, 1, 3, 8, 5, 7])  # pieces of 4, 4 and 3
+    assert len(rows) > 2 * WORKER_PIECE
+    here = ds.uint8_batch(rows)
+    for order in (rows, rows[::-1], rows[:2]):
+        assert torch.equal(ds.uint8_batch(order, num_workers=2), ds.uint8_batch(order))
+    assert list(ds._loaders) == [(WORKER_PIECE, 2)]  # one set of workers serves every call
+    every = ds.uint8_batch(np.arange(len(ds))).permute(0, 2, 3, 1).contiguous().numpy()
+    cached = ImageDataset(ds.index, (32, 200), with_masks=False, array=every)
+    assert torch.equal(cached.uint8_batch(rows, num_workers=2), here) and not cached._loaders
+
+
 def test_resize_mask_is_pils_nearest_for_every_mask():
     from PIL import Image
 

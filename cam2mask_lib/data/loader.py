@@ -149,14 +149,19 @@ class ImageDataset:
         """The images of items ``ks`` stacked into one float32 tensor ``[len(ks), 3, H, W]``."""
         return torch.stack([self[int(k)]["image"] for k in ks])
 
-    def uint8_batch(self, ks) -> torch.Tensor:
+    def uint8_batch(self, ks, num_workers: int = 0) -> torch.Tensor:
         """The images of items ``ks`` as uint8 ``[len(ks), 3, H, W]``: a quarter of the bytes to
         move, normalised where the network runs (:func:`normalize_images`, ``device.to_model``).
-        With ``decode_device``, decoded there in one call."""
+        With ``decode_device``, decoded there in one call. Files decoded on the CPU (no
+        ``array``) are shared among ``num_workers`` persistent workers (:meth:`loader`, pieces of
+        :data:`WORKER_PIECE` images) when it is above 0, instead of decoded one by one here."""
         if self.decode_device is not None:
             return decode_jpeg_batch([self._jpeg_bytes(int(k)) for k in ks], self.size,
                                      self.decode_device)
-        return torch.stack([_chw(self.arrays(int(k))[0]) for k in ks])
+        ks = [int(k) for k in ks]
+        if num_workers > 0 and self.array is None and self._cache is None and len(ks) > 1:
+            return torch.cat([b["image"] for b in self.loader(WORKER_PIECE, num_workers)(ks)])
+        return torch.stack([_chw(self.arrays(k)[0]) for k in ks])
 
     def batches(self, order, batch_size: int, num_workers: int = 0):
         """``(rows, uint8 images [b, 3, H, W])`` for consecutive batches of ``order``: read by
@@ -213,6 +218,9 @@ class ImageDataset:
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+# Images per worker task when :meth:`ImageDataset.uint8_batch` shares one batch among workers: a
+# batch of 32 keeps 8 workers busy, and one loader (one set of worker processes) serves any rows.
+WORKER_PIECE = 4
 
 
 def check_jpegs(paths: Sequence[Path]) -> None:

@@ -17,9 +17,10 @@ from .technique import Calibration, RefineConfig, Technique
 def image_loader(ctx: Context, size: tuple[int, int]):
     """``images(rows)``: float ``[b, 3, H, W]`` (0-255) at ``size`` on the context's device,
     area-resized there from the classifier's input images (the guide of PAR and of the grey-level
-    test, which run where their images are)."""
-    ds = ctx.images()
-    return lambda rows: guide_images(ds.uint8_batch(np.asarray(rows)), ctx.device, size)
+    test, which run where their images are). Image files (a profile that caches no images) are
+    decoded by the classifier's data workers, not in this process."""
+    ds, workers = ctx.images(), ctx.profile.classifier.num_workers
+    return lambda rows: guide_images(ds.uint8_batch(np.asarray(rows), workers), ctx.device, size)
 
 
 def guide_images(x: torch.Tensor, device, size: tuple[int, int]) -> torch.Tensor:
