@@ -10,7 +10,11 @@ Their ratio is what the input pipeline and the stage's bookkeeping cost.
     python benchmarks/gpu_pipeline.py --encoder efficientnet_b0 --size 256 1600 --images 512 \\
         --batch 64 --seg-batch 16 --workers 8                         # one GPU, the paper's shapes
 
-Data: a synthetic Severstal-format set generated in a temporary folder (``cam2mask synth``).
+Data: a synthetic Severstal-format set generated in a temporary folder (``cam2mask synth``), read
+as the paper profile reads Severstal: JPEG files decoded per batch by the DataLoader workers
+(``--decode device``: their bytes decoded on the device; ``--cached``: the memory-mapped array of
+the CPU profiles instead). The segmentation networks' encoder is the paper profile's (smp's
+``efficientnet-b0``) when ``--encoder`` is its classifier's, else timm's (``tu-<encoder>``).
 """
 from __future__ import annotations
 
@@ -84,25 +88,45 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seg-batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    ap.add_argument("--decode", choices=("workers", "device"), default="workers",
+                    help="where the JPEG files are decoded (the classifier's decode setting)")
+    ap.add_argument("--cached", action="store_true",
+                    help="read a memory-mapped array of decoded images (the CPU profiles' path) "
+                         "instead of the JPEG files")
+    ap.add_argument("--seg-encoder", default=None,
+                    help="the U-Net's encoder (default: the paper profile's when --encoder is its "
+                         "classifier's, else tu-<encoder>)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    paper_prof = get_profile("paper")
+    seg_encoder = args.seg_encoder or (
+        paper_prof.segmentation.net.encoder if args.encoder == paper_prof.classifier.encoder
+        else f"tu-{args.encoder}")
     device = resolve_device(args.device)
     size, n = tuple(args.size), args.images
     fmt = torch.channels_last
     print(f"device: {machine(device)}; {software()}")
+    reads = ("a memory-mapped array of decoded images" if args.cached else
+             f"JPEG files decoded {'on the device' if args.decode == 'device' else 'by PIL'}")
     print(f"shapes: {args.encoder} at {size[0]}x{size[1]}, batch {args.batch} (segmentation "
-          f"{args.seg_batch}), {n} images per pass, {args.workers} workers; synthetic data")
+          f"{seg_encoder}, batch {args.seg_batch}), {n} images per pass, {args.workers} workers; "
+          f"synthetic data, read as {reads}")
     rows_out = _Rows()  # each figure printed as soon as it is measured: a cut run keeps it
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = generate(tmp / "data", n=n, seed=0, height=size[0], width=size[1], progress=False)
         index = load_dataset(data)
         ds = ImageDataset(index, size, with_masks=False,
-                          array=image_array(index, size, tmp / "images", progress=False))
+                          array=(image_array(index, size, tmp / "images", progress=False)
+                                 if args.cached else None),
+                          decode_device=device if args.decode == "device" and not args.cached
+                          else None)
         labels = index.labels
         folds = np.where(np.arange(n) < n // 2, 0, 1)  # train on the second half: n/2 images
         cfg = TrainConfig(encoder=args.encoder, image_size=size, epochs=1, batch_size=args.batch,
-                          device=str(device), num_workers=args.workers, seed=0)
+                          device=str(device), num_workers=args.workers, seed=0,
+                          cache_images=args.cached,
+                          decode="workers" if args.cached else args.decode)
 
         # 1. classifier training: one epoch of the stage vs bare steps on a resident batch
         tr = ClassifierTrainer(ds, labels, folds, 0, cfg, tmp / "cls", progress=False)
@@ -140,9 +164,10 @@ def main(argv=None) -> None:
         # 3. CAM stage: Grad-CAM++ with aug smoothing (6 views) vs 6 bare forward passes
         models = {0: model, 1: model}
         cam_dir = tmp / "cams"
-        cam_dataset(models, ds, folds, tmp / "cams_warm", batch_size=32, progress=False)
+        cam_dataset(models, ds, folds, tmp / "cams_warm", batch_size=32, progress=False,
+                    num_workers=args.workers)
         t_pipe = timed(lambda: cam_dataset(models, ds, folds, cam_dir, batch_size=32,
-                                           progress=False), device)
+                                           progress=False, num_workers=args.workers), device)
         x32 = torch.randn(32, 3, *size, device=device).contiguous(memory_format=fmt)
 
         def six(k=max(1, n // 32)):
@@ -172,19 +197,20 @@ def main(argv=None) -> None:
         # 3c. Table 5's self-training targets (the default refinement, calibrated on the labels),
         # made on the device from each batch's images as the trainer hands them over; the paper
         # profile keeps no memo, so they are made again in every epoch of its network
-        refined = refine_stage(SimpleNamespace(images=lambda: ds, device=device, index=index),
-                               cache, size=size)
+        workers_only = SimpleNamespace(classifier=SimpleNamespace(num_workers=args.workers))
+        refined = refine_stage(SimpleNamespace(images=lambda: ds, device=device, index=index,
+                                               profile=workers_only), cache, size=size)
 
         def self_targets():
             for c in chunks:
-                refined.targets(c, ds.uint8_batch(c))
+                refined.targets(c, ds.uint8_batch(c, args.workers))
         self_targets()
         targets_rate = n / timed(self_targets, device)
         print(f"measured: Table 5's self-training targets on {device}: {targets_rate:.1f} "
               f"images/s", flush=True)
 
         # 4. segmentation training: a U-Net with the classifier's encoder on the true masks
-        seg = SegConfig(arch="unet", encoder=f"tu-{args.encoder}", epochs=1,
+        seg = SegConfig(arch="unet", encoder=seg_encoder, epochs=1,
                         batch_size=args.seg_batch, device=str(device), slim=device.type == "cpu",
                         num_workers=args.workers)
         masks = {int(i): m for i, m in enumerate(np.stack([index.mask(i) for i in range(n)]))}
@@ -238,7 +264,7 @@ def main(argv=None) -> None:
     # paper profile: fold 0 only, one split as in the thesis), each 20 epochs at the same size
     N = paper.TOTAL_IMAGES
     defective = paper.TOTAL_IMAGES - paper.DEFECT_FREE_IMAGES
-    prof = get_profile("paper")
+    prof = paper_prof
     seg_epochs, n_folds = prof.segmentation.net.epochs, prof.n_folds
     seg_folds = len(held_out_folds(prof))
     grid_folds = len(held_out_folds(grid_profile(prof)))
