@@ -8,10 +8,10 @@ U-Net of the same encoder and budget trained on the same folds in the same run.
 The classifier is ``cam2mask masks``' default (:func:`cam2mask_lib.masks.classifier_recipe`:
 EfficientNet-Lite0 from the ImageNet weights that install with the project; ``--random-weights``:
 the cpu profile's MobileNetV3 from random weights), trained with cross-validation on the image
-labels only; every image's CAM comes from the fold model that did not see it. Each class reads
-the map ``cam2mask masks`` chooses for it (the last layer's Grad-CAM++ or LayerCAM at stride 8 or
-16, by the classifier's deletion test: cam2mask_lib.layer_choice); the paper's masks from the
-last layer are scored beside them. The inputs are the
+labels only; every image's CAM comes from the fold model that did not see it. The refinement
+reads the maps ``cam2mask masks`` reads (the last layer's Grad-CAM++ times LayerCAM at the
+encoder's last stride-8 stage: cam2mask_lib.fusion); the paper's masks from the last layer alone
+are scored beside them. The inputs are the
 masks command's: the images' median aspect ratio at the cpu profile's pixel budgets, never
 larger than the images. Nothing below is tuned on the true masks: they are read only to score.
 The masks of ``--score-folds`` (default fold 0) are scored at the segmentation input size: Kaggle
@@ -36,10 +36,10 @@ from pathlib import Path
 
 from cam2mask_lib import pipeline
 from cam2mask_lib.data import load_dataset
-from cam2mask_lib.layer_choice import layer_choice_stage
 from cam2mask_lib.experiments import (DEFECT_FREE, SELF_TRAINED, median_example_per_class,
                                       refinement_examples, refinement_markdown_table,
                                       refinement_stage)
+from cam2mask_lib.fusion import describe_maps, fused_maps_stage
 from cam2mask_lib.masks import classifier_recipe, fit_input_size, masks_profile
 from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.report import markdown_table, save_figure
@@ -142,9 +142,9 @@ def main(argv=None) -> None:
     t_cls = time.perf_counter() - t0
     print(f"classifier and CAMs: {t_cls:.0f} s; out-of-fold AUC "
           + ", ".join(f"{c} {a:.3f}" for c, a in zip(ctx.index.class_names, run.auc)), flush=True)
-    maps = layer_choice_stage(ctx, run, cache, progress=progress)
+    maps = fused_maps_stage(ctx, run, cache, progress=progress)
     t_maps = time.perf_counter() - t0 - t_cls
-    print(f"earlier layers' maps and the choice: {t_maps:.0f} s", flush=True)
+    print(f"the stride-8 stage's maps: {t_maps:.0f} s", flush=True)
     res = refinement_stage(ctx, run, maps, progress=progress, paper_maps=cache)
     rows, size, df = res.rows, ctx.seg_size, res.table
     for name, sec in res.seconds.items():
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
         "classifier": f"{cls_cfg.encoder}, {cls_cfg.weights()}", "epochs": cls_cfg.epochs,
         "seg_epochs": net_cfg.epochs, "score_folds": args.score_folds,
         "seg_batch": net_cfg.batch_size, "auc": [_number(a) for a in run.auc],
-        "maps": maps.record(names),
+        "maps": describe_maps(maps),
         "default": {"masks": SELF_TRAINED, "gap_closed": _number(default["gap closed"]),
                     "nonempty_share": _number(default["non-empty, share of supervised"]),
                     "defect_free_with_mask": _number(default.get(DEFECT_FREE))},
@@ -179,9 +179,8 @@ def main(argv=None) -> None:
             f"epochs{'' if args.seg_batch is None else f', batch {args.seg_batch}'}. "
             f"Wall time {wall / 60:.1f} min (classifier and CAMs {t_cls / 60:.1f} min"
             f"{'' if run.trained else '; the classifier reused from the artifacts folder'}"
-            f", earlier layers' maps and their choice {t_maps / 60:.1f} min). Each class's map, "
-            f"chosen by the deletion test (labels only): {maps.describe(names)}; every row "
-            f"below the paper's masks reads it. The default learnt from the labels: "
+            f", the stride-8 stage's maps {t_maps / 60:.1f} min). Maps: {describe_maps(maps)}; "
+            f"every row below the paper's masks reads them. The default learnt from the labels: "
             f"{res.refined.calibration.describe()}.\n\n"
             f"{markdown_table(fmt)}\n\n{ctx.prov.line()}\n")
     atomic_write_text(out / "real_quality.md", text)

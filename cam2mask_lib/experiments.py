@@ -598,8 +598,8 @@ def refinement_stage(ctx: Context, run: ClassifierRun, cache: CamCache,
     gate (the reference: every label-only row is gated too), its output cut at the paper's 0.2 as
     in Table 3 (and at 0.5 in a row of its own: a network of a few epochs can sit just under 0.5
     and find nothing there). "gap closed" = (Dice - no mask) / (reference - no mask), on
-    defective images. ``cache`` may be each class's chosen map (:class:`layer_choice.
-    LayerChoice`); ``paper_maps``: then the last layer's, scored first with the paper's
+    defective images. ``cache`` may be the refined method's maps (:class:`fusion.
+    FusedMaps`); ``paper_maps``: then the last layer's, scored first with the paper's
     post-processing (:data:`PAPER_MAPS`)."""
     techniques = TECHNIQUES if techniques is None else techniques
     rows, size, probs = eval_rows(ctx), ctx.seg_size, run.oof

@@ -7,10 +7,9 @@ Given a dataset folder (generic ``images/`` + ``labels.csv`` [+ ``masks/``], or 
    probabilities and the CAMs are the means over the folds' models, no training, and the labels
    of the data are then only needed for tuning and scoring);
 2. compute out-of-fold Grad-CAM++ maps (averaged weights, aug smoothing) for every image and,
-   for the refined method, LayerCAM maps at two earlier encoder stages (stride 8 and 16); each
-   class takes the map the classifier itself judges best on its images (:mod:`layer_choice`: a
-   deletion test, labels only), so that a defect smaller than a cell of the last layer's map
-   keeps its shape;
+   for the refined method, LayerCAM maps at the encoder's last stride-8 stage, multiplied with
+   them (:mod:`fusion`), so that a defect smaller than a cell of the last layer's map keeps its
+   shape;
 3. turn them into masks, with ``method``:
    * "refined" (the default, label-only, :mod:`refine`): the CAM's region narrowed to the pixels
      whose grey level departs from the image's own (in the class's direction, darker or
@@ -46,7 +45,7 @@ from .cams import BEST_VARIANT, VARIANTS, compute_cams
 from .classify import MAX_SIDE, load_run, predict_logits, roc_auc_per_class
 from .data import DataError, check_complete, load_dataset, resize_mask
 from .eda import overlay
-from .layer_choice import layer_choice_stage
+from .fusion import describe_maps, fused_maps_stage
 from .pipeline import cam_stage, classifier_stage, context, stats_from_cache
 from .profiles import get_profile, with_random_weights
 from .refine import RefineConfig, refine_stage
@@ -438,8 +437,8 @@ def _classify(job: _Job, run: dict | None) -> None:
         job.cls = classifier_stage(ctx, progress=job.progress)
         job.cache = cam_stage(ctx, job.cls, *VARIANTS[BEST_VARIANT], progress=job.progress)
         if job.summary["method"] == "refined":  # the paper's method keeps the paper's maps
-            job.maps = layer_choice_stage(ctx, job.cls, job.cache, progress=job.progress)
-            job.summary["maps"] = job.maps.record(ctx.index.class_names)
+            job.maps = fused_maps_stage(ctx, job.cls, job.cache, progress=job.progress)
+            job.summary["maps"] = describe_maps(job.maps)
         probs, auc = job.cls.oof, job.cls.auc
     else:
         job.say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "
@@ -534,8 +533,8 @@ class RefinedMasks:
             net = train_segmenters(ctx, refined_targets(ctx, refined), classifier=job.cls,
                                    progress=job.progress)
             gate = pp.Params(cfg.confidence, teacher_thresholds(ctx, net, refined).tolist(), 0)
-        maps = (f"maps chosen per class by the deletion test ({job.maps.describe(ctx.index.class_names)})"
-                if job.maps is not None else "the mean of its folds' Grad-CAM++ maps")
+        maps = (f"maps: {describe_maps(job.maps)}" if job.maps is not None
+                else "the mean of its folds' Grad-CAM++ maps")
         note = self._note(ctx, cfg, net, gate, maps)
         job.summary["postprocessing"] = note
         job.say(f"masks: {note}")

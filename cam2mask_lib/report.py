@@ -205,18 +205,12 @@ def build_report(figures: str | Path, out: str | Path, title: str, header: str,
 # name begins -> the README's shorter name.
 REAL_DATA_ROWS = {
     "the paper's masks: the last layer's": "the paper's CAM masks (last layer, cut at 0.3)",
-    "CAM masks, the paper's post-processing": "each class's chosen map, cut as the paper does",
-    "the same, a class with a grey cue": "label-only refinement of the chosen maps",
+    "CAM masks, the paper's post-processing": "last layer x stride 8, cut as the paper does",
+    "the same, a class with a grey cue": "label-only refinement of those maps",
     "U-Net self-trained on the default's masks": "**U-Net self-trained on the refined masks "
                                                  "(`cam2mask masks`)**",
     "supervised U-Net + the same classifier gate": "U-Net trained on the true masks (reference)",
 }
-# a table made before the maps were chosen per class (no last-layer row of its own): its CAM
-# rows read the last layer, and are named so
-LAST_LAYER_ONLY = {"CAM masks, the paper's post-processing":
-                   "the paper's CAM masks (last layer, cut at 0.3)",
-                   "the same, a class with a grey cue":
-                   "label-only refinement of the last layer's maps"}
 REAL_DATA_SHARES = ("gap closed", "non-empty, share of supervised")
 DEFECT_FREE = "defect-free images with a mask"
 
@@ -243,10 +237,7 @@ def real_data_block(folders: dict) -> str:
             continue
         df = pd.read_csv(table)
         auc = read_json(run).get("auc") if run.is_file() else None
-        first = next(iter(REAL_DATA_ROWS))
-        chosen = df["masks"].astype(str).str.startswith(first).any()
         for start, label in REAL_DATA_ROWS.items():
-            label = label if chosen else LAST_LAYER_ONLY.get(start, label)
             hit = df[df["masks"].astype(str).str.startswith(start)]
             if not len(hit):
                 continue

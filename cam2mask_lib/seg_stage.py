@@ -83,12 +83,11 @@ def true_targets(ctx: Context) -> Targets:
 
 
 def _cam_key(ctx: Context, cache: CamCache, aug_smooth: bool) -> dict:
-    """Which maps made the targets: the cache's folder, or each class's (a
-    :class:`layer_choice.LayerChoice`)."""
+    """Which maps made the targets: the cache's folder, or the folders of every cache a
+    :class:`fusion.FusedMaps` multiplies."""
     def rel(p):
         return str(Path(p).relative_to(ctx.artifacts))
-    where = ([rel(p) for p in cache.class_paths()] if hasattr(cache, "class_paths")
-             else rel(cache.path))
+    where = ([rel(p) for p in cache.paths()] if hasattr(cache, "paths") else rel(cache.path))
     return {"cams": where, "aug_smooth": aug_smooth}
 
 

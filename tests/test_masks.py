@@ -39,14 +39,11 @@ def test_masks_command_writes_masks_of_each_images_size(generic, tmp_path, capsy
     params = json.loads((out / "params.json").read_text())
     assert params["method"] == "refined" and params["network"]
     assert params["network_epochs"] == SELF_TRAIN_MAX_EPOCHS
-    # each class's map chosen by the deletion test among the last layer and strides 8 and 16,
-    # recorded with every candidate's score, and said in the note
-    assert params["maps"] == summary["maps"] and set(summary["maps"]) == {"dark", "bright"}
-    for choice in summary["maps"].values():
-        scores = choice["deletion_scores"]
-        assert set(scores) == {"last layer", "stride 8", "stride 16"}
-        assert choice["chosen"] == min(scores, key=scores.get)
-    assert "deletion test" in params["note"]
+    # the maps: the last layer's times LayerCAM at the encoder's stride-8 stage, recorded and
+    # said in the note
+    assert params["maps"] == summary["maps"]
+    assert "last layer x LayerCAM at encoder stage" in summary["maps"]
+    assert "stride 8" in params["note"]
     assert len(list((out / "previews").glob("*.jpg"))) == 24
     state = json.loads((out / "cam2mask_masks.json").read_text())
     assert state["complete"]
@@ -183,7 +180,7 @@ def test_replaced_image_is_noticed_and_defect_free_data_gets_no_masks(generic, t
     assert main(["masks", "--data", str(data), "--out", str(out4), "--profile", "smoke",
                  "--image-size", "32", "64", "--epochs", "1", "--seg-epochs", "2", "--no-progress"]) == 0
     said = capsys.readouterr().out
-    assert said.index("['dark']: every image is labelled") < said.index("masks: maps chosen")
+    assert said.index("['dark']: every image is labelled") < said.index("masks: maps: ")
     assert strict((out4 / "cam2mask_masks.json").read_text())["summary"][
         "classes_on_every_image"] == ["dark"]
     # no positive label at all: refused before anything is written, with the reason
