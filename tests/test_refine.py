@@ -355,13 +355,14 @@ def test_refined_targets_take_the_training_batch_instead_of_reading_it_again():
     big = np.repeat(np.repeat(np.clip(imgs, 0, 255).astype(np.uint8), 2, -2), 2, -1)  # 16x16
     reads = []
 
-    def uint8_batch(rows):
+    def uint8_batch(rows, num_workers=0):
         reads.append(len(rows))
         return torch.from_numpy(big[np.asarray(rows)])
 
     ds = SimpleNamespace(uint8_batch=uint8_batch)
     ctx = SimpleNamespace(images=lambda: ds, device=torch.device("cpu"),
-                          index=SimpleNamespace(labels=labels))
+                          index=SimpleNamespace(labels=labels),
+                          profile=SimpleNamespace(classifier=SimpleNamespace(num_workers=0)))
     cfg = refine.RefineConfig(region=refine.RegionConfig(par_iterations=2))
     cal = refine.calibrate(_Cache(low), refine.image_loader(ctx, (8, 8)), labels, (8, 8), cfg)
     ref = refine.Refined(ctx, _Cache(low), cfg, cal, (8, 8))
