@@ -67,12 +67,9 @@ class FusedMaps:
     def absolute_on(self, device, rows, size, scales=None) -> torch.Tensor:
         """The product of the two caches' maps in their own units (:meth:`cams.CamCache.
         absolute_on`), each class divided by ``scales``."""
-        rows, size = list(rows), tuple(size)
-        out = self.coarse.absolute_on(device, rows, size) * self.fine.absolute_on(device, rows, size)
-        if scales is not None:
-            out /= torch.as_tensor(np.asarray(scales, np.float32), device=out.device)[
-                None, :, None, None]
-        return out
+        rows, size = list(rows), tuple(size)  # the scales divide one factor: the product
+        return (self.coarse.absolute_on(device, rows, size, scales)
+                * self.fine.absolute_on(device, rows, size))
 
     def paths(self) -> list[Path]:
         """The two cache folders (what a self-training run's key records)."""
