@@ -211,11 +211,6 @@ REAL_DATA_ROWS = {
                                                  "(`cam2mask masks`)**",
     "supervised U-Net + the same classifier gate": "U-Net trained on the true masks (reference)",
 }
-# a table made with the release before's maps (each class's own, chosen by a deletion test;
-# real_quality.json records them per class): its CAM row is named for them
-CHOSEN_MAPS_ROW = ("CAM masks, the paper's post-processing",
-                   "each class's map chosen by a deletion test (the release before), cut as the "
-                   "paper does")
 REAL_DATA_SHARES = ("gap closed", "non-empty, share of supervised")
 DEFECT_FREE = "defect-free images with a mask"
 
@@ -242,10 +237,8 @@ def real_data_block(folders: dict) -> str:
             continue
         df = pd.read_csv(table)
         made = read_json(run) if run.is_file() else {}
-        auc, per_class = made.get("auc"), isinstance(made.get("maps"), dict)
+        auc = made.get("auc")
         for start, label in REAL_DATA_ROWS.items():
-            if per_class and start == CHOSEN_MAPS_ROW[0]:
-                label = CHOSEN_MAPS_ROW[1]
             hit = df[df["masks"].astype(str).str.startswith(start)]
             if not len(hit):
                 continue

@@ -52,12 +52,6 @@ def test_the_readmes_real_data_rows_are_read_from_the_benchmarks_tables(tmp_path
            "| 0.988 |" in block
     assert "| set b | " in block and "no such images" in block and "| n/a |" in block
     assert "| set a | last layer x stride 8, cut as the paper does | 0.600 |" in block
-    # a table made with the release before's maps (one per class, recorded per class): named so
-    (tmp_path / "b" / "real_quality.json").write_text(json.dumps(
-        {"maps": {"pits": {"chosen": "stride 16"}}}))
-    old = report.real_data_block({"set b": tmp_path / "b"})
-    assert "| set b | each class's map chosen by a deletion test (the release before), cut as " \
-           "the paper does | 0.600 |" in old and "stride 8" not in old
     assert "set c: not measured yet" in block
 
 
