@@ -264,22 +264,28 @@ def _reading_stages(model, stages: Sequence[int]):
 
 
 def stage_views(model, x: torch.Tensor, stages: Sequence[int], aug_smooth: bool,
-                classes: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+                classes: Sequence[int] | None = None, last: str | None = None) -> dict:
     """LayerCAM (Jiang et al., 2021) at the output ``A`` of each encoder stage of ``stages``:
     ``ReLU(sum_k ReLU(dz_c / dA^k_ij) * A^k_ij)`` for every class ``c`` of ``classes`` (default
     all), ``{stage: [N, V, C, h, w]}`` float32 (V = 6 views with aug smoothing, flipped views
     still flipped, as :func:`low_res_views`). An earlier stage sees a smaller neighbourhood, so
     its map can follow a defect smaller than one cell of the last layer's. One forward pass per
     view and one backward pass per class and view, from the logits down to the earliest stage
-    (every stage's gradient from the same pass)."""
+    (every stage's gradient from the same pass). ``last``: a fast-path method (e.g.
+    "gradcam++"); then key ``"last"`` holds that method's maps at the last layer for every class,
+    made from the same forward passes' features (:func:`low_res_views` without its own passes)."""
     classes = list(range(model.num_classes)) if classes is None else list(classes)
     stages = sorted(set(stages))
     x = to_model(x, model)
     per_stage: dict[int, list] = {s: [] for s in stages}
+    feats = []
     with _reading_stages(model, stages) as acts, torch.enable_grad(), \
             autocast(model_device(model)):
         for v, _ in _views(x, aug_smooth):
-            z = model(v).float()
+            A = model.features(v)
+            if last is not None:
+                feats.append(A.detach())
+            z = model.head_from_features(A).float()
             maps = {s: [] for s in stages}
             for i, c in enumerate(classes):
                 grads = torch.autograd.grad(z[:, c].sum(), [acts[s] for s in stages],
@@ -289,7 +295,11 @@ def stage_views(model, x: torch.Tensor, stages: Sequence[int], aug_smooth: bool,
                     maps[s].append((g.float().clamp(min=0) * a).sum(1).clamp(min=0))
             for s in stages:
                 per_stage[s].append(torch.stack(maps[s], 1))  # [N, C, h, w]
-    return {s: torch.stack(v, 1).cpu().numpy() for s, v in per_stage.items()}
+    out: dict = {s: torch.stack(v, 1).cpu().numpy() for s, v in per_stage.items()}
+    if last is not None:
+        low = low_res_cams(model, None, last, feats=torch.cat(feats))  # [V*N, C, h, w]
+        out["last"] = low.reshape(len(feats), len(x), *low.shape[1:]).swapaxes(0, 1)
+    return out
 
 
 def compute_cams(model, images: torch.Tensor, method: str = "gradcam++", aug_smooth: bool = False,
@@ -431,35 +441,50 @@ def cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: Path, method: 
     Each model runs on its own device and layout (as :func:`classify.fold_models` loads it);
     ``num_workers``: the images are decoded by the dataset's persistent workers while the model
     runs (the same images, :meth:`data.ImageDataset.batches`)."""
-    any_model = next(iter(models_by_fold.values()))
-    with torch.no_grad():
-        probe = any_model.eval().features(to_model(ds.uint8_batch([0]), any_model))
-    settings = {"method": method, "aug_smooth": aug_smooth, "target": target, "n": len(ds),
-                "shape": [len(ds), len(AUG_VIEWS) if aug_smooth else 1, any_model.num_classes,
-                          *probe.shape[-2:]]}
+    settings = _last_settings(next(iter(models_by_fold.values())), ds, method, aug_smooth, target)
     return _stream(models_by_fold, ds, folds, {"last": (Path(out), settings)},
                    lambda model, x: {"last": low_res_views(model, x, method, aug_smooth, target)},
                    f"CAMs ({method}{', aug smooth' if aug_smooth else ''})", batch_size,
                    progress, num_workers)["last"]
 
 
+def _last_settings(model, ds, method: str, aug_smooth: bool, target: str) -> dict:
+    """What a cache of the last layer's maps records (:func:`cam_dataset`): made by either
+    function below, it is the same cache, reused by the other."""
+    with torch.no_grad():
+        probe = model.eval().features(to_model(ds.uint8_batch([0]), model))
+    return {"method": method, "aug_smooth": aug_smooth, "target": target, "n": len(ds),
+            "shape": [len(ds), len(AUG_VIEWS) if aug_smooth else 1, model.num_classes,
+                      *probe.shape[-2:]]}
+
+
 def stage_cam_dataset(models_by_fold: dict, ds, folds: np.ndarray, out: dict[int, Path],
                       aug_smooth: bool = True, batch_size: int = 32, progress: bool = True,
-                      num_workers: int = 0) -> dict[int, CamCache]:
+                      num_workers: int = 0, last: tuple[str, Path] | None = None) -> dict:
     """:func:`cam_dataset` for LayerCAM at encoder stages (:func:`stage_views`): ``out`` maps
-    each stage to its cache folder; every stage's maps come from the same passes."""
+    each stage to its cache folder; every stage's maps come from the same passes. ``last``:
+    ``(method, folder)``, the last layer's cache of :func:`cam_dataset` (logit target) filled
+    from the same forward passes too, under key ``"last"`` (one pass over the images instead of
+    two)."""
     any_model = next(iter(models_by_fold.values())).eval()
     with _reading_stages(any_model, list(out)) as acts, torch.no_grad():
         any_model(to_model(ds.uint8_batch([0]), any_model))
         sizes = {s: list(acts[s].shape[-2:]) for s in out}
     n, V, C = len(ds), len(AUG_VIEWS) if aug_smooth else 1, any_model.num_classes
-    caches = {s: (Path(folder), {"method": "layercam", "stage": int(s), "aug_smooth": aug_smooth,
-                                 "target": "logit", "n": n, "shape": [n, V, C, *sizes[s]]})
-              for s, folder in out.items()}
+    caches: dict = {s: (Path(folder), {"method": "layercam", "stage": int(s),
+                                       "aug_smooth": aug_smooth, "target": "logit", "n": n,
+                                       "shape": [n, V, C, *sizes[s]]})
+                    for s, folder in out.items()}
+    method = None
+    if last is not None:
+        method, folder = last
+        if method not in FAST_METHODS:
+            raise ValueError(f"last-layer maps in the same pass: {FAST_METHODS}, got {method!r}")
+        caches["last"] = (Path(folder), _last_settings(any_model, ds, method, aug_smooth, "logit"))
+    what = f"LayerCAM at stage(s) {', '.join(map(str, out))}" + (f" and {method}" if method else "")
     return _stream(models_by_fold, ds, folds, caches,
-                   lambda model, x: stage_views(model, x, list(out), aug_smooth),
-                   f"CAMs (LayerCAM at stage(s) {', '.join(map(str, out))})", batch_size,
-                   progress, num_workers)
+                   lambda model, x: stage_views(model, x, list(out), aug_smooth, last=method),
+                   f"CAMs ({what})", batch_size, progress, num_workers)
 
 
 def _stream(models_by_fold: dict, ds, folds: np.ndarray, caches: dict, compute, desc: str,

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cams import CamCache
-from .pipeline import stage_cam_stage
+from .cams import BEST_VARIANT, VARIANTS, CamCache
+from .pipeline import cam_stage, stage_cam_stage
 from .utils import say
 
 STRIDE = 8  # the fine factor: the last encoder stage at this stride (EfficientNet-Lite0: stage 2)
@@ -84,17 +84,20 @@ def describe_maps(maps) -> str:
     return maps.describe() if isinstance(maps, FusedMaps) else f"{COARSE} (the paper's)"
 
 
-def fused_maps_stage(ctx, run, last: CamCache, progress: bool = True) -> FusedMaps | CamCache:
-    """The refined method's maps on a context: ``last`` (the out-of-fold last-layer Grad-CAM++
-    of ``run``'s classifier) times the out-of-fold LayerCAM at its :func:`fine_stage`
-    (:func:`pipeline.stage_cam_stage`, cached and resumable); ``last`` alone for an encoder
-    without that stage."""
-    models = ctx.fold_models(run)
+def fused_maps_stage(ctx, run, progress: bool = True) -> FusedMaps | CamCache:
+    """The refined method's maps on a context: the out-of-fold last-layer Grad-CAM++ of ``run``'s
+    classifier (:data:`cams.BEST_VARIANT`, the cache :func:`pipeline.cam_stage` makes and then
+    reuses) times the out-of-fold LayerCAM at its :func:`fine_stage`, both from the same forward
+    passes (:func:`pipeline.stage_cam_stage`, cached and resumable); the last layer's alone for
+    an encoder without that stage."""
+    method, aug_smooth, weights = VARIANTS[BEST_VARIANT]
+    models = ctx.fold_models(run, weights)
     stage = fine_stage(next(iter(models.values())))
     if stage is None:
         say(progress, f"maps: {COARSE} alone (the encoder has no numbered stride-{STRIDE} stage)")
-        return last
-    fine = stage_cam_stage(ctx, run, [stage], progress=progress, models=models)[stage]
-    maps = FusedMaps(last, fine, stage)
+        return cam_stage(ctx, run, method, aug_smooth, weights, progress=progress)
+    made = stage_cam_stage(ctx, run, [stage], aug_smooth, weights, progress=progress,
+                           models=models, last=method)
+    maps = FusedMaps(made["last"], made[stage], stage)
     say(progress, f"maps: {maps.describe()}")
     return maps

@@ -435,10 +435,11 @@ def _classify(job: _Job, run: dict | None) -> None:
     ctx = job.ctx
     if run is None:
         job.cls = classifier_stage(ctx, progress=job.progress)
-        job.cache = cam_stage(ctx, job.cls, *VARIANTS[BEST_VARIANT], progress=job.progress)
         if job.summary["method"] == "refined":  # the paper's method keeps the paper's maps
-            job.maps = fused_maps_stage(ctx, job.cls, job.cache, progress=job.progress)
+            job.maps = fused_maps_stage(ctx, job.cls, progress=job.progress)
             job.summary["maps"] = describe_maps(job.maps)
+        # the paper's maps; for the refined method made in the same passes, so reused here
+        job.cache = cam_stage(ctx, job.cls, *VARIANTS[BEST_VARIANT], progress=job.progress)
         probs, auc = job.cls.oof, job.cls.auc
     else:
         job.say(f"classifier: loaded from {run['dir']} ({len(run['models'])} fold models, their "

@@ -152,19 +152,28 @@ def cam_stage(ctx: Context, run: ClassifierRun, method: str = "gradcam++",
     resolution under ``artifacts/<profile>/cams/<classifier run>/<variant>/``."""
     if not run.complete:
         raise RuntimeError("the classifier has unfinished folds; run the classification stage first")
-    variant = f"{method}{'_aug' if aug_smooth else ''}_{weights}"
-    out = ctx.artifacts / "cams" / Path(run.dir).name / variant
+    out = cam_dir(ctx, run, method, aug_smooth, weights)
     return cam_dataset(ctx.fold_models(run, weights), ctx.images(), ctx.folds, out, method=method,
                        aug_smooth=aug_smooth, progress=progress,
                        num_workers=ctx.profile.classifier.num_workers)
 
 
+def cam_dir(ctx: Context, run: ClassifierRun, method: str, aug_smooth: bool, weights: str
+            ) -> Path:
+    """Where :func:`cam_stage` caches ``run``'s maps of one CAM variant."""
+    return (ctx.artifacts / "cams" / Path(run.dir).name
+            / f"{method}{'_aug' if aug_smooth else ''}_{weights}")
+
+
 def stage_cam_stage(ctx: Context, run: ClassifierRun, stages, aug_smooth: bool = True,
                     weights: str = "averaged", progress: bool = True,
-                    models: dict[int, Classifier] | None = None) -> dict[int, CamCache]:
+                    models: dict[int, Classifier] | None = None,
+                    last: str | None = None) -> dict:
     """Out-of-fold LayerCAM maps at the classifier's encoder ``stages`` (see
     :func:`cams.stage_views`), cached beside :func:`cam_stage`'s, one folder per stage;
-    ``models``: ``run``'s fold models of ``weights`` when the caller has them loaded already."""
+    ``models``: ``run``'s fold models of ``weights`` when the caller has them loaded already.
+    ``last``: a CAM method; then key ``"last"`` is :func:`cam_stage`'s cache of that method's
+    last-layer maps, filled from the same forward passes (and reused by :func:`cam_stage`)."""
     if not run.complete:
         raise RuntimeError("the classifier has unfinished folds; run the classification stage first")
     base = ctx.artifacts / "cams" / Path(run.dir).name
@@ -172,7 +181,9 @@ def stage_cam_stage(ctx: Context, run: ClassifierRun, stages, aug_smooth: bool =
            for s in stages}
     return stage_cam_dataset(models or ctx.fold_models(run, weights), ctx.images(), ctx.folds, out,
                              aug_smooth=aug_smooth, progress=progress,
-                             num_workers=ctx.profile.classifier.num_workers)
+                             num_workers=ctx.profile.classifier.num_workers,
+                             last=None if last is None else
+                             (last, cam_dir(ctx, run, last, aug_smooth, weights)))
 
 
 def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth: bool,

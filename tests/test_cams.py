@@ -137,6 +137,32 @@ def test_stage_caches_equal_direct_maps_and_resume(small_ds, models, tmp_path, c
         assert np.array_equal(np.asarray(resumed[s].low()), np.asarray(caches[s].low()))
 
 
+def test_last_layer_maps_from_the_stage_pass_are_cam_datasets_cache(small_ds, models, tmp_path,
+                                                                      monkeypatch):
+    """The last layer's Grad-CAM++ made from the stage maps' own forward passes equals
+    :func:`cams.low_res_views`' (its own passes), and the cache it fills is the one
+    :func:`cam_dataset` makes: reused by it, not recomputed."""
+    idx, ds = small_ds
+    ds = ImageDataset(idx, (64, 160), with_masks=False)
+    model = models["efficientnet_b0"]
+    x = ds.uint8_batch([0, 1, 2])
+    for aug in (False, True):
+        both = cams.stage_views(model, x, (2,), aug_smooth=aug, last="gradcam++")
+        alone = cams.low_res_views(model, x, "gradcam++", aug)
+        assert both["last"].shape == alone.shape and set(both) == {2, "last"}
+        assert np.abs(both["last"] - alone).max() <= 1e-5 * max(1.0, alone.max())
+    folds = np.arange(len(ds)) % 2
+    made = cams.stage_cam_dataset({0: model, 1: model}, ds, folds, {2: tmp_path / "s2"},
+                                  batch_size=4, progress=False, last=("gradcam++", tmp_path / "l"))
+    monkeypatch.setattr(cams, "low_res_views", lambda *a, **k: pytest.fail("recomputed"))
+    reused = cam_dataset({0: model, 1: model}, ds, folds, tmp_path / "l", batch_size=4,
+                         progress=False)
+    assert np.array_equal(np.asarray(reused.low()), np.asarray(made["last"].low()))
+    with pytest.raises(ValueError, match="hirescam"):
+        cams.stage_cam_dataset({0: model}, ds, np.zeros(len(ds), int), {2: tmp_path / "x"},
+                               last=("hirescam", tmp_path / "y"))
+
+
 def test_streaming_memory_is_flat(small_ds, models, tmp_path):
     idx, ds = small_ds
     model = models["mobilenetv3_small_050"]
