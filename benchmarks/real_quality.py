@@ -175,7 +175,7 @@ def main(argv=None) -> None:
             f"{image_size[1]}, {cls_cfg.epochs} epochs x {ctx.profile.n_folds} folds, "
             f"out-of-fold ROC-AUC " + ", ".join(f"{c} {a:.3f}" for c, a in zip(
                 ctx.index.class_names, run.auc)) +
-            f"; U-Nets (encoder from the fold's classifier, slim decoder) {net_cfg.epochs} "
+            f"; U-Nets (encoder {net_cfg.weights()}, slim decoder) {net_cfg.epochs} "
             f"epochs{'' if args.seg_batch is None else f', batch {args.seg_batch}'}. "
             f"Wall time {wall / 60:.1f} min (classifier {t_cls / 60:.1f} min"
             f"{'' if run.trained else ', reused from the artifacts folder'}"

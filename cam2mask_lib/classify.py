@@ -90,21 +90,9 @@ class Classifier(nn.Module):
                 {"params": list(self.head.parameters()), "lr": lr_head, "name": "head"}]
 
     def freeze(self, stages: int) -> None:
-        """Keep the encoder's stem and its first ``stages`` stages as they are (no gradient):
-        the high-resolution layers, whose backward pass costs most, and whose ImageNet features
-        (edges, textures) a defect shares with a photograph."""
-        if stages <= 0:
-            return
-        enc = self.encoder
-        if not all(hasattr(enc, a) for a in ("conv_stem", "bn1", "blocks")):
-            raise ConfigError(f"classifier freeze={stages}: only timm encoders with a stem and "
-                              f"stages (conv_stem, bn1, blocks: EfficientNet, MobileNet) can be "
-                              f"frozen; {type(enc).__name__} cannot")
-        if stages > len(enc.blocks):
-            raise ConfigError(f"classifier freeze={stages}: the encoder has {len(enc.blocks)} "
-                              f"stages")
-        for module in (enc.conv_stem, enc.bn1, *enc.blocks[:stages]):
-            module.requires_grad_(False)
+        """Keep the encoder's stem and its first ``stages`` stages as they are
+        (:func:`weights.freeze_stem`)."""
+        weights.freeze_stem(self.encoder, stages, "classifier freeze")
 
 
 def build_classifier(encoder: str, num_classes: int, pretrained: bool = False,

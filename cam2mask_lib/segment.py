@@ -28,6 +28,7 @@ from .device import autocast, model_device, resolve_device, to_model
 from .losses import IGNORE, LOSSES, make_loss, output_channels, probabilities
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
 from .utils import ConfigError, UserError, config_key, describe_weights, file_digest, write_json
+from .weights import freeze_stem
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +208,9 @@ class SegConfig:
     pretrained: bool = False
     weights_path: str | None = None  # a local file with the encoder's (ImageNet) weights
     encoder_init: str | None = None  # "classifier": start from the fold's classifier encoder
+    # the timm encoder's stem and first stages kept as they start (weights.freeze_stem): the
+    # refined method's U-Nets keep frozen what their classifier kept at its ImageNet weights
+    freeze: int = 0
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
@@ -217,6 +221,15 @@ class SegConfig:
             raise ConfigError(f"segmentation num_workers={self.num_workers}: must be >= 0")
         if self.encoder_init not in (None, "classifier"):
             raise ConfigError(f"encoder_init must be None or 'classifier', got {self.encoder_init!r}")
+        if self.freeze < 0:
+            raise ConfigError(f"segmentation freeze={self.freeze}: must be >= 0")
+        if self.freeze and not (self.encoder_init or self.pretrained or self.weights_path):
+            raise ConfigError(f"segmentation freeze={self.freeze}: freezing stages of random "
+                              f"weights keeps them random; start the encoder from trained "
+                              f"weights (encoder_init, pretrained, weights_path) or freeze=0")
+        if self.freeze and not self.encoder.startswith("tu-"):
+            raise ConfigError(f"segmentation freeze={self.freeze}: only a timm encoder "
+                              f"('tu-<name>') can be frozen, not {self.encoder!r}")
         if self.encoder_init and self.weights_path:
             raise ConfigError(f"segmentation encoder: encoder_init={self.encoder_init!r} and "
                               f"weights_path={self.weights_path!r} both set where it starts; "
@@ -239,12 +252,13 @@ class SegConfig:
         return d
 
     def weights(self) -> str:
-        """How the encoder starts, for tables."""
+        """How the encoder starts (and what of it stays frozen), for tables."""
+        frozen = f", stem and first {self.freeze} stages frozen" if self.freeze else ""
         if self.encoder_init == "classifier":
-            return "started from the fold's classifier"
+            return "started from the fold's classifier" + frozen
         if self.arch == "thesis_unet":
             return "RANDOM initialisation (no encoder)"
-        return describe_weights(self.pretrained, self.weights_path, "downloaded")
+        return describe_weights(self.pretrained, self.weights_path, "downloaded") + frozen
 
 
 @dataclass(frozen=True)
@@ -327,6 +341,8 @@ class SegmenterTrainer(ResumableTrainer):
                                      slim=cfg.slim, weights_path=cfg.weights_path)
         if encoder_state is not None:
             load_encoder(self.model, encoder_state)
+        if cfg.freeze:
+            freeze_stem(self.model.encoder.model, cfg.freeze, "segmentation freeze")
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=self.fmt)
         self.avg = None
@@ -336,7 +352,8 @@ class SegmenterTrainer(ResumableTrainer):
         elif cfg.swa_start is not None:
             self.avg = AveragedModel(self.model)
         self.loss_fn = make_loss(cfg.loss, num_classes).to(self.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
+                                    lr=cfg.lr)
 
     @property
     def result(self) -> nn.Module:

@@ -108,3 +108,19 @@ def fold_normalisation(sd: dict[str, torch.Tensor], mean, std, stem: str = "conv
     rm = sd[f"{bn}.running_mean"]
     sd[f"{bn}.running_mean"] = (rm.double() - const).to(rm.dtype)
     return sd
+
+
+def freeze_stem(encoder: torch.nn.Module, stages: int, option: str) -> None:
+    """Keep a timm encoder's stem and its first ``stages`` stages as they are (no gradient): the
+    high-resolution layers, whose backward pass costs most, and whose ImageNet features (edges,
+    textures) a defect shares with a photograph. ``option`` names the setting in errors."""
+    if stages <= 0:
+        return
+    if not all(hasattr(encoder, a) for a in ("conv_stem", "bn1", "blocks")):
+        raise ConfigError(f"{option}={stages}: only timm encoders with a stem and stages "
+                          f"(conv_stem, bn1, blocks: EfficientNet, MobileNet) can be frozen; "
+                          f"{type(encoder).__name__} cannot")
+    if stages > len(encoder.blocks):
+        raise ConfigError(f"{option}={stages}: the encoder has {len(encoder.blocks)} stages")
+    for module in (encoder.conv_stem, encoder.bn1, *encoder.blocks[:stages]):
+        module.requires_grad_(False)

