@@ -231,7 +231,7 @@ class TrainConfig:
             text = src.describe()
         else:
             text = describe_weights(self.pretrained, self.weights_path, "timm's hub")
-        return text + (f", stem and first {self.freeze} stages frozen" if self.freeze else "")
+        return text + weights.frozen_note(self.freeze)
 
 
 # --------------------------------------------------------------------------------------------

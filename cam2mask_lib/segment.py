@@ -28,7 +28,7 @@ from .device import autocast, model_device, resolve_device, to_model
 from .losses import IGNORE, LOSSES, make_loss, output_channels, probabilities
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
 from .utils import ConfigError, UserError, config_key, describe_weights, file_digest, write_json
-from .weights import freeze_stem
+from .weights import freeze_stem, frozen_note
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ class SegConfig:
 
     def weights(self) -> str:
         """How the encoder starts (and what of it stays frozen), for tables."""
-        frozen = f", stem and first {self.freeze} stages frozen" if self.freeze else ""
+        frozen = frozen_note(self.freeze)
         if self.encoder_init == "classifier":
             return "started from the fold's classifier" + frozen
         if self.arch == "thesis_unet":

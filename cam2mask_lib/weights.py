@@ -124,3 +124,8 @@ def freeze_stem(encoder: torch.nn.Module, stages: int, option: str) -> None:
         raise ConfigError(f"{option}={stages}: the encoder has {len(encoder.blocks)} stages")
     for module in (encoder.conv_stem, encoder.bn1, *encoder.blocks[:stages]):
         module.requires_grad_(False)
+
+
+def frozen_note(stages: int) -> str:
+    """What :func:`freeze_stem` keeps, for tables: empty when nothing is frozen."""
+    return f", stem and first {stages} stages frozen" if stages > 0 else ""
