@@ -170,12 +170,22 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     layers); on the CPU, where ``SyncBatchNorm`` has no kernel, each BatchNorm module's class is
     swapped for a subclass that all-reduces the sums over gloo (:func:`_synced`, tested against
     ``nn.BatchNorm2d`` on the whole batch). Parameter and buffer names are unchanged, so a
-    checkpoint fits the plain model."""
+    checkpoint fits the plain model. The batch norms of frozen stages stay as they are: their
+    statistics are fixed (:func:`weights.freeze_stem`), nothing to synchronise."""
+    from .weights import is_frozen_stats
+
     if any(p.is_cuda for p in model.parameters()):
         from timm.layers import convert_sync_batchnorm
 
-        return convert_sync_batchnorm(model)
+        frozen = {n: m for n, m in model.named_modules() if is_frozen_stats(m)}
+        model = convert_sync_batchnorm(model)
+        for name, m in frozen.items():  # put back, unconverted
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m)
+        return model
     for m in model.modules():
+        if is_frozen_stats(m):
+            continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _RankSynced):
             cls = type(m)
             if cls not in _SYNCED_CLASSES:

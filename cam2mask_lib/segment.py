@@ -247,6 +247,8 @@ class SegConfig:
         """What the trained weights depend on (:func:`utils.config_key`), with a weights file as
         its bytes' digest."""
         d = config_key(self, skip=("device", "num_workers"))
+        if self.freeze:  # the frozen stages' batch norms keep their statistics (freeze_stem)
+            d["frozen_stats"] = True
         if self.weights_path is not None:  # the file's bytes, not where it lies
             d["weights_path"] = file_digest(self.weights_path)
         return d

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import BatchNormAct2d
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .utils import ConfigError, file_digest
@@ -110,10 +111,64 @@ def fold_normalisation(sd: dict[str, torch.Tensor], mean, std, stem: str = "conv
     return sd
 
 
+class _FrozenStats:
+    """A batch norm of a frozen stage: it normalises with its running statistics in training as
+    in evaluation and never updates them (they belong to its frozen weights, as in detectron2's
+    and timm's ``FrozenBatchNorm2d``). Its class differs from the layer it freezes only in this,
+    so its state dict's keys stay the same; ``reset_running_stats`` leaves the statistics as
+    they are, so that ``torch.optim.swa_utils.update_bn`` recomputes only the trained layers'."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def reset_running_stats(self) -> None:
+        pass
+
+
+class FrozenStatsBatchNorm2d(_FrozenStats, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` of a frozen stage (:class:`_FrozenStats`)."""
+
+
+class FrozenStatsBatchNormAct2d(_FrozenStats, BatchNormAct2d):
+    """timm's ``BatchNormAct2d`` of a frozen stage (:class:`_FrozenStats`)."""
+
+
+def is_frozen_stats(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a batch norm of a frozen stage (:class:`_FrozenStats`)."""
+    return isinstance(module, _FrozenStats)
+
+
+_FROZEN_STATS = {torch.nn.BatchNorm2d: FrozenStatsBatchNorm2d,
+                 BatchNormAct2d: FrozenStatsBatchNormAct2d}
+
+
+@torch.no_grad()
+def adapt_frozen_stats(module: torch.nn.Module, stem, batches) -> None:
+    """Re-estimate the running statistics of ``module``'s frozen batch norms
+    (:class:`_FrozenStats`) on ``batches`` of the data at hand, as a plain batch norm's would be
+    (each batch normalised with its own statistics on the way, equal weights over the batches:
+    ``torch.optim.swa_utils.update_bn``'s estimate), and keep them frozen after: AdaBN (Li et al.,
+    2016). ``stem(x)``: the frozen layers' forward pass. Images only, no label."""
+    layers = [m for m in module.modules() if isinstance(m, _FrozenStats)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        torch.nn.modules.batchnorm._BatchNorm.reset_running_stats(m)
+        m.momentum, m.training = None, True
+    try:
+        for x in batches:
+            stem(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum, m.training = momentum, False
+
+
 def freeze_stem(encoder: torch.nn.Module, stages: int, option: str) -> None:
-    """Keep a timm encoder's stem and its first ``stages`` stages as they are (no gradient): the
-    high-resolution layers, whose backward pass costs most, and whose ImageNet features (edges,
-    textures) a defect shares with a photograph. ``option`` names the setting in errors."""
+    """Keep a timm encoder's stem and its first ``stages`` stages as they are: no gradient, and
+    their batch norms normalise with their (ImageNet) running statistics, never with a batch's,
+    and never update them (:class:`_FrozenStats`). The frozen stages are then a fixed function
+    of the image, whatever the batch (what :class:`classify.StemFeatures` computes once). These
+    are the high-resolution layers, whose backward pass costs most, and whose ImageNet features
+    (edges, textures) a defect shares with a photograph. ``option`` names the setting in errors."""
     if stages <= 0:
         return
     if not all(hasattr(encoder, a) for a in ("conv_stem", "bn1", "blocks")):
@@ -124,8 +179,19 @@ def freeze_stem(encoder: torch.nn.Module, stages: int, option: str) -> None:
         raise ConfigError(f"{option}={stages}: the encoder has {len(encoder.blocks)} stages")
     for module in (encoder.conv_stem, encoder.bn1, *encoder.blocks[:stages]):
         module.requires_grad_(False)
+        for layer in module.modules():
+            if isinstance(layer, _FrozenStats):
+                continue
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                if type(layer) not in _FROZEN_STATS:
+                    raise ConfigError(f"{option}={stages}: cannot freeze the statistics of a "
+                                      f"{type(layer).__name__} (BatchNorm2d and timm's "
+                                      f"BatchNormAct2d can be frozen)")
+                layer.__class__ = _FROZEN_STATS[type(layer)]
+                layer.eval()
 
 
 def frozen_note(stages: int) -> str:
     """What :func:`freeze_stem` keeps, for tables: empty when nothing is frozen."""
-    return f", stem and first {stages} stages frozen" if stages > 0 else ""
+    return (f", stem and first {stages} stages frozen (weights and batch-norm statistics)"
+            if stages > 0 else "")
