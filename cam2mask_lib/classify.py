@@ -237,7 +237,7 @@ class TrainConfig:
         d = config_key(self, skip=("device", "num_workers", "cache_images", "fold_processes"))
         if self.fold_processes:  # one thread per fold, however many processes run side by side
             d["threads"] = 1
-        if self.freeze:  # the frozen stages' batch norms keep their statistics (weights.freeze_stem)
+        if self.freeze:  # frozen stages keep their batch-norm statistics (weights.freeze_stem)
             d["frozen_stats"] = True
         if self.weights_path is not None:  # the file's bytes, not where it lies
             d["weights_path"] = file_digest(self.weights_path)
@@ -329,10 +329,11 @@ STEM_FEATURES_BYTES = 4 << 30
 class StemFeatures:
     """The frozen stem's and stages' output (:meth:`Classifier.stem`) for every image of ``ds``
     in every flip the training draws, computed once for every epoch of a fold: the frozen layers
-    (their batch-norm statistics included) see the same images again and again. Training, validation, the weights' average and the out-of-fold
-    predictions then run :meth:`Classifier.from_stem` on them: the same numbers as from the
-    images (a test), without the frozen layers' forward pass at full resolution (1.5-1.7x
-    faster training steps at 192x512 and 192x192 on 2 cores, measured; docs/real_data.md).
+    (their batch-norm statistics included) see the same images again and again. Training,
+    validation, the weights' average and the out-of-fold predictions then run
+    :meth:`Classifier.from_stem` on them: the same numbers as from the images (a test),
+    without the frozen layers' forward pass at full resolution (1.5-1.7x faster training steps
+    at 192x512 and 192x192 on 2 cores, measured; docs/real_data.md).
     Kept on ``model``'s device, as ``[images, flips, C, h, w]``."""
 
     def __init__(self, model: Classifier, ds, cfg: TrainConfig, progress=True):
