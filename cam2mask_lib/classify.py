@@ -313,12 +313,22 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, part=(0, 1
     return x
 
 
+def _flip_dims(cfg: TrainConfig) -> list[int]:
+    """The dims of the flips the configuration asks for, in the order applied."""
+    return [dim for dim, on in ((-1, cfg.hflip), (-2, cfg.vflip)) if on]
+
+
 def _flip_draws(cfg: TrainConfig, gen: torch.Generator, part=(0, 1),
                 size: int = 0) -> list[tuple[int, torch.Tensor]]:
-    """``(dim, flipped?)`` of each flip the configuration asks for, in the order applied: drawn
-    for a batch of ``size`` images with ``gen`` (on the CPU), this rank's slice kept."""
+    """``(dim, flipped?)`` of each flip of :func:`_flip_dims`: drawn for a batch of ``size``
+    images with ``gen`` (on the CPU), this rank's slice kept."""
     return [(dim, (torch.rand(size, generator=gen) < 0.5)[part[0]::part[1]])
-            for dim, on in ((-1, cfg.hflip), (-2, cfg.vflip)) if on]
+            for dim in _flip_dims(cfg)]
+
+
+def _chunks(rows: np.ndarray, size: int):
+    """Consecutive slices of ``rows`` of ``size`` (the last one shorter)."""
+    return (rows[s:s + size] for s in range(0, len(rows), size))
 
 
 # the most memory the frozen stages' features may take (StemFeatures); past it they are computed
@@ -334,15 +344,14 @@ class StemFeatures:
     :meth:`Classifier.from_stem` on them: the same numbers as from the images (a test),
     without the frozen layers' forward pass at full resolution (1.5-1.7x faster training steps
     at 192x512 and 192x192 on 2 cores, measured; docs/real_data.md).
-    Kept on ``model``'s device, as ``[images, flips, C, h, w]``."""
+    Kept on ``model``'s device, as ``[images, flips, C, h, w]``; ``model``: the fold's own, in
+    the layout it trains in (another layout rounds the sums otherwise)."""
 
     def __init__(self, model: Classifier, ds, cfg: TrainConfig, progress=True):
-        dims = [dim for dim, on in ((-1, cfg.hflip), (-2, cfg.vflip)) if on]
+        dims = _flip_dims(cfg)
         self.variants = [[d for i, d in enumerate(dims) if v >> i & 1]
                          for v in range(2 ** len(dims))]
-        # in the layout the folds train in: another layout rounds the sums otherwise
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        t, model = time.perf_counter(), model.to(memory_format=fmt).eval()
+        t, model = time.perf_counter(), model.eval()
         chunks = []
         with torch.no_grad(), autocast(model_device(model)):
             for _, x in ds.batches(np.arange(len(ds)), cfg.batch_size * 2, cfg.num_workers):
@@ -365,7 +374,7 @@ class StemFeatures:
         with torch.no_grad():
             one = model.eval().stem(torch.zeros(1, 3, *cfg.image_size,
                                                 device=model_device(model)))
-        return one.numel() * 4 * n_images * 2 ** (cfg.hflip + cfg.vflip) <= STEM_FEATURES_BYTES
+        return one.numel() * 4 * n_images * 2 ** len(_flip_dims(cfg)) <= STEM_FEATURES_BYTES
 
     def batch(self, positions, draws: Sequence[tuple[int, torch.Tensor]] = ()) -> torch.Tensor:
         """The features of the images at ``positions`` of the dataset, each in the flips that
@@ -397,9 +406,9 @@ def predict_logits(model: nn.Module, ds, rows: np.ndarray, batch_size: int,
     device = model_device(model)
     out = []
     if stem is not None:
-        for s in range(0, len(rows), batch_size):
+        for b in _chunks(rows, batch_size):
             with autocast(device):
-                f = to_model(stem.batch(rows[s:s + batch_size]), model)
+                f = to_model(stem.batch(b), model)
                 out.append(model.from_stem(f).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, model.num_classes), np.float32)
     for x, _ in _batches(ds, rows, batch_size, None, num_workers):
@@ -483,8 +492,7 @@ class ClassifierTrainer(ResumableTrainer):
         per_rank = cfg.batch_size // self.world
         if self.stem is not None:  # the images' positions: their features are read in run_epoch
             labels = torch.from_numpy(self.ds.index.labels.astype(np.float32))
-            for s, n in zip(range(0, len(mine), per_rank), sizes):
-                b = mine[s:s + per_rank]
+            for b, n in zip(_chunks(mine, per_rank), sizes):
                 yield b, labels[self.ds.rows[b]], n
             return
         for (x, y), n in zip(_batches(self.ds, mine, per_rank, None, cfg.num_workers), sizes):
@@ -567,9 +575,8 @@ class ClassifierTrainer(ResumableTrainer):
         bn_gen = torch.Generator().manual_seed(self.cfg.seed + self.fold)
         if self.stem is not None:  # the same order, the features of each batch
             order = self.train_rows[torch.randperm(len(self.train_rows), generator=bn_gen).numpy()]
-            size = self.cfg.batch_size
-            bn_batches = (to_model(self.stem.batch(order[s:s + size]), self.model)
-                          for s in range(0, len(order), size))
+            bn_batches = (to_model(self.stem.batch(b), self.model)
+                          for b in _chunks(order, self.cfg.batch_size))
         else:
             bn_batches = (to_model(x, self.model)
                           for x, _ in _batches(self.ds, self.train_rows, self.cfg.batch_size,

@@ -196,10 +196,10 @@ SELF_TRAIN_MAX_EPOCHS = 24
 # otherwise: EfficientNet-Lite0 from the ImageNet weights that install with the project
 # (cam2mask_lib/weights.py), its stem and first two stages frozen (2.4x faster training on 2
 # cores: 18 -> 44 images/s at 192x192, measured; their batch-norm statistics the fold's images',
-# their output computed once per fold: 1.7x faster steps again, classify.StemFeatures), fine-tuned with the paper's ratio of learning
-# rates (encoder 1/10 of the head's) for 4 epochs: a pretrained encoder needs few. Its folds
-# train one after another (the real-data tables were measured so; the cpu profile's folds side
-# by side were measured with MobileNetV3 only).
+# their output computed once per fold: 1.7x faster steps again, classify.StemFeatures),
+# fine-tuned with the paper's ratio of learning rates (encoder 1/10 of the head's) for 4 epochs:
+# a pretrained encoder needs few. Its folds train one after another (the real-data tables were
+# measured so; the cpu profile's folds side by side were measured with MobileNetV3 only).
 PRETRAINED_CLASSIFIER = {"encoder": "tf_efficientnet_lite0", "pretrained": True, "freeze": 2,
                          "lr_encoder": 3e-4, "lr_head": 3e-3, "epochs": 4, "fold_processes": 0}
 

@@ -77,7 +77,6 @@ def test_no_packaged_weights_for_other_encoders():
         weights.state_dict("efficientnet_b0")
 
 
-
 def test_frozen_stages_keep_their_batch_norm_statistics():
     """Frozen means frozen: the frozen stages' batch norms normalise with their ImageNet
     statistics in training too, keep them through a step and through update_bn, and keep their
