@@ -18,7 +18,6 @@ folder's name is a hash of both).
 """
 from __future__ import annotations
 
-import multiprocessing
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from . import distributed, paper, weights
 from .data import ImageDataset
 from .device import autocast, model_device, resolve_device, to_model
-from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint
+from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint, side_by_side
 from .utils import (ConfigError, UserError, atomic_write_text, bars, config_key, describe_weights,
                     file_digest, read_json, say, stable_hash, write_json)
 
@@ -619,10 +618,6 @@ def train_fold(ds, labels: np.ndarray, folds: np.ndarray, fold: int, cfg: TrainC
     return {"oof": probs, "rows": trainer.val_rows, "history": history}
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def _fold_job(args) -> tuple[int, float]:
     """One fold of :func:`train_folds_in_processes`, in its worker process."""
     ds, labels, folds, fold, cfg, out = args
@@ -634,24 +629,16 @@ def _fold_job(args) -> tuple[int, float]:
 def train_folds_in_processes(ds, labels: np.ndarray, folds: np.ndarray, todo: Sequence[int],
                              cfg: TrainConfig, out: Path, progress: bool = True) -> None:
     """Train the folds ``todo`` side by side, up to ``cfg.fold_processes`` at a time, each in a
-    fresh process with one torch thread (``spawn``: safe from notebooks and threads). Each fold
-    writes its folder as :func:`train_fold` does, so the caller then reads the finished folds; a
-    fold's weights are those of a one-thread :func:`train_fold` in this process (a test). An
-    interrupted call leaves every fold's last epoch checkpointed, to resume."""
+    process of one thread (:func:`trainer.side_by_side`). Each fold writes its folder as
+    :func:`train_fold` does, so the caller then reads the finished folds; a fold's weights are
+    those of a one-thread :func:`train_fold` in this process (a test). An interrupted call leaves
+    every fold's last epoch checkpointed, to resume."""
     n = min(cfg.fold_processes, len(todo))
     say(progress, f"classifier: folds {[k + 1 for k in todo]} in {n} processes of one thread "
                   f"each ({out.name})")
-    pool = multiprocessing.get_context("spawn").Pool(n, initializer=_one_thread)
-    try:
-        jobs = [(ds, labels, folds, k, cfg, out / f"fold{k}") for k in todo]
-        for k, seconds in pool.imap_unordered(_fold_job, jobs):
-            say(progress, f"classifier: fold {k + 1} finished in {seconds:.0f} s")
-        pool.close()
-    except BaseException:  # an error in a fold, or an interrupt: stop the others now
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
+    jobs = [(ds, labels, folds, k, cfg, out / f"fold{k}") for k in todo]
+    for k, seconds in side_by_side(_fold_job, jobs, n):
+        say(progress, f"classifier: fold {k + 1} finished in {seconds:.0f} s")
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from .postprocess import Params, Stats, apply, collect_stats, search
 from .profiles import Profile
 from .refine import Refined
 from .segment import SegConfig, confident_labels, predict_masks, train_segmenter
-from .utils import ConfigError, config_key, stable_hash
+from .trainer import side_by_side
+from .utils import ConfigError, config_key, say, stable_hash
 
 # bumped whenever refine.self_training_targets changes what it makes from the same inputs, so that
 # networks trained on the old targets are not reused
@@ -211,16 +212,48 @@ def segmenter_dir(ctx: Context, targets: Targets, cfg: SegConfig | None = None,
     return _setup(ctx, targets, cfg, classifier, overrides)[1]
 
 
-def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = None,
-                     classifier: ClassifierRun | None = None, progress: bool = True,
-                     only_folds=None, **overrides) -> SegRun:
-    """One segmentation network per held-out fold (:func:`seg_folds`, or those of them in
-    ``only_folds``), trained on the other folds' images (defective ones only with
-    ``defective_only``) with ``targets``. ``cfg``: the profile's ``segmentation.net`` unless
-    given (``overrides`` change its fields). With ``encoder_init="classifier"`` each fold's
-    encoder starts from the ``classifier`` stage's model of the same fold (trained on the same
-    training folds, so nothing held out leaks in). Cached and resumable under
-    ``artifacts/<profile>/segmentation/<targets>_<arch>_<hash>/fold<k>``."""
+class FixedTargets:
+    """Targets made once for the rows a network trains on (``masks[i]`` those of ``rows[i]``):
+    plain arrays that pickle, for a network trained in a process of its own."""
+
+    def __init__(self, rows, masks: np.ndarray):
+        self.pos = {int(r): i for i, r in enumerate(rows)}
+        self.masks = masks
+
+    def __call__(self, rows) -> np.ndarray:
+        return self.masks[[self.pos[int(r)] for r in rows]]
+
+
+def fixed_targets(targets: Targets, ds, rows, batch: int = 32) -> FixedTargets:
+    """``targets`` of ``rows`` made now, batch by batch, as a trainer reading ``ds`` would make
+    them (a guide that is ``ds`` gets the batch's images)."""
+    rows = np.asarray(rows)
+    parts = []
+    for i in range(0, len(rows), batch):
+        b = rows[i:i + batch]
+        y = (targets(b, ds.uint8_batch(b)) if getattr(targets, "guide", None) is ds
+             else targets(b))
+        parts.append(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+    return FixedTargets(rows, np.concatenate(parts))
+
+
+@dataclass
+class _Plan:
+    """One set-up's networks: its context, targets, configuration, run folder, and the training
+    rows of each held-out fold it trains."""
+
+    ctx: Context
+    targets: Targets
+    cfg: SegConfig
+    dir: Path
+    rows: dict[int, np.ndarray]
+
+    def todo(self) -> list[int]:
+        return [k for k in self.rows if not (self.dir / f"fold{k}" / "final.pt").is_file()]
+
+
+def _plan(ctx: Context, targets: Targets, cfg: SegConfig | None, classifier, only_folds,
+          overrides: dict) -> _Plan:
     stage = ctx.profile.segmentation
     cfg, run = _setup(ctx, targets, cfg, classifier, overrides)
     folds = seg_folds(ctx)
@@ -229,24 +262,96 @@ def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = Non
         if bad:
             raise ConfigError(f"segmentation folds {bad} are not among the held-out folds {folds}")
         folds = [k for k in folds if k in set(only_folds)]
-    ds = ctx.seg_images()
     train_ok = ctx.index.labels.any(1) if stage.defective_only else np.ones(len(ctx.index), bool)
-    encoders = {}  # the fold's classifier encoder, for the folds still to train
-    if cfg.encoder_init == "classifier":
-        encoders = {k: load_fold_model(classifier.dir, k, classifier.num_classes,
-                                       classifier.config, ctx.device).encoder.state_dict()
-                    for k in folds if not (run / f"fold{k}" / "final.pt").is_file()}
-    t0 = time.perf_counter()
-    models = {}
+    rows = {}
     for k in folds:
-        rows = np.flatnonzero((ctx.folds != k) & train_ok)
-        if stage.max_train and len(rows) > stage.max_train:
+        r = np.flatnonzero((ctx.folds != k) & train_ok)
+        if stage.max_train and len(r) > stage.max_train:
             pick = np.random.default_rng(ctx.profile.seed + k).choice(
-                len(rows), stage.max_train, replace=False)
-            rows = rows[np.sort(pick)]
-        models[k] = train_segmenter(ds, targets, rows, ctx.index.num_classes, cfg, run / f"fold{k}",
-                                    progress=progress, fold=k, encoder_state=encoders.get(k))
-    return SegRun(models=models, config=cfg, dir=run, seconds=time.perf_counter() - t0)
+                len(r), stage.max_train, replace=False)
+            r = r[np.sort(pick)]
+        rows[k] = r
+    return _Plan(ctx, targets, cfg, run, rows)
+
+
+def _network_job(args) -> tuple[str, float]:
+    """One network of :func:`_train_side_by_side`, in its worker process."""
+    ds, targets, rows, num_classes, cfg, out, fold, encoder = args
+    t = time.perf_counter()
+    train_segmenter(ds, targets, rows, num_classes, cfg, out, progress=False, fold=fold,
+                    encoder_state=encoder)
+    return f"{out.parent.name}/{out.name}", time.perf_counter() - t
+
+
+def _train_side_by_side(units: list[tuple[_Plan, int]], encoders: dict, progress: bool) -> None:
+    """Train the (set-up, fold) ``units`` up to the largest ``processes`` of their
+    configurations at a time, each in a process of one thread; their targets are made here
+    first (:func:`fixed_targets`). Each writes its fold folder, which the caller then loads."""
+    n = min(max(p.cfg.processes for p, _ in units), len(units))
+    say(progress, f"segmentation: {len(units)} networks in {n} processes of one thread each")
+    jobs = []
+    for p, k in units:
+        ds = p.ctx.seg_images()
+        enc = encoders.get((p.dir, k))
+        jobs.append((ds, fixed_targets(p.targets, ds, p.rows[k], p.cfg.batch_size), p.rows[k],
+                     p.ctx.index.num_classes, p.cfg, p.dir / f"fold{k}", k,
+                     None if enc is None else {name: v.cpu() for name, v in enc.items()}))
+    for name, seconds in side_by_side(_network_job, jobs, n):
+        say(progress, f"segmentation: {name} finished in {seconds:.0f} s")
+
+
+def _train(plans: list[_Plan], classifier: ClassifierRun | None, progress: bool) -> list[SegRun]:
+    """Every plan's networks: those still to train side by side where their configuration asks
+    for processes, the rest here one after another; then every network loaded."""
+    encoders = {}  # the fold's classifier encoder, for the folds still to train
+    for p in plans:
+        if p.cfg.encoder_init == "classifier":
+            for k in p.todo():
+                encoders[(p.dir, k)] = load_fold_model(
+                    classifier.dir, k, classifier.num_classes, classifier.config,
+                    p.ctx.device).encoder.state_dict()
+    t0 = time.perf_counter()
+    side = [(p, k) for p in plans if p.cfg.processes for k in p.todo()]
+    if side:
+        _train_side_by_side(side, encoders, progress)
+    runs = []
+    for p in plans:
+        ds, models = p.ctx.seg_images(), {}
+        for k, rows in p.rows.items():
+            models[k] = train_segmenter(ds, p.targets, rows, p.ctx.index.num_classes, p.cfg,
+                                        p.dir / f"fold{k}", progress=progress, fold=k,
+                                        encoder_state=encoders.get((p.dir, k)))
+        runs.append(SegRun(models=models, config=p.cfg, dir=p.dir, seconds=0.0))
+    seconds = time.perf_counter() - t0
+    for r in runs:  # set-ups trained together share the time they took
+        r.seconds = seconds
+    return runs
+
+
+def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = None,
+                     classifier: ClassifierRun | None = None, progress: bool = True,
+                     only_folds=None, **overrides) -> SegRun:
+    """One segmentation network per held-out fold (:func:`seg_folds`, or those of them in
+    ``only_folds``), trained on the other folds' images (defective ones only with
+    ``defective_only``) with ``targets``. ``cfg``: the profile's ``segmentation.net`` unless
+    given (``overrides`` change its fields). With ``encoder_init="classifier"`` each fold's
+    encoder starts from the ``classifier`` stage's model of the same fold (trained on the same
+    training folds, so nothing held out leaks in). With ``processes`` the folds train side by
+    side. Cached and resumable under
+    ``artifacts/<profile>/segmentation/<targets>_<arch>_<hash>/fold<k>``."""
+    return _train([_plan(ctx, targets, cfg, classifier, only_folds, overrides)], classifier,
+                  progress)[0]
+
+
+def train_segmenter_sets(sets: list[tuple[Context, Targets, SegConfig | None]],
+                         classifier: ClassifierRun | None = None,
+                         progress: bool = True) -> list[SegRun]:
+    """:func:`train_segmenters` for several set-ups ``(context, targets, configuration)`` at
+    once: where their configurations ask for ``processes``, every (set-up, fold) network still
+    to train runs side by side with the others; each ``SegRun.seconds`` is then the time of
+    the whole call."""
+    return _train([_plan(c, t, cfg, classifier, None, {}) for c, t, cfg in sets], classifier,
+                  progress)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -215,8 +215,15 @@ class SegConfig:
     device: str = "auto"
     channels_last: bool = True
     num_workers: int = 0  # DataLoader workers that decode the images (uncached data)
+    # 0: a stage's networks one after another in this process, with torch's threads. N: up to N
+    # networks (set-ups x held-out folds) at a time, each in its own process with one thread
+    # (trainer.side_by_side), its targets made here first (seg_stage.FixedTargets)
+    processes: int = 0
 
     def __post_init__(self):
+        if self.processes < 0:
+            raise ConfigError(f"segmentation processes={self.processes}: must be >= 0 (0: the "
+                              f"networks one after another in this process)")
         if self.num_workers < 0:
             raise ConfigError(f"segmentation num_workers={self.num_workers}: must be >= 0")
         if self.encoder_init not in (None, "classifier"):
@@ -246,7 +253,9 @@ class SegConfig:
     def key(self) -> dict:
         """What the trained weights depend on (:func:`utils.config_key`), with a weights file as
         its bytes' digest."""
-        d = config_key(self, skip=("device", "num_workers"))
+        d = config_key(self, skip=("device", "num_workers", "processes"))
+        if self.processes:  # one thread per network, however many processes run side by side
+            d["threads"] = 1
         if self.freeze:  # the frozen stages' batch norms keep their statistics (freeze_stem)
             d["frozen_stats"] = True
         if self.weights_path is not None:  # the file's bytes, not where it lies

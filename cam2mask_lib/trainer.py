@@ -11,7 +11,9 @@ history) and optionally :meth:`after_epoch` (e.g. keep the best epochs' weights)
 from __future__ import annotations
 
 import io
+import multiprocessing
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -36,6 +38,30 @@ def epoch_generator(seed: int, fold: int, epoch: int) -> torch.Generator:
     global generator (dropout) all come from it, so an epoch is the same whether or not the run
     was interrupted before it."""
     return torch.Generator().manual_seed(seed * 1_000_003 + fold * 10_007 + epoch)
+
+
+def one_thread() -> None:
+    """A worker process's initialiser in :func:`side_by_side`: one torch thread."""
+    torch.set_num_threads(1)
+
+
+def side_by_side(fn: Callable, jobs: list, processes: int) -> Iterator:
+    """``fn(job)`` for every job, up to ``processes`` at a time, each in a fresh process with one
+    torch thread (``spawn``: safe from notebooks and threads); yields the results as they finish.
+    On 2 cores two 1-thread processes train 1.3-1.5x the images of one 2-thread process, and a
+    network's weights no longer depend on the machine's core count (the thread count changes how
+    sums are ordered). ``fn`` and the jobs must pickle. An error in one job, or an interrupt,
+    stops the others at once; what they checkpointed stays, to resume."""
+    pool = multiprocessing.get_context("spawn").Pool(min(processes, len(jobs)),
+                                                     initializer=one_thread)
+    try:
+        yield from pool.imap_unordered(fn, jobs)
+        pool.close()
+    except BaseException:  # an error in a job, an interrupt, or the caller stopped reading
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 class ResumableTrainer:

@@ -440,3 +440,47 @@ def test_a_field_at_its_default_stays_out_of_the_key():
     assert plain.key() == {}
     assert SegConfig(device="cpu", num_workers=2).key() == {}
     assert SegConfig(epochs=3, hflip=False).key() == {"epochs": 3, "hflip": False}
+
+
+@pytest.mark.slow
+def test_networks_side_by_side_equal_one_thread_here(synth_dir, tmp_path):
+    """Set-ups trained together with ``processes`` (every (set-up, fold) network in a 1-thread
+    process, its targets made here first) give the weights that 1-thread training in this process
+    gives, under a cache key of their own; the process count is speed only."""
+    from cam2mask_lib import pipeline
+    from cam2mask_lib.seg_stage import (Targets, fixed_targets, train_segmenter_sets,
+                                        true_targets)
+    from cam2mask_lib.segment import SegConfig
+
+    ctx = pipeline.context("smoke", data_dir=synth_dir, artifacts_dir=tmp_path / "art",
+                           segmentation={"folds": (0, 1)})
+    cfg = SegConfig(arch="thesis_unet", epochs=1, batch_size=8, lr=3e-3, slim=True)
+    true = true_targets(ctx)
+    grey = Targets("grey", {"masks": "grey"},  # another set-up: targets read from the images
+                   lambda rows: (ctx.seg_images().uint8_batch(rows).float().mean(1, keepdim=True)
+                                 > 100).expand(-1, 4, -1, -1).to(torch.uint8))
+    sets = [(ctx, true, cfg), (ctx, grey, dataclasses.replace(cfg, loss="focal"))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train_segmenter_sets(sets, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    par_sets = [(c, t, dataclasses.replace(g, processes=2)) for c, t, g in sets]
+    par = train_segmenter_sets(par_sets, progress=False)
+    for a, b in zip(ref, par):
+        assert list(a.models) == list(b.models) == [0, 1] and a.dir != b.dir
+        for k in a.models:
+            sa, sb = a.models[k].state_dict(), b.models[k].state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa), (b.dir, k)
+    assert par[0].config.key()["threads"] == 1 and "threads" not in ref[0].config.key()
+    stamp = {p: p.stat().st_mtime_ns for r in par for p in r.dir.glob("fold*/final.pt")}
+    again = train_segmenter_sets([(c, t, dataclasses.replace(g, processes=3))
+                                  for c, t, g in sets], progress=False)
+    assert [r.dir for r in again] == [r.dir for r in par]
+    assert stamp == {p: p.stat().st_mtime_ns for r in again for p in r.dir.glob("fold*/final.pt")}
+    rows = np.array([5, 2, 9])
+    fixed = fixed_targets(grey, ctx.seg_images(), rows, batch=2)
+    assert np.array_equal(fixed([9, 5]), grey([9, 5]).numpy())
+    with pytest.raises(ValueError, match="processes=-1: must be >= 0"):
+        SegConfig(processes=-1)
