@@ -36,8 +36,8 @@ from . import distributed, paper, weights
 from .data import ImageDataset
 from .device import autocast, model_device, resolve_device, to_model
 from .trainer import ResumableTrainer, load_checkpoint, save_checkpoint, side_by_side
-from .utils import (ConfigError, UserError, atomic_write_text, bars, config_key, describe_weights,
-                    file_digest, read_json, say, stable_hash, write_json)
+from .utils import (ConfigError, UserError, atomic_write_text, bars, chunks, config_key,
+                    describe_weights, file_digest, read_json, say, stable_hash, write_json)
 
 
 class PretrainedUnavailable(UserError, RuntimeError):
@@ -325,11 +325,6 @@ def _flip_draws(cfg: TrainConfig, gen: torch.Generator, part=(0, 1),
             for dim in _flip_dims(cfg)]
 
 
-def _chunks(rows: np.ndarray, size: int):
-    """Consecutive slices of ``rows`` of ``size`` (the last one shorter)."""
-    return (rows[s:s + size] for s in range(0, len(rows), size))
-
-
 # the most memory the frozen stages' features may take (StemFeatures); past it they are computed
 # again at every step, as the other configurations do
 STEM_FEATURES_BYTES = 4 << 30
@@ -351,13 +346,13 @@ class StemFeatures:
         self.variants = [[d for i, d in enumerate(dims) if v >> i & 1]
                          for v in range(2 ** len(dims))]
         t, model = time.perf_counter(), model.eval()
-        chunks = []
+        parts = []
         with torch.no_grad(), autocast(model_device(model)):
             for _, x in ds.batches(np.arange(len(ds)), cfg.batch_size * 2, cfg.num_workers):
                 x = to_model(x, model)
-                chunks.append(torch.stack([model.stem(x.flip(v) if v else x).float()
+                parts.append(torch.stack([model.stem(x.flip(v) if v else x).float()
                                            for v in self.variants], 1).contiguous())
-        self.features = torch.cat(chunks)
+        self.features = torch.cat(parts)
         say(progress, f"classifier: the frozen stages' features of {len(ds)} images x "
                       f"{len(self.variants)} flips computed once ({self.nbytes / 2**30:.1f} GiB, "
                       f"{time.perf_counter() - t:.0f} s)")
@@ -405,7 +400,7 @@ def predict_logits(model: nn.Module, ds, rows: np.ndarray, batch_size: int,
     device = model_device(model)
     out = []
     if stem is not None:
-        for b in _chunks(rows, batch_size):
+        for b in chunks(rows, batch_size):
             with autocast(device):
                 f = to_model(stem.batch(b), model)
                 out.append(model.from_stem(f).float().cpu())
@@ -491,7 +486,7 @@ class ClassifierTrainer(ResumableTrainer):
         per_rank = cfg.batch_size // self.world
         if self.stem is not None:  # the images' positions: their features are read in run_epoch
             labels = torch.from_numpy(self.ds.index.labels.astype(np.float32))
-            for b, n in zip(_chunks(mine, per_rank), sizes):
+            for b, n in zip(chunks(mine, per_rank), sizes):
                 yield b, labels[self.ds.rows[b]], n
             return
         for (x, y), n in zip(_batches(self.ds, mine, per_rank, None, cfg.num_workers), sizes):
@@ -575,7 +570,7 @@ class ClassifierTrainer(ResumableTrainer):
         if self.stem is not None:  # the same order, the features of each batch
             order = self.train_rows[torch.randperm(len(self.train_rows), generator=bn_gen).numpy()]
             bn_batches = (to_model(self.stem.batch(b), self.model)
-                          for b in _chunks(order, self.cfg.batch_size))
+                          for b in chunks(order, self.cfg.batch_size))
         else:
             bn_batches = (to_model(x, self.model)
                           for x, _ in _batches(self.ds, self.train_rows, self.cfg.batch_size,

@@ -27,7 +27,7 @@ from .profiles import Profile
 from .refine import Refined
 from .segment import SegConfig, confident_labels, predict_masks, train_segmenter
 from .trainer import side_by_side
-from .utils import ConfigError, config_key, say, stable_hash
+from .utils import ConfigError, chunks, config_key, say, stable_hash
 
 # bumped whenever refine.self_training_targets changes what it makes from the same inputs, so that
 # networks trained on the old targets are not reused
@@ -229,8 +229,7 @@ def fixed_targets(targets: Targets, ds, rows, batch: int = 32) -> FixedTargets:
     them (a guide that is ``ds`` gets the batch's images)."""
     rows = np.asarray(rows)
     parts = []
-    for i in range(0, len(rows), batch):
-        b = rows[i:i + batch]
+    for b in chunks(rows, batch):
         y = (targets(b, ds.uint8_batch(b)) if getattr(targets, "guide", None) is ds
              else targets(b))
         parts.append(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
@@ -239,10 +238,11 @@ def fixed_targets(targets: Targets, ds, rows, batch: int = 32) -> FixedTargets:
 
 @dataclass
 class _Plan:
-    """One set-up's networks: its context, targets, configuration, run folder, and the training
-    rows of each held-out fold it trains."""
+    """One set-up's networks: its context, training images, targets, configuration, run folder,
+    and the training rows of each held-out fold it trains."""
 
     ctx: Context
+    ds: object
     targets: Targets
     cfg: SegConfig
     dir: Path
@@ -271,7 +271,7 @@ def _plan(ctx: Context, targets: Targets, cfg: SegConfig | None, classifier, onl
                 len(r), stage.max_train, replace=False)
             r = r[np.sort(pick)]
         rows[k] = r
-    return _Plan(ctx, targets, cfg, run, rows)
+    return _Plan(ctx, ctx.seg_images(), targets, cfg, run, rows)
 
 
 def _network_job(args) -> tuple[str, float]:
@@ -291,9 +291,8 @@ def _train_side_by_side(units: list[tuple[_Plan, int]], encoders: dict, progress
     say(progress, f"segmentation: {len(units)} networks in {n} processes of one thread each")
     jobs = []
     for p, k in units:
-        ds = p.ctx.seg_images()
         enc = encoders.get((p.dir, k))
-        jobs.append((ds, fixed_targets(p.targets, ds, p.rows[k], p.cfg.batch_size), p.rows[k],
+        jobs.append((p.ds, fixed_targets(p.targets, p.ds, p.rows[k], p.cfg.batch_size), p.rows[k],
                      p.ctx.index.num_classes, p.cfg, p.dir / f"fold{k}", k,
                      None if enc is None else {name: v.cpu() for name, v in enc.items()}))
     for name, seconds in side_by_side(_network_job, jobs, n):
@@ -314,18 +313,13 @@ def _train(plans: list[_Plan], classifier: ClassifierRun | None, progress: bool)
     side = [(p, k) for p in plans if p.cfg.processes for k in p.todo()]
     if side:
         _train_side_by_side(side, encoders, progress)
-    runs = []
-    for p in plans:
-        ds, models = p.ctx.seg_images(), {}
-        for k, rows in p.rows.items():
-            models[k] = train_segmenter(ds, p.targets, rows, p.ctx.index.num_classes, p.cfg,
-                                        p.dir / f"fold{k}", progress=progress, fold=k,
-                                        encoder_state=encoders.get((p.dir, k)))
-        runs.append(SegRun(models=models, config=p.cfg, dir=p.dir, seconds=0.0))
-    seconds = time.perf_counter() - t0
-    for r in runs:  # set-ups trained together share the time they took
-        r.seconds = seconds
-    return runs
+    models = [{k: train_segmenter(p.ds, p.targets, rows, p.ctx.index.num_classes, p.cfg,
+                                  p.dir / f"fold{k}", progress=progress, fold=k,
+                                  encoder_state=encoders.get((p.dir, k)))
+               for k, rows in p.rows.items()} for p in plans]
+    seconds = time.perf_counter() - t0  # set-ups trained together share the time they took
+    return [SegRun(models=m, config=p.cfg, dir=p.dir, seconds=seconds)
+            for p, m in zip(plans, models)]
 
 
 def train_segmenters(ctx: Context, targets: Targets, cfg: SegConfig | None = None,

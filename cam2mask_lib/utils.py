@@ -142,6 +142,11 @@ class ConfigError(UserError, ValueError):
     """A setting or option that cannot work: an unknown name, a value out of range."""
 
 
+def chunks(rows, size: int):
+    """Consecutive slices of ``rows`` of ``size`` (the last one shorter)."""
+    return (rows[s:s + size] for s in range(0, len(rows), size))
+
+
 def bars(progress) -> bool:
     """Progress bars only on a terminal: ``progress`` is True, False or ``"lines"``."""
     return progress is True and sys.stderr.isatty()
