@@ -40,7 +40,7 @@ from .seg_stage import (SEG_THRESHOLD, SegRun, Targets, cam_targets,
                         seg_folds, seg_stats, segmenter_dir, teacher_thresholds,
                         train_segmenter_sets, train_segmenters, true_targets)
 from .segment import SegConfig
-from .utils import ConfigError, bars, read_json, say, write_json
+from .utils import ConfigError, bars, chunks, read_json, say, write_json
 
 # ------------------------------------------------------------------------------------------------
 # Table 2: masks from CAMs
@@ -60,12 +60,12 @@ def stats_from_method(ctx: Context, run: ClassifierRun, method: str, rows, thres
     ds = ctx.images()
     models = ctx.fold_models(run, weights)
     rows = rows[np.argsort(ctx.folds[rows], kind="stable")]
-    chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
+    parts = list(chunks(rows, batch))
 
     fast = method in FAST_METHODS  # maps made and counted on the models' device
 
     def maps():
-        for c in tqdm(chunks, desc=method, disable=not bars(progress)):
+        for c in tqdm(parts, desc=method, disable=not bars(progress)):
             shape = (len(c), ctx.index.num_classes, *ctx.profile.image_size)
             out = torch.empty(shape, device=ctx.device) if fast else np.empty(shape, np.float32)
             for f in np.unique(ctx.folds[c]):
@@ -78,7 +78,7 @@ def stats_from_method(ctx: Context, run: ClassifierRun, method: str, rows, thres
                     out[sel] = compute_cams(model, x, method=method)
             yield out
 
-    return collect_stats(maps(), (ctx.true_masks(c) for c in chunks), thresholds, rows=rows)
+    return collect_stats(maps(), (ctx.true_masks(c) for c in parts), thresholds, rows=rows)
 
 
 @dataclass
@@ -162,9 +162,9 @@ def export_predictions(ctx: Context, run: ClassifierRun, post: PostprocessingRes
     params = post.params["per class"]
     aug = VARIANTS[BEST_VARIANT][1]
     out = _params_path(ctx, run).parent
-    chunks = np.array_split(np.arange(len(ctx.index)), max(1, len(ctx.index) // 64))
+    parts = np.array_split(np.arange(len(ctx.index)), max(1, len(ctx.index) // 64))
     batches = ((c, apply(cache.maps(c, ctx.profile.image_size, aug_smooth=aug), run.oof[c], params))
-               for c in chunks)
+               for c in parts)
     csv = write_predictions(ctx.index, batches, out)
     write_json(_params_path(ctx, run), {k: vars(v) for k, v in post.params.items()})
     return csv

@@ -28,7 +28,7 @@ from .profiles import figures_dir as _figures_dir
 from .report import Provenance, provenance
 from .segment import check_size
 from .synth import ensure_synthetic
-from .utils import ConfigError, bars
+from .utils import ConfigError, bars, chunks
 
 
 @dataclass
@@ -192,8 +192,8 @@ def stats_from_cache(ctx: Context, cache: CamCache, rows, thresholds, aug_smooth
     ``rows`` at the scoring resolution (the classifier's input), made and counted on the
     context's device."""
     rows = np.asarray(rows)
-    chunks = [rows[s:s + batch] for s in range(0, len(rows), batch)]
+    parts = list(chunks(rows, batch))
     maps = (cache.maps_on(ctx.device, c, ctx.profile.image_size, aug_smooth=aug_smooth)
-            for c in tqdm(chunks, desc="scoring", disable=not bars(progress)))
-    trues = (ctx.true_masks(c) for c in chunks)
+            for c in tqdm(parts, desc="scoring", disable=not bars(progress)))
+    trues = (ctx.true_masks(c) for c in parts)
     return collect_stats(maps, trues, thresholds, rows=rows)

@@ -14,7 +14,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from ..utils import ConfigError, bars
+from ..utils import ConfigError, bars, chunks
 from .errors import DataError
 from .index import DatasetIndex
 
@@ -168,12 +168,12 @@ class ImageDataset:
         the persistent workers of :meth:`loader` (in pinned memory on CUDA) when ``num_workers``
         > 0, else in this process (:meth:`uint8_batch`). The same images either way (tests)."""
         order = np.asarray(order)
-        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        parts = list(chunks(order, batch_size))
         if num_workers > 0:  # the loader first, so that zip runs it to its end
-            for item, b in zip(self.loader(batch_size, num_workers)(order), chunks):
+            for item, b in zip(self.loader(batch_size, num_workers)(order), parts):
                 yield b, item["image"]
             return
-        for b in chunks:
+        for b in parts:
             yield b, self.uint8_batch(b)
 
     def raw(self) -> "ImageDataset":
@@ -272,9 +272,7 @@ class _RowBatches:
         self.batch_size, self.rows = int(batch_size), []
 
     def __iter__(self):
-        rows = self.rows
-        for s in range(0, len(rows), self.batch_size):
-            yield rows[s:s + self.batch_size]
+        return chunks(self.rows, self.batch_size)
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)

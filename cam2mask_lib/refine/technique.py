@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..segment import confident_labels
-from ..utils import ConfigError
+from ..utils import ConfigError, chunks
 from .maps import gate
 from .region import Region, RegionConfig
 from .shape import GreyConfig, GreyTest
@@ -104,9 +104,9 @@ class Technique:
         grey-level rule's signs and sds per class."""
         labels = np.asarray(labels, bool)
         n = len(labels)
-        chunks = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
-        scales, thresholds = self.region.calibrate(cache, images, labels, size, chunks, device)
-        g = self.grey.calibrate(self.region, cache, images, labels, size, chunks, scales,
+        parts = list(chunks(np.arange(n), batch))
+        scales, thresholds = self.region.calibrate(cache, images, labels, size, parts, device)
+        g = self.grey.calibrate(self.region, cache, images, labels, size, parts, scales,
                                 thresholds)
         return Calibration(scales, thresholds, g.polarity, g.deviations, g.anywhere, g.near)
 
@@ -129,8 +129,7 @@ class Technique:
         """``(rows, maps, masks)`` per batch, numpy: the kept pixels (:meth:`_kept`), gated by the
         classifier (``probs[rows] >= confidence``)."""
         rows = np.asarray(rows)
-        for s in range(0, len(rows), batch):
-            b = rows[s:s + batch]
+        for b in chunks(rows, batch):
             imgs = self._guide(images, b)
             m = self.region.maps_on(cache, b, size, cal.scales, imgs)
             kept = self._kept(imgs, m, cal).cpu().numpy()
