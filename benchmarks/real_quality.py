@@ -1,6 +1,6 @@
-"""Label-only masks on real data, made as ``cam2mask masks`` makes them by default: every
-refinement technique (cam2mask_lib.refine), the default's self-trained U-Net, and a supervised
-U-Net of the same encoder and budget trained on the same folds in the same run.
+"""Label-only masks on real data, made as ``cam2mask masks`` makes them by default: the default
+refinement (cam2mask_lib.refine) and its self-trained U-Net, beside the paper's masks and a
+supervised U-Net of the same encoder and budget trained on the same folds in the same run.
 
     .venv/bin/python benchmarks/real_quality.py                  # ../shared/data/neu_seg_dev
     .venv/bin/python benchmarks/real_quality.py --data DIR       # any generic/Severstal folder
@@ -11,7 +11,9 @@ the cpu profile's MobileNetV3 from random weights), trained with cross-validatio
 labels only; every image's CAM comes from the fold model that did not see it. The refinement
 reads the maps ``cam2mask masks`` reads (the last layer's Grad-CAM++ times LayerCAM at the
 encoder's last stride-8 stage: cam2mask_lib.fusion); the paper's masks from the last layer alone
-are scored beside them. The inputs are the
+are scored beside them, and so is the paper's cut of the refined method's maps.
+``--all-techniques`` adds a row for every other refinement technique of notebook 06's Table 5
+(about 2 minutes more on NEU-Seg on 2 cores). The inputs are the
 masks command's: the images' median aspect ratio at the cpu profile's pixel budgets, never
 larger than the images. Nothing below is tuned on the true masks: they are read only to score.
 The masks of ``--score-folds`` (default fold 0) are scored at the segmentation input size: Kaggle
@@ -36,7 +38,8 @@ from pathlib import Path
 
 from cam2mask_lib import pipeline
 from cam2mask_lib.data import load_dataset
-from cam2mask_lib.experiments import (DEFECT_FREE, SELF_TRAINED, median_example_per_class,
+from cam2mask_lib.experiments import (DEFAULT_TECHNIQUE, DEFECT_FREE, PAPER_TECHNIQUE,
+                                      SELF_TRAINED, TECHNIQUES, median_example_per_class,
                                       refinement_examples, refinement_markdown_table,
                                       refinement_stage)
 from cam2mask_lib.fusion import describe_maps, fused_maps_stage
@@ -49,6 +52,10 @@ from cam2mask_lib.viz import plot_class_examples
 DEFAULT_DATA = dev_data()
 RUN_FILE = "real_quality.json"
 BASE = "cpu"  # the profile whose pixel budgets and folds cam2mask masks uses by default
+# the refinement rows of a run without --all-techniques: what cam2mask masks makes, and the paper's
+# cut of the same maps (the README's and notebook 06's rows); the others took 108 of NEU-Seg's
+# 133 s of refinement on 2 cores (measured)
+DEFAULT_ROWS = (PAPER_TECHNIQUE, DEFAULT_TECHNIQUE)
 
 
 def input_sizes(shapes, image_size=None, seg_size=None) -> tuple[tuple, tuple]:
@@ -93,6 +100,9 @@ def main(argv=None) -> None:
     ap.add_argument("--random-weights", action="store_true",
                     help="the classifier of the cpu profile from random weights instead of the "
                          "masks command's ImageNet-pretrained default")
+    ap.add_argument("--all-techniques", action="store_true",
+                    help="a row for every refinement technique of notebook 06's Table 5, not "
+                         "only the paper's cut and the default")
     ap.add_argument("--score-folds", type=int, nargs="+", default=[0])
     ap.add_argument("--artifacts", default=None,
                     help="where the work is cached (default artifacts/real_quality/<data folder "
@@ -145,7 +155,9 @@ def main(argv=None) -> None:
     cache = pipeline.cam_stage(ctx, run, progress=progress)  # made in the same passes: reused
     t_maps = time.perf_counter() - t0 - t_cls
     print(f"CAMs (the last layer's and the stride-8 stage's, one pass): {t_maps:.0f} s", flush=True)
-    res = refinement_stage(ctx, run, maps, progress=progress, paper_maps=cache)
+    techniques = (TECHNIQUES if args.all_techniques
+                  else {k: v for k, v in TECHNIQUES.items() if k in DEFAULT_ROWS})
+    res = refinement_stage(ctx, run, maps, techniques, progress=progress, paper_maps=cache)
     rows, size, df = res.rows, ctx.seg_size, res.table
     for name, sec in res.seconds.items():
         print(f"{name}: {sec:.0f} s", flush=True)
@@ -160,7 +172,8 @@ def main(argv=None) -> None:
         "image_size": list(image_size), "seg_size": list(seg_size),
         "classifier": f"{cls_cfg.encoder}, {cls_cfg.weights()}", "epochs": cls_cfg.epochs,
         "seg_epochs": net_cfg.epochs, "score_folds": args.score_folds,
-        "seg_batch": net_cfg.batch_size, "auc": [_number(a) for a in run.auc],
+        "seg_batch": net_cfg.batch_size, "techniques": list(techniques),
+        "auc": [_number(a) for a in run.auc],
         "maps": describe_maps(maps),
         "default": {"masks": SELF_TRAINED, "gap_closed": _number(default["gap closed"]),
                     "nonempty_share": _number(default["non-empty, share of supervised"]),
@@ -169,6 +182,7 @@ def main(argv=None) -> None:
         "classifier_trained_folds": [int(f) for f in run.trained]})
     atomic_write_text(out / "real_quality.csv", df.to_csv(index=False))
     fmt = refinement_markdown_table(df)
+    others = "" if args.all_techniques else " (the other refinement techniques: --all-techniques)"
     text = (f"### Label-only masks on {data.name}, against a supervised U-Net\n\n"
             f"{len(rows)} images of fold(s) {args.score_folds} scored at {size[0]}x{size[1]}; "
             f"classifier {cls_cfg.encoder} ({cls_cfg.weights()}) at {image_size[0]}x"
@@ -180,7 +194,8 @@ def main(argv=None) -> None:
             f"Wall time {wall / 60:.1f} min (classifier {t_cls / 60:.1f} min"
             f"{'' if run.trained else ', reused from the artifacts folder'}"
             f", CAMs {t_maps / 60:.1f} min). Maps: {describe_maps(maps)}; "
-            f"every row below the paper's masks reads them. The default learnt from the labels: "
+            f"every row below the paper's masks reads them{others}. The default learnt from "
+            f"the labels: "
             f"{res.refined.calibration.describe()}.\n\n"
             f"{markdown_table(fmt)}\n\n{ctx.prov.line()}\n")
     atomic_write_text(out / "real_quality.md", text)

@@ -49,6 +49,19 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     assert any(k.startswith("the paper's masks: the last layer's") for k in rows)
     assert "x LayerCAM at encoder stage" in made["maps"] and made["maps"] in text
     assert (out / "examples.png").stat().st_size > 0
+    # the refinement rows: the masks command's default and the paper's cut of the same maps, the
+    # other techniques of Table 5 only when asked (on the cached work: only those rows are new)
+    assert made["techniques"] == list(bench.DEFAULT_ROWS)
+    assert bench.DEFAULT_TECHNIQUE in rows and not any(k.startswith("PAR") for k in rows)
+    assert "--all-techniques" in text
+    bench.main(args + ["--all-techniques"])
+    every = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+             for line in (out / "real_quality.md").read_text().splitlines()
+             if line.startswith("| ") and "---" not in line}
+    assert set(every) == set(rows) | set(bench.TECHNIQUES)
+    assert all(every[k] == v for k, v in rows.items())  # the same numbers in the shared rows
+    assert json.loads((out / "real_quality.json").read_text())["techniques"] == list(
+        bench.TECHNIQUES)
     bench.main(args)  # again: the same table from the cached classifier, said so
     again = (out / "real_quality.md").read_text()
     assert ", reused from the artifacts folder" in again
