@@ -8,6 +8,12 @@ import pytest
 from PIL import Image
 
 
+def table_rows(text: str) -> dict:
+    """The rows of the markdown table in ``text``: the row's name -> its cells."""
+    return {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line}
+
+
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
     return load_benchmark("real_quality")
@@ -32,8 +38,7 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     text = (out / "real_quality.md").read_text()
     assert "scored at 32x64" in text and "mobilenetv3_small_050 (RANDOM initialisation)" in text
     assert "reused" not in text  # trained by this run
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()
-            if line.startswith("| ") and "---" not in line}
+    rows = table_rows(text)
     assert rows["no mask"][2] == "0%"
     reference = next(k for k in rows if "(the reference)" in k)
     assert rows[reference][2] == "100%"
@@ -55,9 +60,7 @@ def test_benchmark_table_and_refusals(bench, generic, tmp_path, capsys):
     assert bench.DEFAULT_TECHNIQUE in rows and not any(k.startswith("PAR") for k in rows)
     assert "--all-techniques" in text
     bench.main(args + ["--all-techniques"])
-    every = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
-             for line in (out / "real_quality.md").read_text().splitlines()
-             if line.startswith("| ") and "---" not in line}
+    every = table_rows((out / "real_quality.md").read_text())
     assert set(every) == set(rows) | set(bench.TECHNIQUES)
     assert all(every[k] == v for k, v in rows.items())  # the same numbers in the shared rows
     assert json.loads((out / "real_quality.json").read_text())["techniques"] == list(
