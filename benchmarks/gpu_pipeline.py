@@ -33,9 +33,8 @@ from cam2mask_lib.classify import ClassifierTrainer, TrainConfig, _batches, pred
 from cam2mask_lib.data import ImageDataset, image_array, load_dataset, resize_mask
 from cam2mask_lib.device import autocast, resolve_device
 from cam2mask_lib.experiments import grid_profile
-from cam2mask_lib.postprocess import THRESHOLDS
 from cam2mask_lib.losses import make_loss
-from cam2mask_lib.postprocess import collect_stats
+from cam2mask_lib.postprocess import THRESHOLDS, collect_stats
 from cam2mask_lib.profiles import get_profile
 from cam2mask_lib.refine import refine_stage
 from cam2mask_lib.report import machine, software
@@ -43,6 +42,7 @@ from cam2mask_lib.seg_stage import held_out_folds
 from cam2mask_lib.segment import SegConfig, SegmenterTrainer
 from cam2mask_lib.synth import generate
 from cam2mask_lib.trainer import epoch_generator
+from cam2mask_lib.utils import chunks
 
 
 def sync(device):
@@ -183,12 +183,12 @@ def main(argv=None) -> None:
         # and their counts at every threshold, made on the device (only the counts come back),
         # beside the same on the CPU with numpy; the true masks are decoded beforehand
         cache = CamCache(cam_dir)
-        chunks = [rows[s:s + 32] for s in range(0, n, 32)]
-        trues = [np.stack([resize_mask(index.mask(int(i)), size) for i in c]) for c in chunks]
+        parts = list(chunks(rows, 32))
+        trues = [np.stack([resize_mask(index.mask(int(i)), size) for i in c]) for c in parts]
         scoring = {}
         for where in dict.fromkeys((device, torch.device("cpu"))):
             def score(where=where):
-                collect_stats((cache.maps_on(where, c, size) for c in chunks), trues, THRESHOLDS)
+                collect_stats((cache.maps_on(where, c, size) for c in parts), trues, THRESHOLDS)
             score()
             scoring[where] = n / timed(score, device)
             print(f"measured: scoring cached CAMs on {where}: {scoring[where]:.1f} images/s",
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
                                                profile=workers_only), cache, size=size)
 
         def self_targets():
-            for c in chunks:
+            for c in parts:
                 refined.targets(c, ds.uint8_batch(c, args.workers))
         self_targets()
         targets_rate = n / timed(self_targets, device)
